@@ -1,0 +1,1 @@
+"""Data attribution for text-to-image diffusion models by unlearning synthesized images."""

@@ -1,0 +1,107 @@
+"""Typed dataclass configs on the command line and in YAML presets.
+
+Every field of a stage's dataclass becomes a flag ``--<stage>.<field>`` with the field's help text.
+A YAML file holds named presets, each mapping stages to field values:
+
+    default:
+      train: {steps: 1500, lr: 0.002}
+      unlearn: {step_size: 0.001}
+
+Flags given on the command line override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from common.errors import AttributionError, require_file
+
+KNOWN_STAGES = ("model", "train", "fisher", "loss", "unlearn", "eval")
+
+
+def _flag_type(tp: Any) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is tuple:
+        return {"type": typing.get_args(tp)[0], "nargs": "+"}
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return {"type": inner[0]}
+    return {"type": tp}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, stage: str) -> None:
+    """Add ``--<stage>.<field>`` for every field of ``cls``, defaulting to the dataclass default."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(stage, (cls.__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(
+            f"--{stage}.{f.name}",
+            dest=f"{stage}.{f.name}",
+            default=default,
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+            **_flag_type(hints[f.name]),
+        )
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, stage: str) -> Any:
+    """Build ``cls`` from the parsed ``--<stage>.*`` flags (its ``__post_init__`` validates them)."""
+    values = {f.name: getattr(args, f"{stage}.{f.name}") for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def read_presets(path: str | Path) -> dict[str, Any]:
+    require_file(path, "config file")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise AttributionError(f"{path}: expected a mapping of preset names")
+    return data
+
+
+def load_preset(
+    parser: argparse.ArgumentParser, stages: list[str], argv: list[str] | None = None
+) -> argparse.Namespace:
+    """Parse ``argv`` after applying the preset named by ``--preset`` from ``--config`` (if given)."""
+    first, _ = parser.parse_known_args(argv)
+    if getattr(first, "config", None):
+        presets = read_presets(first.config)
+        if first.preset not in presets:
+            raise AttributionError(f"no preset {first.preset!r} in {first.config}; it has {', '.join(presets)}")
+        known = {a.dest for a in parser._actions}
+        defaults = {}
+        for stage, values in (presets[first.preset] or {}).items():
+            if stage not in KNOWN_STAGES:
+                raise AttributionError(
+                    f"{first.config}: unknown stage {stage!r}; expected one of {', '.join(KNOWN_STAGES)}"
+                )
+            if stage not in stages:
+                continue  # a preset file serves several scripts; each reads its own stages
+            for key, value in (values or {}).items():
+                dest = f"{stage}.{key}"
+                if dest not in known:
+                    raise AttributionError(f"{first.config}: unknown setting {dest}")
+                defaults[dest] = tuple(value) if isinstance(value, list) else value
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AttributionError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttributionError(f"device {name!r} requested but CUDA is not available")
+    return device

@@ -1,0 +1,165 @@
+"""The dataset interface every benchmark implements: training images, text conditions, queries.
+
+Training images are stored as model inputs (pixels or VAE latents). Flipped copies are either
+computed (pixel space: a flip of the pixels) or given (latent space: the latent of the flipped
+image, stacked after the originals as in the released MSCOCO arrays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common.errors import AttributionError, require
+
+
+def fingerprint_tensors(*tensors: torch.Tensor) -> str:
+    """A short sha256 of tensors' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class ArrayTrainingSet:
+    """Training set held as arrays.
+
+    Args:
+        images: model inputs (N,C,H,W).
+        text: text conditions (N,n_captions,L,D), or (N,L,D) for one caption each.
+        captions: per image, its caption strings (used in outputs only).
+        image_paths: per image, a path or None (used in outputs only).
+        flipped: inputs of the horizontally flipped images (N,C,H,W); ``None`` flips ``images``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        captions: Sequence[Sequence[str]] | None = None,
+        image_paths: Sequence[str | None] | None = None,
+        flipped: torch.Tensor | None = None,
+    ) -> None:
+        if text.dim() == 3:
+            text = text[:, None]
+        require(images.dim() == 4, f"images must be (N,C,H,W), got shape {tuple(images.shape)}")
+        require(text.dim() == 4, f"text embeddings must be (N,captions,L,D), got shape {tuple(text.shape)}")
+        require(
+            len(images) == len(text),
+            f"latents and text embeddings differ in count: {len(images)} images vs {len(text)} text embeddings",
+        )
+        require(len(images) > 0, "the training set is empty")
+        if flipped is not None:
+            require(flipped.shape == images.shape, "flipped images must have the same shape as the originals")
+        self._images = images
+        self._flipped = flipped
+        self._text = text
+        self.captions = [list(c) for c in captions] if captions is not None else [[""] for _ in range(len(images))]
+        self.image_paths = list(image_paths) if image_paths is not None else [None] * len(images)
+        require(len(self.captions) == len(images), "captions and images differ in count")
+        require(len(self.image_paths) == len(images), "image paths and images differ in count")
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_stacked(cls, latents: torch.Tensor, text: torch.Tensor, **kwargs) -> ArrayTrainingSet:
+        """From latents (2N,C,H,W) with the flipped copies stacked after the originals (MSCOCO release)."""
+        require(len(latents) % 2 == 0, f"stacked latents must have an even count, got {len(latents)}")
+        n = len(latents) // 2
+        require(
+            n == len(text),
+            f"latents and text embeddings differ in count: {n} images (2x{n} latents) vs {len(text)} text embeddings",
+        )
+        return cls(latents[:n], text, flipped=latents[n:], **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @property
+    def num_captions(self) -> int:
+        return self._text.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self._images.shape[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the training set's contents (inputs and text) for caches and rankings."""
+        if self._fingerprint is None:
+            flipped = [self._flipped] if self._flipped is not None else []
+            self._fingerprint = fingerprint_tensors(self._images, self._text, *flipped)
+        return self._fingerprint
+
+    def images(self, indices: torch.Tensor, flips: torch.Tensor | bool = False) -> torch.Tensor:
+        """Inputs (B,C,H,W) of ``indices`` (B,), each flipped where ``flips`` (B,) is true."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        flips = torch.as_tensor(flips, dtype=torch.bool).expand(indices.shape)
+        orig = self._images[indices]
+        flip = self._flipped[indices] if self._flipped is not None else orig.flip(-1)
+        return torch.where(flips.view(-1, 1, 1, 1), flip, orig)
+
+    def text(self, indices: torch.Tensor, captions: torch.Tensor | int = 0) -> torch.Tensor:
+        """Text conditions (B,L,D) of ``indices`` (B,), caption ``captions`` (B,) of each."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        captions = torch.as_tensor(captions, dtype=torch.long).expand(indices.shape)
+        return self._text[indices, captions]
+
+    def subset(self, keep: Sequence[int]) -> ArrayTrainingSet:
+        """The training set restricted to ``keep`` (positions in this set)."""
+        keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+        return ArrayTrainingSet(
+            self._images[keep_t],
+            self._text[keep_t],
+            [self.captions[i] for i in keep],
+            [self.image_paths[i] for i in keep],
+            self._flipped[keep_t] if self._flipped is not None else None,
+        )
+
+
+@dataclass
+class Query:
+    """A synthesized image to attribute.
+
+    Attributes:
+        id: a stable name (used for its output folder and its noise keys).
+        image: the model input of the image (C,H,W).
+        text: its text condition (n_captions,L,D).
+        prompt: the prompt it was generated from.
+        image_path: a viewable image file, if any.
+    """
+
+    id: str
+    image: torch.Tensor
+    text: torch.Tensor
+    prompt: str = ""
+    image_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.text.dim() == 2:
+            self.text = self.text[None]
+        if not self.id or any(c in self.id for c in "/\\") or self.id.startswith("."):
+            raise AttributionError(f"query id {self.id!r} is not a valid folder name")
+
+    @property
+    def key(self) -> int:
+        """A stable integer for keyed noise, derived from the id."""
+        return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:7], "little")
+
+    def as_training_set(self) -> ArrayTrainingSet:
+        return ArrayTrainingSet(self.image[None], self.text[None], [[self.prompt]], [self.image_path])
+
+
+def as_numpy_uint8(image: torch.Tensor) -> np.ndarray:
+    """Pixels in [-1, 1] (C,H,W) as a uint8 (H,W,C) array for viewing."""
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return arr.permute(1, 2, 0).numpy()
+
+
+__all__ = ["ArrayTrainingSet", "Query", "AttributionError", "fingerprint_tensors", "as_numpy_uint8"]

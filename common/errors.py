@@ -1,0 +1,40 @@
+"""User-facing errors: one clear line, no traceback, earlier results untouched."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+
+class AttributionError(Exception):
+    """An error caused by the user's input (files, arguments, folders), reported as one line."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`AttributionError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise AttributionError(message)
+
+
+def require_file(path: Any, what: str = "file") -> None:
+    """Raise a one-line error naming ``path`` if it does not exist."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise AttributionError(f"missing {what}: {path}")
+
+
+def cli(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a script's ``main`` so input errors print one line and exit with status 2."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except AttributionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

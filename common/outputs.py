@@ -1,0 +1,130 @@
+"""Run folders and ranking files.
+
+A run folder holds ``config.json`` (the resolved config). A run refuses a folder whose saved
+config differs, or a non-empty folder with no config at all, unless told to overwrite.
+
+``ranking.json`` schema (version 1)::
+
+    {"schema": 1,
+     "query": {"id": str, "prompt": str, "image": str | null},
+     "method": str,                        # e.g. "unlearning", "pixel"
+     "num_train": int,                     # training images scored (= len(scores.npy))
+     "train_fingerprint": str,             # identifies the training set the indices refer to
+     "top_k": [{"rank": 1, "index": int, "score": float, "caption": str, "image": str | null}, ...],
+     "stats": {...}}                       # method-specific numbers (e.g. update size, query loss)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.data import ArrayTrainingSet
+from common.errors import AttributionError, require, require_file
+
+SCHEMA_VERSION = 1
+TOP_K_FIELDS = ("rank", "index", "score", "caption", "image")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def prepare_run_dir(path: str | Path, config: dict, overwrite: bool = False) -> Path:
+    """Create ``path`` with ``config.json``, or accept it if it was made under the same config.
+
+    Raises:
+        AttributionError: the folder was made under another config, or holds foreign files.
+    """
+    path = Path(path)
+    config = json.loads(json.dumps(config))  # normalise tuples and numbers as JSON would
+    saved = path / "config.json"
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        elif not saved.exists():
+            raise AttributionError(f"{path} is not empty and holds no config.json; choose another folder")
+        else:
+            diff = _differences(json.loads(saved.read_text()), config)
+            if diff:
+                raise AttributionError(
+                    f"{path} was made under a different config ({', '.join(diff[:4])} differ); "
+                    "pass --overwrite or choose another folder"
+                )
+            return path
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(saved, config)
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def build_ranking(
+    query: dict, method: str, scores: np.ndarray, data: ArrayTrainingSet, top_k: int = 100, stats: dict | None = None
+) -> dict:
+    """The ranking record: the top-k training images by score, highest first (ties by index)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    require(scores.shape == (len(data),), f"expected {len(data)} scores, got shape {scores.shape}")
+    require(bool(np.isfinite(scores).all()), "NaN or inf in the scores")
+    order = np.lexsort((np.arange(len(scores)), -scores))[:top_k]
+    top = [
+        {
+            "rank": r + 1,
+            "index": int(i),
+            "score": float(scores[i]),
+            "caption": data.captions[i][0],
+            "image": data.image_paths[i],
+        }
+        for r, i in enumerate(order)
+    ]
+    return {
+        "schema": SCHEMA_VERSION,
+        "query": {"id": query["id"], "prompt": query.get("prompt", ""), "image": query.get("image")},
+        "method": method,
+        "num_train": len(data),
+        "train_fingerprint": data.fingerprint,
+        "top_k": top,
+        "stats": stats or {},
+    }
+
+
+def write_ranking(folder: str | Path, ranking: dict, scores: np.ndarray) -> None:
+    """Write ``scores.npy`` (float32, one per training image) and then ``ranking.json``."""
+    folder = Path(folder)
+    np.save(folder / "scores.npy", np.asarray(scores, dtype=np.float32))
+    write_json(folder / "ranking.json", ranking)
+
+
+def read_ranking(path: str | Path) -> dict:
+    """Read and validate a ``ranking.json``."""
+    require_file(path, "ranking file")
+    try:
+        ranking = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+        raise AttributionError(f"{path} is not valid JSON") from None
+    for key in ("schema", "query", "method", "num_train", "train_fingerprint", "top_k"):
+        require(key in ranking, f"{path}: missing field {key!r}")
+    require(ranking["schema"] == SCHEMA_VERSION, f"{path}: unsupported schema {ranking['schema']}")
+    prev = float("inf")
+    for r, item in enumerate(ranking["top_k"], 1):
+        require(all(k in item for k in TOP_K_FIELDS), f"{path}: top_k entry {r} lacks a field")
+        require(item["rank"] == r and item["score"] <= prev, f"{path}: top_k is not sorted by score")
+        require(0 <= item["index"] < ranking["num_train"], f"{path}: index {item['index']} out of range")
+        prev = item["score"]
+    return ranking

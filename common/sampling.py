@@ -1,0 +1,62 @@
+"""Seeded sampling from a denoiser, so a query can be regenerated from its saved noise and seed.
+
+The default is DDPM ancestral sampling over all training steps (the paper's MSCOCO sampler).
+Each image's step noise comes from its own generator keyed by ``(seed, image key)``, so an image
+regenerates identically in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from common import keyed_random
+from common.diffusion import Denoiser
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@torch.no_grad()
+def sample(
+    denoise: Denoiser,
+    text: torch.Tensor,
+    noise: torch.Tensor,
+    train_scheduler: DDPMScheduler,
+    keys: Sequence[int],
+    seed: int = 0,
+    sampler: str = "ddpm",
+    num_steps: int = 1000,
+) -> torch.Tensor:
+    """Generate images from initial noise.
+
+    Args:
+        denoise: the model.
+        text: text conditions (B,L,D).
+        noise: initial noise x_T (B,C,H,W).
+        train_scheduler: the scheduler the model was trained with (its betas are reused).
+        keys: one stable integer per image, keying its step noise (DDPM).
+        seed: global seed of the step noise.
+        sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta = 0).
+        num_steps: sampling steps.
+    Returns:
+        Samples (B,C,H,W), clamped to [-1, 1].
+    """
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(
+            train_scheduler.config, set_alpha_to_one=True, timestep_spacing="trailing"
+        )
+        extra = {"eta": 0.0}
+    elif sampler == "ddpm":
+        scheduler = DDPMScheduler.from_config(train_scheduler.config)
+        gens = [keyed_random.generator(seed, keyed_random.SAMPLE, int(k)) for k in keys]
+        extra = {"generator": gens}
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    scheduler.set_timesteps(num_steps)
+    x = noise
+    for t in scheduler.timesteps:
+        eps = denoise(x, t.expand(len(x)).to(x.device), text)
+        x = scheduler.step(eps, t, x, **extra).prev_sample
+    return x.clamp(-1, 1)

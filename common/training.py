@@ -1,0 +1,152 @@
+"""Training a text-to-image denoiser from scratch with keyed randomness and optional exclusions.
+
+Epoch ``e`` visits the full training set in the order ``randperm(N)`` keyed by ``(seed, e)``;
+each visit of image ``i`` in epoch ``e`` draws its flip, caption, timestep and noise from a
+generator keyed by ``(seed, e, i)``. Excluding images removes them from that order; everything
+else a retained image sees is unchanged, and an empty exclusion reproduces the original run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common import keyed_random
+from common.checkpoint import load_training_state, save_training_state
+from common.data import ArrayTrainingSet
+from common.diffusion import per_sample_loss, unet_denoiser
+from common.errors import AttributionError, require
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe."""
+
+    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate / peak (cosine decay)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the init, data order, flips, timesteps and noise"})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps"})
+    checkpoint_every: int = field(default=250, metadata={"help": "steps between resumable checkpoints (0: off)"})
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be positive")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class BatchSchedule:
+    """The keyed visiting order: which images (and draws) make up each step's batch."""
+
+    def __init__(self, n: int, cfg: TrainConfig, exclude: Sequence[int] = ()) -> None:
+        self.n, self.cfg = n, cfg
+        self.excluded = torch.zeros(n, dtype=torch.bool)
+        if len(exclude):
+            idx = torch.as_tensor(list(exclude), dtype=torch.long)
+            require(bool((idx >= 0).all() and (idx < n).all()), f"excluded indices must lie in [0, {n})")
+            self.excluded[idx] = True
+        require(int((~self.excluded).sum()) >= 1, "every training image is excluded")
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            perm = torch.randperm(self.n, generator=keyed_random.generator(self.cfg.seed, keyed_random.TRAIN, epoch))
+            self._orders = {epoch: perm[~self.excluded[perm]]}
+        return self._orders[epoch]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """(epoch, image index) pairs of a step; epochs follow each other over the retained images."""
+        kept = int((~self.excluded).sum())
+        start = step * self.cfg.batch_size
+        return [
+            (pos // kept, int(self._order(pos // kept)[pos % kept]))
+            for pos in range(start, start + self.cfg.batch_size)
+        ]
+
+
+def _draw(data: ArrayTrainingSet, visits: list[tuple[int, int]], cfg: TrainConfig, ref: torch.Tensor):
+    flips, caps, ts, keys = [], [], [], []
+    for epoch, i in visits:
+        g = keyed_random.generator(cfg.seed, keyed_random.TRAIN, 1, epoch, i)
+        flips.append(int(torch.randint(2, (), generator=g)))
+        caps.append(int(torch.randint(data.num_captions, (), generator=g)))
+        ts.append(int(torch.randint(cfg.num_train_timesteps, (), generator=g)))
+        keys.append((cfg.seed, keyed_random.TRAIN, 2, epoch, i))
+    idx = torch.tensor([i for _, i in visits])
+    x0 = data.images(idx, torch.tensor(flips, dtype=torch.bool)).to(ref)
+    text = data.text(idx, torch.tensor(caps)).to(ref)
+    noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
+    return x0, text, torch.tensor(ts, device=ref.device), noise
+
+
+def train(
+    unet: torch.nn.Module,
+    data: ArrayTrainingSet,
+    alphas_cumprod: torch.Tensor,
+    cfg: TrainConfig,
+    exclude: Sequence[int] = (),
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``unet`` in place (its initial weights are the caller's, seeded); resume from ``checkpoint``.
+
+    Returns:
+        A summary: final loss (mean of the last 50 steps), seconds, steps per second.
+    """
+    ref = next(unet.parameters())
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = BatchSchedule(len(data), cfg, exclude)
+    identity = {"train": asdict(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        info = load_training_state(checkpoint, unet, opt)
+        if info.get("identity") != identity:
+            raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
+        start = info["step"]
+    denoise = unet_denoiser(unet)
+    unet.train()
+    recent: list[float] = []
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        x0, text, t, noise = _draw(data, schedule.batch(step), cfg, ref)
+        loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        recent = (recent + [loss.item()])[-50:]
+        if not math.isfinite(recent[-1]):
+            raise AttributionError(f"training diverged at step {step} (loss {recent[-1]}); lower the learning rate")
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        done = step + 1
+        if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save_training_state(checkpoint, unet, opt, {"step": done, "identity": identity})
+    unet.eval()
+    seconds = time.time() - t0
+    return {
+        "final_loss": sum(recent) / max(1, len(recent)),
+        "seconds": round(seconds, 1),
+        "steps_per_second": round((cfg.steps - start) / max(seconds, 1e-9), 3),
+    }

@@ -1,0 +1,120 @@
+"""The tiny pipeline end to end at micro scale, through its command-line scripts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.outputs import read_ranking
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "tiny" / "configs" / "tiny.yaml")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    run("tiny.shapes", "--out", str(out / "data"), "--num-images", "48", "--resolution", "16")
+    run(
+        "tiny.train",
+        "--data",
+        str(out / "data"),
+        "--out",
+        str(out / "model"),
+        "--config",
+        CONFIG,
+        "--preset",
+        "micro",
+        "--device",
+        "cpu",
+    )
+    run(
+        "tiny.generate", "--model", str(out / "model"), "--out", str(out / "queries"), "--num", "2", "--num-steps", "20"
+    )
+    attribute = (
+        "tiny.attribute",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(out / "data"),
+        "--queries",
+        str(out / "queries"),
+        "--out",
+        str(out / "attr"),
+        "--config",
+        CONFIG,
+        "--preset",
+        "micro",
+        "--device",
+        "cpu",
+        "--top-k",
+        "10",
+    )
+    run(*attribute)
+    return out, attribute
+
+
+def test_micro_run_writes_valid_outputs(micro_run):
+    out, _ = micro_run
+    model_info = json.loads((out / "model" / "model.json").read_text())
+    assert model_info["recipe"]["train"]["steps"] == 10 and (out / "model" / "model.safetensors").exists()
+    assert not (out / "model" / "checkpoint.safetensors").exists()
+    for qid in ("q000", "q001"):
+        assert (out / "queries" / qid / "noise.npy").exists()
+        folder = out / "attr" / "queries" / qid
+        ranking = read_ranking(folder / "ranking.json")
+        scores = np.load(folder / "scores.npy")
+        assert scores.shape == (48,) and np.isfinite(scores).all()
+        assert ranking["num_train"] == 48 and len(ranking["top_k"]) == 10
+        assert ranking["top_k"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
+        assert Path(ranking["top_k"][0]["image"]).exists()
+        assert ranking["stats"]["query_loss_rise"] > 0
+        assert json.loads((folder / "config.json").read_text())["loss"]["num_timesteps"] == 4
+        assert (folder / "top10.png").stat().st_size > 1000
+
+
+def test_rerun_reuses_and_foreign_config_is_refused(micro_run):
+    out, attribute = micro_run
+    before = (out / "attr" / "queries" / "q000" / "scores.npy").read_bytes()
+    again = run(*attribute)
+    assert "already attributed" in again.stdout
+    bad = run(*attribute, "--unlearn.step_size", "0.5", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in bad.stderr
+    assert "different config" in bad.stderr
+    assert (out / "attr" / "queries" / "q000" / "scores.npy").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--unlearn.selection", "kv"), "unknown weight selection 'kv'"),
+        (("--fisher.selection", "everything"), "unknown weight selection"),
+        (("--model", "/nonexistent/model"), "missing model weights: /nonexistent/model/model.safetensors"),
+    ],
+)
+def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
+    out, attribute = micro_run
+    args = list(attribute)
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    for flag, value in zip(flags[::2], flags[1::2]):
+        args[args.index(flag) + 1] if flag in args else None
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    proc = run(*args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,140 @@
+"""Training with exclusions, resumable checkpoints, image folders and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.data import ArrayTrainingSet
+from common.errors import AttributionError
+from common.training import BatchSchedule, TrainConfig, train
+from tiny.data import count_duplicates, load_image_folder
+from tiny.shapes import generate
+
+
+def test_excluded_images_are_never_visited():
+    cfg = TrainConfig(steps=40, batch_size=7)
+    sched = BatchSchedule(20, cfg, exclude=[3, 11])
+    seen = [i for step in range(cfg.steps) for _, i in sched.batch(step)]
+    assert 3 not in seen and 11 not in seen
+    assert set(seen) == set(range(20)) - {3, 11}
+
+
+def test_empty_exclusion_keeps_the_original_order():
+    cfg = TrainConfig(steps=10, batch_size=5)
+    a, b = BatchSchedule(20, cfg), BatchSchedule(20, cfg, exclude=[])
+    assert [a.batch(s) for s in range(10)] == [b.batch(s) for s in range(10)]
+
+
+def _fresh(model_cls, cfg):
+    torch.manual_seed(0)
+    return model_cls(cfg).unet
+
+
+def test_retraining_with_empty_exclusion_reproduces_weights(data):
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage
+
+    ac = TinyTextToImage(micro_config()).alphas_cumprod
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1)
+    runs = []
+    for exclude in ([], [], [0, 1]):
+        unet = _fresh(TinyTextToImage, micro_config()).double()
+        train(unet, data, ac, cfg, exclude, progress=False)
+        runs.append(unet.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    assert any(not torch.equal(runs[2][k], runs[0][k]) for k in runs[0])
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage
+
+    ac = TinyTextToImage(micro_config()).alphas_cumprod
+    full = _fresh(TinyTextToImage, micro_config()).double()
+    train(full, data, ac, TrainConfig(steps=6, batch_size=4, warmup_steps=1), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3)
+    interrupted = _fresh(TinyTextToImage, micro_config()).double()
+    calls = {"n": 0}
+    original_step = torch.optim.AdamW.step
+
+    def step_then_stop(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Stop
+        return original_step(self, *a, **k)
+
+    torch.optim.AdamW.step = step_then_stop
+    try:
+        with pytest.raises(Stop):
+            train(interrupted, data, ac, cfg, checkpoint=ckpt, progress=False)
+    finally:
+        torch.optim.AdamW.step = original_step
+    resumed = _fresh(TinyTextToImage, micro_config()).double()
+    train(resumed, data, ac, cfg, checkpoint=ckpt, progress=False)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(AttributionError, match="another training run"):
+        train(
+            resumed,
+            data,
+            ac,
+            TrainConfig(steps=6, batch_size=4, lr=0.1, checkpoint_every=3),
+            checkpoint=ckpt,
+            progress=False,
+        )
+
+
+def test_shapes_folder_loads_with_attributes_and_no_duplicates(tmp_path):
+    generate(tmp_path / "shapes", 40, resolution=8, seed=3)
+    folder = load_image_folder(tmp_path / "shapes", 8)
+    assert folder.pixels.shape == (40, 3, 8, 8) and folder.pixels.min() >= -1 and folder.pixels.max() <= 1
+    assert folder.attributes[0]["colour"] in folder.captions[0][0]
+    assert count_duplicates(folder.pixels) == 0
+    for caps in folder.captions:  # captions never mention left or right: flips keep them true
+        assert "left" not in caps[0] and "right" not in caps[0]
+
+
+def _write_folder(root, rows, images=("a.png",)):
+    root.mkdir()
+    for name in images:
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_own_folder_is_resized(tmp_path):
+    _write_folder(tmp_path / "ok", [{"file_name": "a.png", "text": "a black image"}])
+    folder = load_image_folder(tmp_path / "ok", 16)
+    assert folder.pixels.shape == (1, 3, 16, 16) and folder.captions == [["a black image"]]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"file_name": "missing.png", "text": "x"}], "missing image: .*missing.png"),
+        ([{"file_name": "a.png"}], "no text for a.png"),
+        ([{"file_name": "bad.png", "text": "x"}], "unreadable image .*bad.png"),
+    ],
+)
+def test_bad_folders_are_reported_by_name(tmp_path, rows, message):
+    _write_folder(tmp_path / "f", rows)
+    (tmp_path / "f" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(AttributionError, match=message):
+        load_image_folder(tmp_path / "f", 8)
+
+
+def test_count_mismatch_is_refused():
+    with pytest.raises(AttributionError, match="differ in count: 3 images vs 2"):
+        ArrayTrainingSet(torch.zeros(3, 3, 4, 4), torch.zeros(2, 1, 5, 6))
+    with pytest.raises(AttributionError, match="differ in count"):
+        ArrayTrainingSet.from_stacked(torch.zeros(6, 4, 2, 2), torch.zeros(2, 5, 7, 8))
+    stacked = ArrayTrainingSet.from_stacked(torch.arange(4.0).view(4, 1, 1, 1), torch.zeros(2, 5, 7, 8))
+    assert stacked.images(torch.tensor([0, 1]), torch.tensor([True, False])).flatten().tolist() == [2.0, 1.0]

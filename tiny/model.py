@@ -1,0 +1,155 @@
+"""The tiny text-to-image model: a frozen random CLIP text encoder and a small pixel-space UNet.
+
+The UNet has no attention at the top (16x16) resolution: attention there costs ~10x on a CPU.
+Cross-attention (``attn2``) lives at 8x8 and 4x4 and in the middle block, so the paper's
+weight selection (cross-attention keys and values) has the same meaning as in Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from common.data import fingerprint_tensors
+from common.errors import AttributionError, require_file
+
+# open_clip's BPE vocabulary (shipped inside the package, nothing downloaded).
+VOCAB_SIZE = 49408
+SOT, EOT = 49406, 49407
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the tiny model."""
+
+    resolution: int = field(default=16, metadata={"help": "image side in pixels"})
+    channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "UNet block widths"})
+    layers_per_block: int = field(default=1, metadata={"help": "resnet layers per UNet block"})
+    heads: int = field(default=2, metadata={"help": "attention heads"})
+    text_dim: int = field(default=32, metadata={"help": "text embedding width"})
+    text_layers: int = field(default=2, metadata={"help": "text encoder layers"})
+    context_length: int = field(default=20, metadata={"help": "tokens per caption (longer ones are cut)"})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM steps"})
+    text_seed: int = field(default=1234, metadata={"help": "seed of the frozen random text encoder"})
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if len(self.channels) < 2:
+            raise AttributionError("the tiny UNet needs at least two blocks")
+        if self.resolution % (2 ** (len(self.channels) - 1)):
+            raise AttributionError(f"resolution {self.resolution} is not divisible by the UNet's downsampling")
+
+
+def build_unet(cfg: TinyModelConfig) -> UNet2DConditionModel:
+    n = len(cfg.channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_dim,
+        attention_head_dim=cfg.heads,  # diffusers reads this as the number of heads here
+        norm_num_groups=8,
+    )
+
+
+def build_text_encoder(cfg: TinyModelConfig) -> CLIPTextModel:
+    """A randomly initialised, frozen CLIP text transformer (seeded, so it is reproducible)."""
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=cfg.text_dim,
+        intermediate_size=4 * cfg.text_dim,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=2,
+        max_position_embeddings=cfg.context_length,
+        bos_token_id=SOT,
+        eos_token_id=EOT,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.text_seed)
+        model = CLIPTextModel(config)
+    return model.eval().requires_grad_(False)
+
+
+def build_scheduler(cfg: TinyModelConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+
+
+def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
+    """Token ids (B, context_length) from open_clip's offline BPE tokenizer."""
+    from open_clip.tokenizer import tokenize as clip_tokenize
+
+    return clip_tokenize(captions, context_length=context_length)
+
+
+class TinyTextToImage:
+    """The text encoder, UNet and noise schedule, saved and loaded together."""
+
+    def __init__(
+        self, cfg: TinyModelConfig, unet: UNet2DConditionModel | None = None, text_encoder: CLIPTextModel | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.unet = unet if unet is not None else build_unet(cfg)
+        self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
+        self.scheduler = build_scheduler(cfg)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Text conditions (B, context_length, text_dim): the encoder's last hidden states."""
+        device = next(self.text_encoder.parameters()).device
+        out = []
+        for i in range(0, len(captions), batch_size):
+            ids = tokenize(captions[i : i + batch_size], self.cfg.context_length).to(device)
+            out.append(self.text_encoder(input_ids=ids).last_hidden_state.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.cfg.context_length, self.cfg.text_dim)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TinyTextToImage:
+        self.unet.to(device=device)
+        if dtype is not None:
+            self.unet.to(dtype=dtype)
+        self.text_encoder.to(device=device)
+        return self
+
+    def fingerprint(self) -> str:
+        """Identifies the UNet weights (for caches)."""
+        state = self.unet.state_dict()
+        return fingerprint_tensors(*(state[k] for k in sorted(state)))
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """Write ``model.safetensors`` (UNet + text encoder) and ``model.json`` (architecture + extra)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+        tensors |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in self.text_encoder.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"))
+        info = {"model": asdict(self.cfg)} | (extra or {})
+        (folder / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TinyTextToImage:
+        folder = Path(folder)
+        require_file(folder / "model.safetensors", "model weights")
+        require_file(folder / "model.json", "model config")
+        info = json.loads((folder / "model.json").read_text())
+        model = cls(TinyModelConfig(**info["model"]))
+        tensors = load_file(str(folder / "model.safetensors"))
+        model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        model.text_encoder.load_state_dict(
+            {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, strict=False
+        )
+        model.unet.eval()
+        return model

@@ -1,0 +1,95 @@
+"""Train the tiny text-to-image model from scratch on an image folder.
+
+    python -m tiny.train --data results/quickstart/data --out results/quickstart/model
+
+Writes ``model.safetensors`` + ``model.json`` (architecture, recipe, excluded indices, data
+fingerprint). A finished model with the same recipe is reused; an interrupted one resumes from
+``checkpoint.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from common.config import add_dataclass_arguments, dataclass_from_args, load_preset, resolve_device
+from common.errors import AttributionError, cli
+from common.training import TrainConfig, train
+from tiny.data import load_image_folder
+from tiny.model import TinyModelConfig, TinyTextToImage
+from tiny.pipeline import training_set
+
+
+def read_exclusions(path: str | None) -> list[int]:
+    """Indices from a JSON list or a text file with one index per line."""
+    if not path:
+        return []
+    text = Path(path).read_text() if Path(path).exists() else None
+    if text is None:
+        raise AttributionError(f"missing exclusion file: {path}")
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else [int(x) for x in text.split()]
+    except ValueError:
+        raise AttributionError(f"{path}: expected integers, one per line or a JSON list") from None
+    return sorted({int(v) for v in values})
+
+
+def train_tiny(
+    data_dir: str,
+    out: str,
+    model_cfg: TinyModelConfig,
+    cfg: TrainConfig,
+    exclude: list[int],
+    device: str = "cpu",
+    progress: bool = True,
+) -> TinyTextToImage:
+    """Train (or reuse, or resume) a tiny model into ``out``."""
+    out_dir = Path(out)
+    folder = load_image_folder(data_dir, model_cfg.resolution)
+    torch.manual_seed(cfg.seed)
+    model = TinyTextToImage(model_cfg)
+    data = training_set(model, folder)
+    recipe = {"train": asdict(cfg), "exclude": exclude, "data": data.fingerprint}
+    if (out_dir / "model.json").exists():
+        info = json.loads((out_dir / "model.json").read_text())
+        if info.get("recipe") == recipe and info.get("model") == json.loads(json.dumps(asdict(model_cfg))):
+            print(f"reusing the trained model in {out_dir}")
+            return TinyTextToImage.load(out_dir)
+        raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
+    model.to(resolve_device(device))
+    summary = train(model.unet, data, model.alphas_cumprod, cfg, exclude, out_dir / "checkpoint.safetensors", progress)
+    model.to("cpu")
+    model.save(out_dir, {"recipe": recipe, "summary": summary})
+    (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
+    print(f"trained in {summary['seconds']} s, final loss {summary['final_loss']:.4f}: {out_dir}")
+    return model
+
+
+@cli
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="image folder with metadata.jsonl")
+    parser.add_argument("--out", required=True, help="output folder for the model")
+    parser.add_argument("--exclude", default=None, help="file of training indices to leave out")
+    parser.add_argument("--config", default=None, help="YAML file of presets")
+    parser.add_argument("--preset", default="default", help="preset name in --config")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_dataclass_arguments(parser, TinyModelConfig, "model")
+    add_dataclass_arguments(parser, TrainConfig, "train")
+    args = load_preset(parser, ["model", "train"])
+    train_tiny(
+        args.data,
+        args.out,
+        dataclass_from_args(TinyModelConfig, args, "model"),
+        dataclass_from_args(TrainConfig, args, "train"),
+        read_exclusions(args.exclude),
+        args.device,
+    )
+
+
+if __name__ == "__main__":
+    main()
