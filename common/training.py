@@ -35,6 +35,16 @@ class TrainConfig:
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate / peak (cosine decay)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    exclusion_mode: str = field(
+        default="remove",
+        metadata={
+            "help": "remove: drop excluded images from the order; mask: keep the full set's batches and noise, "
+            "excluded images masked out of the loss"
+        },
+    )
+    cond_dropout: float = field(
+        default=0.0, metadata={"help": "share of samples trained on the empty caption (enables guidance)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the init, data order, flips, timesteps and noise"})
     num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps"})
     checkpoint_every: int = field(default=250, metadata={"help": "steps between resumable checkpoints (0: off)"})
@@ -42,6 +52,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be positive")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(self.exclusion_mode in ("remove", "mask"), f"unknown exclusion_mode {self.exclusion_mode!r}")
+        require(0 <= self.cond_dropout < 1, f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -65,33 +77,54 @@ class BatchSchedule:
         require(int((~self.excluded).sum()) >= 1, "every training image is excluded")
         self._orders: dict[int, torch.Tensor] = {}
 
+    @property
+    def masking(self) -> bool:
+        return self.cfg.exclusion_mode == "mask"
+
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
             perm = torch.randperm(self.n, generator=keyed_random.generator(self.cfg.seed, keyed_random.TRAIN, epoch))
-            self._orders = {epoch: perm[~self.excluded[perm]]}
+            self._orders = {epoch: perm if self.masking else perm[~self.excluded[perm]]}
         return self._orders[epoch]
 
     def batch(self, step: int) -> list[tuple[int, int]]:
-        """(epoch, image index) pairs of a step; epochs follow each other over the retained images."""
-        kept = int((~self.excluded).sum())
+        """(epoch, image index) pairs of a step; epochs follow each other over the retained images.
+
+        With ``exclusion_mode = "mask"`` the batches are those of the full set, excluded images
+        included; :meth:`keep` says which visits count in the loss.
+        """
+        kept = self.n if self.masking else int((~self.excluded).sum())
         start = step * self.cfg.batch_size
         return [
             (pos // kept, int(self._order(pos // kept)[pos % kept]))
             for pos in range(start, start + self.cfg.batch_size)
         ]
 
+    def keep(self, visits: list[tuple[int, int]]) -> torch.Tensor:
+        """Which visits (B,) contribute to the loss."""
+        return ~self.excluded[torch.tensor([i for _, i in visits])]
 
-def _draw(data: ArrayTrainingSet, visits: list[tuple[int, int]], cfg: TrainConfig, ref: torch.Tensor):
-    flips, caps, ts, keys = [], [], [], []
+
+def _draw(
+    data: ArrayTrainingSet,
+    visits: list[tuple[int, int]],
+    cfg: TrainConfig,
+    ref: torch.Tensor,
+    null_text: torch.Tensor | None,
+):
+    flips, caps, ts, keys, drop = [], [], [], [], []
     for epoch, i in visits:
         g = keyed_random.generator(cfg.seed, keyed_random.TRAIN, 1, epoch, i)
         flips.append(int(torch.randint(2, (), generator=g)))
         caps.append(int(torch.randint(data.num_captions, (), generator=g)))
         ts.append(int(torch.randint(cfg.num_train_timesteps, (), generator=g)))
+        drop.append(bool(torch.rand((), generator=g) < cfg.cond_dropout))
         keys.append((cfg.seed, keyed_random.TRAIN, 2, epoch, i))
     idx = torch.tensor([i for _, i in visits])
     x0 = data.images(idx, torch.tensor(flips, dtype=torch.bool)).to(ref)
     text = data.text(idx, torch.tensor(caps)).to(ref)
+    if cfg.cond_dropout > 0:
+        text[torch.tensor(drop)] = null_text.to(ref)
     noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
     return x0, text, torch.tensor(ts, device=ref.device), noise
 
@@ -104,13 +137,18 @@ def train(
     exclude: Sequence[int] = (),
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    null_text: torch.Tensor | None = None,
 ) -> dict:
     """Train ``unet`` in place (its initial weights are the caller's, seeded); resume from ``checkpoint``.
+
+    ``null_text`` (L,D), the empty caption's condition, replaces the caption of a ``cond_dropout``
+    share of the visits so the model also learns the unconditional score (classifier-free guidance).
 
     Returns:
         A summary: final loss (mean of the last 50 steps), seconds, steps per second.
     """
     ref = next(unet.parameters())
+    require(cfg.cond_dropout == 0 or null_text is not None, "cond_dropout needs the empty caption's condition")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
     identity = {"train": asdict(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
@@ -128,7 +166,13 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x0, text, t, noise = _draw(data, schedule.batch(step), cfg, ref)
+        # Excluded visits (mask mode) are dropped before the forward pass: they never touch a gradient,
+        # and every retained visit keeps the flip, timestep and noise it has in the full run.
+        batch = schedule.batch(step)
+        visits = [v for v, k in zip(batch, schedule.keep(batch).tolist()) if k]
+        if not visits:
+            continue
+        x0, text, t, noise = _draw(data, visits, cfg, ref, null_text)
         loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -138,3 +138,27 @@ def test_count_mismatch_is_refused():
         ArrayTrainingSet.from_stacked(torch.zeros(6, 4, 2, 2), torch.zeros(2, 5, 7, 8))
     stacked = ArrayTrainingSet.from_stacked(torch.arange(4.0).view(4, 1, 1, 1), torch.zeros(2, 5, 7, 8))
     assert stacked.images(torch.tensor([0, 1]), torch.tensor([True, False])).flatten().tolist() == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["remove", "mask"])
+def test_excluded_images_never_touch_a_gradient(data, mode):
+    """Excluded images (and so their flips) are set to NaN: any contribution would poison the weights."""
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage
+
+    poisoned_images = data.images(torch.arange(len(data))).clone()
+    poisoned_images[[2, 5]] = float("nan")
+    poisoned = ArrayTrainingSet(poisoned_images, data.text(torch.arange(len(data)))[:, None])
+    unet = _fresh(TinyTextToImage, micro_config()).double()
+    cfg = TrainConfig(steps=8, batch_size=6, warmup_steps=1, exclusion_mode=mode)
+    train(unet, poisoned, TinyTextToImage(micro_config()).alphas_cumprod, cfg, exclude=[2, 5], progress=False)
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_mask_mode_keeps_the_full_runs_batches():
+    cfg = TrainConfig(steps=10, batch_size=5, exclusion_mode="mask")
+    full, masked = BatchSchedule(20, cfg), BatchSchedule(20, cfg, exclude=[4, 9])
+    for step in range(10):
+        assert full.batch(step) == masked.batch(step)
+        keep = masked.keep(masked.batch(step)).tolist()
+        assert keep == [i not in (4, 9) for _, i in masked.batch(step)]

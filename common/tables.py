@@ -1,0 +1,104 @@
+"""Aggregate counterfactual metrics into the paper's Table 1 layout: mean ± standard error over queries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = {  # name: (column title, scale shown, higher is better)
+    "delta_loss": ("ΔL ×10⁻³ ↑", 1e3, True),
+    "mse": ("MSE ×10⁻² ↑", 1e2, True),
+    "clip": ("CLIP sim ×10⁻¹ ↓", 1e1, False),
+}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample standard deviation / sqrt(n); 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Rows (method, k, metric, mean, se, n) from records with ``method``, ``k`` and metric values.
+
+    A record's metric that is ``None`` (e.g. CLIP without weights) is left out of that metric's row.
+    """
+    groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    for r in records:
+        for metric in METRICS:
+            if r.get(metric) is not None:
+                groups[(r["method"], int(r["k"]), metric)].append(float(r[metric]))
+    rows = []
+    for (method, k, metric), values in sorted(groups.items()):
+        mean, se = mean_se(values)
+        rows.append({"method": method, "k": k, "metric": metric, "mean": mean, "se": se, "n": len(values)})
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", "k", "metric", "mean", "se", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], method_order: list[str] | None = None) -> str:
+    """One row per method, one column per metric with ``mean±se`` for each K separated by ``/``."""
+    ks = sorted({r["k"] for r in rows})
+    methods = method_order or sorted({r["method"] for r in rows})
+    cell = {(r["method"], r["k"], r["metric"]): r for r in rows}
+    metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+    head = "| method | " + " | ".join(METRICS[m][0] for m in metrics) + " |"
+    lines = [f"K = {' / '.join(str(k) for k in ks)}", "", head, "|---" * (len(metrics) + 1) + "|"]
+    for method in methods:
+        cols = []
+        for m in metrics:
+            scale = METRICS[m][1]
+            parts = []
+            for k in ks:
+                r = cell.get((method, k, m))
+                parts.append(f"{r['mean'] * scale:.2f}±{r['se'] * scale:.2f}" if r else "–")
+            cols.append(" / ".join(parts))
+        lines.append(f"| {method} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_metric(rows: list[dict], path: str | Path, metric: str = "delta_loss") -> None:
+    """PNG of a metric against K, one line per method, with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["k"], r["mean"], r["se"]) for r in rows if r["method"] == method and r["metric"] == metric)
+        if pts:
+            ks, means, ses = zip(*pts)
+            ax.errorbar(ks, means, yerr=ses, marker="o", capsize=3, label=method)
+    ax.set_xlabel("K (training images removed)")
+    ax.set_ylabel(METRICS[metric][0])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_tables(metric_files: list[Path], out_dir: str | Path, method_order: list[str] | None = None) -> str:
+    """Read metric JSON files, write ``table.csv``, ``table.md`` and ``delta_loss.png``; return the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [json.loads(Path(p).read_text()) for p in metric_files]
+    rows = aggregate(records)
+    write_csv(rows, out / "table.csv")
+    text = markdown_table(rows, method_order)
+    (out / "table.md").write_text(text + "\n")
+    plot_metric(rows, out / "delta_loss.png")
+    return text
