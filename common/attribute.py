@@ -133,6 +133,7 @@ def attribute_query(
         "seconds_unlearn": round(t1 - t0, 2),
         "seconds_score": round(t2 - t1, 2),
     }
+    stats["_deltas"] = (after - base).float().numpy()  # (N,F,T), popped by the caller
     return scores, stats
 
 
@@ -150,6 +151,7 @@ def run_attribution(
     image_of: Callable[[int], np.ndarray] | None = None,
     top_k: int = 100,
     overwrite: bool = False,
+    save_deltas: bool = False,
 ) -> list[Path]:
     """Attribute every query into ``out_dir/<query id>/``; finished queries with the same config are skipped.
 
@@ -157,6 +159,8 @@ def run_attribution(
         run_config: what identifies the run besides the loss and unlearning settings (model and
             Fisher fingerprints, data); written into each query's ``config.json``.
         image_of: training index -> uint8 (H,W,3) image for the PNG (no PNG when None).
+        save_deltas: also write ``deltas.npy``, the per-flip, per-timestep loss increases (N,F,T)
+            float32, for analyses such as the effect of single timesteps.
     """
     folders = []
     for query in queries:
@@ -173,6 +177,9 @@ def run_attribution(
             print(f"{query.id}: already attributed, skipping")
             continue
         scores, stats = attribute_query(model, data, query, base, alphas_cumprod, loss_cfg, unlearn_cfg, fisher)
+        deltas = stats.pop("_deltas")
+        if save_deltas:
+            np.save(folder / "deltas.npy", deltas)
         info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
         ranking = build_ranking(info, METHOD, scores, data, top_k, stats)
         write_ranking(folder, ranking, scores)

@@ -28,6 +28,8 @@ def sample(
     seed: int = 0,
     sampler: str = "ddpm",
     num_steps: int = 1000,
+    guidance_scale: float = 1.0,
+    null_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images from initial noise.
 
@@ -40,6 +42,8 @@ def sample(
         seed: global seed of the step noise.
         sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta = 0).
         num_steps: sampling steps.
+        guidance_scale: classifier-free guidance weight w, eps = eps_u + w (eps_c - eps_u); 1 is none.
+        null_text: the empty caption's condition (L,D), needed when ``guidance_scale`` is not 1.
     Returns:
         Samples (B,C,H,W), clamped to [-1, 1].
     """
@@ -57,6 +61,12 @@ def sample(
     scheduler.set_timesteps(num_steps)
     x = noise
     for t in scheduler.timesteps:
-        eps = denoise(x, t.expand(len(x)).to(x.device), text)
+        tt = t.expand(len(x)).to(x.device)
+        if guidance_scale == 1.0:
+            eps = denoise(x, tt, text)
+        else:
+            both = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, null_text.expand_as(text)]))
+            cond, uncond = both.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(eps, t, x, **extra).prev_sample
     return x.clamp(-1, 1)

@@ -58,14 +58,25 @@ def self_attribution_summary(ranks: list[int], n: int) -> dict:
     }
 
 
-def semantic_summary(folders: list[Path], attributes: list[dict], prompts_attrs: list[dict], k: int = 10) -> dict:
+def scores_without_first_timestep(folder: Path) -> np.ndarray:
+    """Scores recomputed from ``deltas.npy`` (N,F,T) leaving out the first timestep slot."""
+    return np.load(folder / "deltas.npy")[:, :, 1:].mean(-1).max(1)
+
+
+def semantic_summary(
+    folders: list[Path], attributes: list[dict], prompts_attrs: list[dict], k: int = 10, drop_first: bool = False
+) -> dict:
     """Per attribute: share of the top-k with the query's value, and the dataset's base rate."""
     out = {}
     combos = {"shape+colour": ("shape", "colour")} | {a: (a,) for a in ATTRIBUTES}
     for name, keys in combos.items():
         shares, bases = [], []
         for folder, q in zip(folders, prompts_attrs):
-            top = json.loads((folder / "ranking.json").read_text())["top_k"][:k]
+            if drop_first:
+                scores = scores_without_first_timestep(folder)
+                top = [{"index": int(i)} for i in np.argsort(-scores, kind="stable")[:k]]
+            else:
+                top = json.loads((folder / "ranking.json").read_text())["top_k"][:k]
             shares.append(np.mean([all(attributes[t["index"]][a] == q[a] for a in keys) for t in top]))
             bases.append(np.mean([all(attr[a] == q[a] for a in keys) for attr in attributes]))
         out[name] = {
@@ -101,6 +112,15 @@ def markdown(report: dict) -> str:
     ]
     for name, v in report["semantic"].items():
         lines.append(f"| {name} | {v['top10_share']:.0%} | {v['base_rate']:.1%} | {v['lift']:.1f}x |")
+    w = report["without_first_timestep"]
+    ws = w["self_attribution"]
+    lines += [
+        "",
+        f"leaving out t = {w['timestep_left_out']} (same runs): self-attribution top-1 {ws['top1']:.0%}, "
+        f"top-10 {ws['top10']:.0%}, median rank {ws['median_rank']:g}; shape+colour lift "
+        f"{w['semantic'].get('shape+colour', {}).get('lift', float('nan')):.1f}x, "
+        f"colour lift {w['semantic'].get('colour', {}).get('lift', float('nan')):.1f}x",
+    ]
     u = report["unlearning"]
     lines += [
         "",
@@ -121,6 +141,7 @@ def main() -> None:
             action.required = False
     parser.add_argument("--num-self", type=int, default=20, help="training images used as their own queries")
     parser.add_argument("--num-generated", type=int, default=8, help="generated queries")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="guidance of the generated queries")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the choice of self queries and prompts")
     args = load_preset(parser, STAGES)
     fisher_cfg, loss_cfg = (
@@ -137,9 +158,10 @@ def main() -> None:
     data = training_set(model, folder)
     t0 = time.time()
     gen_dir = out / "generated_queries"
-    if not gen_dir.exists():
-        generate_queries(model, shape_prompts(args.num_generated, args.eval_seed), gen_dir, args.eval_seed)
-    generated = load_queries(gen_dir)
+    if args.num_generated and not gen_dir.exists():
+        prompts = shape_prompts(args.num_generated, args.eval_seed)
+        generate_queries(model, prompts, gen_dir, args.eval_seed, guidance_scale=args.guidance_scale)
+    generated = load_queries(gen_dir) if args.num_generated else []
     model.to(resolve_device(args.device))
     use_classic_attention(model.unet)
     model.unet.requires_grad_(False)
@@ -160,10 +182,14 @@ def main() -> None:
         run_config={"model": fp, "data": data.fingerprint, "fisher": asdict(fisher_cfg)},
         image_of=lambda i: as_numpy_uint8(folder.pixels[i]),
         overwrite=args.overwrite,
+        save_deltas=True,
     )
     self_dirs = run_attribution(model.unet, data, self_queries, out / "self", **common)
     gen_dirs = run_attribution(model.unet, data, generated, out / "generated", **common)
     ranks = [rank_of(np.load(d / "scores.npy"), i) for d, i in zip(self_dirs, picks)]
+    # The effect of the first timestep (t = 0 by the paper's default), from the same runs.
+    ranks_drop = [rank_of(scores_without_first_timestep(d), i) for d, i in zip(self_dirs, picks)]
+    attrs = [q.extra["attributes"] for q in generated]
     report = {
         "num_train": len(data),
         "duplicates": count_duplicates(folder.pixels),
@@ -172,7 +198,12 @@ def main() -> None:
         "fisher": asdict(fisher_cfg),
         "self_picks": picks,
         "self_attribution": self_attribution_summary(ranks, len(data)),
-        "semantic": semantic_summary(gen_dirs, folder.attributes, [q.extra["attributes"] for q in generated]),
+        "semantic": semantic_summary(gen_dirs, folder.attributes, attrs) if generated else {},
+        "without_first_timestep": {
+            "timestep_left_out": loss_cfg.first_timestep,
+            "self_attribution": self_attribution_summary(ranks_drop, len(data)),
+            "semantic": semantic_summary(gen_dirs, folder.attributes, attrs, drop_first=True) if generated else {},
+        },
         "unlearning": unlearning_summary(self_dirs + gen_dirs),
         "seconds": round(time.time() - t0, 1),
     }

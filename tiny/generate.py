@@ -43,6 +43,7 @@ def generate_queries(
     sampler: str = "ddpm",
     num_steps: int = 1000,
     prefix: str = "q",
+    guidance_scale: float = 1.0,
 ) -> list[Path]:
     """Sample one image per prompt and save each as a query folder ``<prefix><i>``."""
     cfg = model.cfg
@@ -52,11 +53,24 @@ def generate_queries(
         [(seed, keyed_random.SAMPLE, k) for k in keys], (3, cfg.resolution, cfg.resolution)
     )
     text = model.encode_text([p for p, _ in prompts])
-    images = sample(unet_denoiser(model.unet), text, noise, model.scheduler, keys, seed, sampler, num_steps)
+    null_text = model.encode_text([""])[0] if guidance_scale != 1.0 else None
+    images = sample(
+        unet_denoiser(model.unet),
+        text,
+        noise,
+        model.scheduler,
+        keys,
+        seed,
+        sampler,
+        num_steps,
+        guidance_scale,
+        null_text,
+    )
     folders = []
     for qid, (prompt, attrs), img, emb, eps in zip(ids, prompts, images, text, noise):
         query = Query(qid, img, emb[None], prompt)
-        info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "attributes": attrs}
+        info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
+        info["attributes"] = attrs
         folders.append(save_query(out, query, eps, as_numpy_uint8(img), info))
     return folders
 
@@ -71,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial and step noise")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="sampler")
     parser.add_argument("--num-steps", type=int, default=1000, help="sampling steps")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
     args = parser.parse_args()
     set_threads()
     model = TinyTextToImage.load(args.model)
@@ -82,7 +97,9 @@ def main() -> None:
             raise AttributionError(f"{args.prompts} holds no prompts")
     else:
         prompts = shape_prompts(args.num, args.seed)
-    folders = generate_queries(model, prompts, args.out, args.seed, args.sampler, args.num_steps)
+    folders = generate_queries(
+        model, prompts, args.out, args.seed, args.sampler, args.num_steps, guidance_scale=args.guidance_scale
+    )
     print(f"wrote {len(folders)} queries to {args.out}")
 
 

@@ -36,6 +36,9 @@ class TinyModelConfig:
     text_layers: int = field(default=2, metadata={"help": "text encoder layers"})
     context_length: int = field(default=20, metadata={"help": "tokens per caption (longer ones are cut)"})
     num_train_timesteps: int = field(default=1000, metadata={"help": "DDPM steps"})
+    beta_schedule: str = field(
+        default="linear", metadata={"help": "noise schedule: linear (as the paper's models) or squaredcos_cap_v2"}
+    )
     text_seed: int = field(default=1234, metadata={"help": "seed of the frozen random text encoder"})
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ def build_text_encoder(cfg: TinyModelConfig) -> CLIPTextModel:
 
 
 def build_scheduler(cfg: TinyModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
 
 
 def tokenize(captions: list[str], context_length: int) -> torch.Tensor:

@@ -61,7 +61,10 @@ def train_tiny(
             return TinyTextToImage.load(out_dir)
         raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
     model.to(resolve_device(device))
-    summary = train(model.unet, data, model.alphas_cumprod, cfg, exclude, out_dir / "checkpoint.safetensors", progress)
+    null_text = model.encode_text([""])[0]
+    summary = train(
+        model.unet, data, model.alphas_cumprod, cfg, exclude, out_dir / "checkpoint.safetensors", progress, null_text
+    )
     model.to("cpu")
     model.save(out_dir, {"recipe": recipe, "summary": summary})
     (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
