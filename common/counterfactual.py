@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common import keyed_random
+from common.attribute import query_losses
 from common.data import Query
-from common.diffusion import unet_denoiser
 from common.errors import AttributionError
-from common.losses import LossConfig, dataset_losses
+from common.losses import LossConfig
 
 
 @dataclass
@@ -48,18 +47,7 @@ def query_loss(model: torch.nn.Module, query: Query, alphas_cumprod: torch.Tenso
         flips=False,
         batch_size=1000,
     )
-    ref = next(model.parameters())
-    losses = dataset_losses(
-        unet_denoiser(model),
-        query.as_training_set(),
-        cfg,
-        alphas_cumprod,
-        sample_ids=[query.key],
-        purpose=keyed_random.EVAL,
-        device=ref.device,
-        dtype=ref.dtype,
-    )
-    return float(losses.mean())
+    return float(query_losses(model, query, cfg, alphas_cumprod).mean())
 
 
 def delta_loss(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.diffusion import Denoiser
@@ -30,6 +31,7 @@ def sample(
     num_steps: int = 1000,
     guidance_scale: float = 1.0,
     null_text: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Generate images from initial noise.
 
@@ -60,7 +62,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
     scheduler.set_timesteps(num_steps)
     x = noise
-    for t in scheduler.timesteps:
+    for t in tqdm(scheduler.timesteps, desc=f"sample {len(x)}", leave=False, disable=not progress):
         tt = t.expand(len(x)).to(x.device)
         if guidance_scale == 1.0:
             eps = denoise(x, tt, text)

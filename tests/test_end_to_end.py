@@ -118,3 +118,24 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
     proc = run(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
+    env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20")
+    cmd = ["bash", str(ROOT / "tiny" / "scripts" / "counterfactual.sh"), str(tmp_path / "cf")]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "cf" / "leave_k_out"
+    metrics = sorted(out.glob("metrics/*/*/*.json"))
+    assert len(metrics) == 6  # 2 queries x (unlearning, pixel, random seed 0) x K = 4
+    for path in metrics:
+        record = json.loads(path.read_text())
+        assert record["k"] == 4 and np.isfinite(record["delta_loss"]) and record["mse"] >= 0
+        assert record["clip"] is None and "no CLIP weights" in record["clip_note"]
+    table = (out / "table.md").read_text()
+    assert "| unlearning |" in table and "| pixel |" in table and "| random |" in table
+    models = sorted(p.name for p in out.glob("models/*/*"))
+    assert 1 <= len(models) <= 5  # random sets are shared by both queries
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "K=4" not in second.stdout  # nothing retrained or re-measured
+    assert sorted(p.name for p in out.glob("models/*/*")) == models

@@ -49,6 +49,7 @@ def train_tiny(
 ) -> TinyTextToImage:
     """Train (or reuse, or resume) a tiny model into ``out``."""
     out_dir = Path(out)
+    exclude = sorted({int(i) for i in exclude})
     folder = load_image_folder(data_dir, model_cfg.resolution)
     torch.manual_seed(cfg.seed)
     model = TinyTextToImage(model_cfg)
