@@ -139,3 +139,26 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "K=4" not in second.stdout  # nothing retrained or re-measured
     assert sorted(p.name for p in out.glob("models/*/*")) == models
+
+
+def test_unlearning_check_reproduces_then_compares(micro_run):
+    out, _ = micro_run
+    run(
+        "tiny.unlearning_check",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(out / "data"),
+        "--queries",
+        str(out / "queries"),
+        "--out",
+        str(out / "attr"),
+        "--config",
+        CONFIG,
+        "--preset",
+        "micro",
+    )
+    report = json.loads((out / "attr" / "unlearning_check.json").read_text())
+    assert report["reproduction_mse"] < 1e-10  # the original model regenerates its queries exactly
+    assert [r["target"] for r in report["rows"]] == ["q000", "q001"]
+    assert all(r["target_mse"] > 0 and np.isfinite(r["others_mse_mean"]) for r in report["rows"])
