@@ -23,6 +23,22 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def shared_args(out: Path) -> list[str]:
+    """Model, data, queries and preset flags of the micro run."""
+    return [
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(out / "data"),
+        "--queries",
+        str(out / "queries"),
+        "--config",
+        CONFIG,
+        "--preset",
+        "micro",
+    ]
+
+
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro")
@@ -43,25 +59,7 @@ def micro_run(tmp_path_factory):
     run(
         "tiny.generate", "--model", str(out / "model"), "--out", str(out / "queries"), "--num", "2", "--num-steps", "20"
     )
-    attribute = (
-        "tiny.attribute",
-        "--model",
-        str(out / "model"),
-        "--data",
-        str(out / "data"),
-        "--queries",
-        str(out / "queries"),
-        "--out",
-        str(out / "attr"),
-        "--config",
-        CONFIG,
-        "--preset",
-        "micro",
-        "--device",
-        "cpu",
-        "--top-k",
-        "10",
-    )
+    attribute = ("tiny.attribute", *shared_args(out), "--out", str(out / "attr"), "--device", "cpu", "--top-k", "10")
     run(*attribute)
     return out, attribute
 
@@ -143,21 +141,7 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
 
 def test_unlearning_check_reproduces_then_compares(micro_run):
     out, _ = micro_run
-    run(
-        "tiny.unlearning_check",
-        "--model",
-        str(out / "model"),
-        "--data",
-        str(out / "data"),
-        "--queries",
-        str(out / "queries"),
-        "--out",
-        str(out / "attr"),
-        "--config",
-        CONFIG,
-        "--preset",
-        "micro",
-    )
+    run("tiny.unlearning_check", *shared_args(out), "--out", str(out / "attr"))
     report = json.loads((out / "attr" / "unlearning_check.json").read_text())
     assert report["reproduction_mse"] < 1e-10  # the original model regenerates its queries exactly
     assert [r["target"] for r in report["rows"]] == ["q000", "q001"]
