@@ -103,8 +103,9 @@ def attribute_query(
     loss_cfg: LossConfig,
     unlearn_cfg: UnlearnConfig,
     fisher: dict[str, torch.Tensor] | None,
-) -> tuple[np.ndarray, dict]:
-    """Scores (N,) for one query and the numbers that show the unlearning worked."""
+) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Scores (N,) for one query, the numbers that show the unlearning worked, and the per-flip,
+    per-timestep loss increases (N,F,T) float32 the scores were made from."""
     t0 = time.time()
     result = unlearn(model, query, alphas_cumprod, unlearn_cfg, fisher, num_train=len(data))
     t1 = time.time()
@@ -133,8 +134,7 @@ def attribute_query(
         "seconds_unlearn": round(t1 - t0, 2),
         "seconds_score": round(t2 - t1, 2),
     }
-    stats["_deltas"] = (after - base).float().numpy()  # (N,F,T), popped by the caller
-    return scores, stats
+    return scores, stats, (after - base).float().numpy()
 
 
 def run_attribution(
@@ -176,8 +176,7 @@ def run_attribution(
         if (folder / "ranking.json").exists():
             print(f"{query.id}: already attributed, skipping")
             continue
-        scores, stats = attribute_query(model, data, query, base, alphas_cumprod, loss_cfg, unlearn_cfg, fisher)
-        deltas = stats.pop("_deltas")
+        scores, stats, deltas = attribute_query(model, data, query, base, alphas_cumprod, loss_cfg, unlearn_cfg, fisher)
         if save_deltas:
             np.save(folder / "deltas.npy", deltas)
         info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}

@@ -33,7 +33,7 @@ def test_training_images_rank_themselves_near_the_top(tmp_path):
     ranks, ratios = [], []
     for i in (0, 9, 18, 27, 36, 45):
         query = Query(f"t{i}", folder.pixels[i], data.text([i])[0], folder.captions[i][0])
-        scores, stats = attribute_query(
+        scores, stats, _ = attribute_query(
             model.unet, data, query, base, model.alphas_cumprod, loss_cfg, unlearn_cfg, fisher
         )
         ranks.append(int((scores >= scores[i]).sum()))

@@ -53,7 +53,7 @@ def generate_queries(
         [(seed, keyed_random.SAMPLE, k) for k in keys], (3, cfg.resolution, cfg.resolution)
     )
     text = model.encode_text([p for p, _ in prompts])
-    null_text = model.encode_text([""])[0] if guidance_scale != 1.0 else None
+    null_text = model.null_text() if guidance_scale != 1.0 else None
     images = sample(
         unet_denoiser(model.unet),
         text,

@@ -120,6 +120,10 @@ class TinyTextToImage:
             out.append(self.text_encoder(input_ids=ids).last_hidden_state.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.cfg.context_length, self.cfg.text_dim)
 
+    def null_text(self) -> torch.Tensor:
+        """The empty caption's condition (L,D): the unconditional input for classifier-free guidance."""
+        return self.encode_text([""])[0]
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TinyTextToImage:
         self.unet.to(device=device)
         if dtype is not None:

@@ -62,7 +62,7 @@ def train_tiny(
             return TinyTextToImage.load(out_dir)
         raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
     model.to(resolve_device(device))
-    null_text = model.encode_text([""])[0]
+    null_text = model.null_text()
     summary = train(
         model.unet, data, model.alphas_cumprod, cfg, exclude, out_dir / "checkpoint.safetensors", progress, null_text
     )
