@@ -42,6 +42,34 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+def seed_spread(records: list[dict], method: str = "random", metric: str = "delta_loss") -> list[dict]:
+    """The retraining noise floor: per K, a metric's spread over removal seeds for the same query.
+
+    Rows (k, mean, sd, n_queries, n_seeds): ``sd`` is the root mean over queries of the sample
+    variance across seeds, i.e. how much ΔL moves when *which* K random images are removed changes.
+    """
+    groups: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r["method"] == method and r.get(metric) is not None:
+            groups[int(r["k"])][r["query"]].append(float(r[metric]))
+    rows = []
+    for k, per_query in sorted(groups.items()):
+        variances = [
+            sum((v - sum(vs) / len(vs)) ** 2 for v in vs) / (len(vs) - 1) for vs in per_query.values() if len(vs) > 1
+        ]
+        values = [v for vs in per_query.values() for v in vs]
+        rows.append(
+            {
+                "k": k,
+                "mean": sum(values) / len(values),
+                "sd": math.sqrt(sum(variances) / len(variances)) if variances else float("nan"),
+                "n_queries": len(per_query),
+                "n_seeds": max(len(vs) for vs in per_query.values()),
+            }
+        )
+    return rows
+
+
 def write_csv(rows: list[dict], path: str | Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "k", "metric", "mean", "se", "n"])

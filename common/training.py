@@ -4,6 +4,10 @@ Epoch ``e`` visits the full training set in the order ``randperm(N)`` keyed by `
 each visit of image ``i`` in epoch ``e`` draws its flip, caption, timestep and noise from a
 generator keyed by ``(seed, e, i)``. Excluding images removes them from that order; everything
 else a retained image sees is unchanged, and an empty exclusion reproduces the original run.
+
+The loop runs under ``accelerate``: started with ``accelerate launch``, each process takes an
+interleaved share of every global batch and the gradients are averaged, so the update is that of
+the whole batch whatever the number of processes (up to floating-point summation order).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from common import keyed_random
@@ -138,17 +143,20 @@ def train(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     null_text: torch.Tensor | None = None,
+    accelerator: Accelerator | None = None,
 ) -> dict:
     """Train ``unet`` in place (its initial weights are the caller's, seeded); resume from ``checkpoint``.
 
     ``null_text`` (L,D), the empty caption's condition, replaces the caption of a ``cond_dropout``
     share of the visits so the model also learns the unconditional score (classifier-free guidance).
+    ``accelerator`` defaults to a single process on the device ``unet`` lives on.
 
     Returns:
         A summary: final loss (mean of the last 50 steps), seconds, steps per second.
     """
-    ref = next(unet.parameters())
     require(cfg.cond_dropout == 0 or null_text is not None, "cond_dropout needs the empty caption's condition")
+    if accelerator is None:
+        accelerator = Accelerator(cpu=next(unet.parameters()).device.type == "cpu")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
     identity = {"train": asdict(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
@@ -158,11 +166,15 @@ def train(
         if info.get("identity") != identity:
             raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
         start = info["step"]
-    denoise = unet_denoiser(unet)
-    unet.train()
+    model, wrapped_opt = accelerator.prepare(unet, opt)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ref = next(model.parameters())
+    denoise = unet_denoiser(model)
+    model.train()
     recent: list[float] = []
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    main = accelerator.is_main_process
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not (progress and main), initial=start, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
@@ -172,21 +184,30 @@ def train(
         visits = [v for v, k in zip(batch, schedule.keep(batch).tolist()) if k]
         if not visits:
             continue
-        x0, text, t, noise = _draw(data, visits, cfg, ref, null_text)
-        loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        shard = visits[rank::world]
+        if shard:
+            x0, text, t, noise = _draw(data, shard, cfg, ref, null_text)
+            # Scaled so that the average over processes is the mean over the whole batch (exactly 1 alone).
+            share = len(shard) * world / len(visits)
+            loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean() * share
+        else:  # fewer retained visits than processes: this one still joins the gradient average
+            loss = sum(p.sum() for p in model.parameters()) * 0.0
+        wrapped_opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        recent = (recent + [loss.item()])[-50:]
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        wrapped_opt.step()
+        recent = (recent + [float(accelerator.reduce(loss.detach(), reduction="sum")) / world])[-50:]
         if not math.isfinite(recent[-1]):
             raise AttributionError(f"training diverged at step {step} (loss {recent[-1]}); lower the learning rate")
         if step % 25 == 0:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         done = step + 1
         if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_training_state(checkpoint, unet, opt, {"step": done, "identity": identity})
+            if main:
+                state = {"step": done, "identity": identity}
+                save_training_state(checkpoint, accelerator.unwrap_model(model), opt, state)
+            accelerator.wait_for_everyone()
     unet.eval()
     seconds = time.time() - t0
     return {

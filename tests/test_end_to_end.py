@@ -119,7 +119,7 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
 
 
 def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
-    env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20")
+    env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20", NOISE_FLOOR_K="4")
     cmd = ["bash", str(ROOT / "tiny" / "scripts" / "counterfactual.sh"), str(tmp_path / "cf")]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -135,8 +135,10 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     models = sorted(p.name for p in out.glob("models/*/*"))
     assert 1 <= len(models) <= 5  # random sets are shared by both queries
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert second.returncode == 0 and "K=4" not in second.stdout  # nothing retrained or re-measured
+    assert second.returncode == 0 and "[1/" not in second.stdout  # nothing retrained or re-measured
     assert sorted(p.name for p in out.glob("models/*/*")) == models
+    floor = json.loads((tmp_path / "cf" / "noise_floor_remove" / "noise_floor.json").read_text())
+    assert floor["exclusion_mode"] == "remove" and floor["random"][0]["k"] == 4
 
 
 def test_unlearning_check_reproduces_then_compares(micro_run):
@@ -146,3 +148,31 @@ def test_unlearning_check_reproduces_then_compares(micro_run):
     assert report["reproduction_mse"] < 1e-10  # the original model regenerates its queries exactly
     assert [r["target"] for r in report["rows"]] == ["q000", "q001"]
     assert all(r["target_mse"] > 0 and np.isfinite(r["others_mse_mean"]) for r in report["rows"])
+
+
+def test_two_processes_train_the_same_model(tmp_path):
+    """`accelerate launch` over 2 CPU processes splits every batch and gives the single-process weights."""
+    from safetensors.torch import load_file
+
+    run("tiny.shapes", "--out", str(tmp_path / "data"), "--num-images", "32", "--resolution", "16")
+    flags = ["--data", str(tmp_path / "data"), "--config", CONFIG, "--preset", "micro", "--device", "cpu"]
+    run("tiny.train", *flags, "--out", str(tmp_path / "one"))
+    launch = ["accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    run(
+        *launch,
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tiny.train",
+        *flags,
+        "--out",
+        str(tmp_path / "two"),
+    )
+    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst < 1e-4, worst
+    losses = [json.loads((tmp_path / d / "model.json").read_text())["summary"]["final_loss"] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

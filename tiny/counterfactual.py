@@ -7,7 +7,8 @@ For every (method, query, K) the top-K training images of that method's ranking 
 model is retrained from scratch with the original recipe and seed (cached by the excluded set, so
 a set is never trained twice; interrupted trainings resume). Random removal sets do not depend on
 the query and are shared. Writes ``OUT/metrics/<method>/<query>/k<K>[_s<seed>].json`` and the
-table (``OUT/table.md``, ``table.csv``, ``delta_loss.png``). Rerunning skips finished work.
+table (``OUT/table.md``, ``table.csv``, ``delta_loss.png``), and the random baseline's spread over
+seeds (``OUT/noise_floor.json``: the retraining noise). Rerunning skips finished work.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common.outputs import build_ranking, write_json, write_ranking
 from common.pixel import pixel_scores
 from common.queries import load_noise, load_queries
 from common.sampling import sample
-from common.tables import build_tables
+from common.tables import build_tables, seed_spread
 from common.training import TrainConfig
 from tiny.data import load_image_folder
 from tiny.model import TinyModelConfig, TinyTextToImage
@@ -166,6 +167,15 @@ def main() -> None:
         write_json(path, record)
     order = [m for m in METHODS if m in args.methods]
     print(build_tables(files, out, order))
+    floor = seed_spread([json.loads(f.read_text()) for f in files])
+    if floor:
+        write_json(out / "noise_floor.json", {"exclusion_mode": recipe.exclusion_mode, "random": floor})
+        for row in floor:
+            sd = f"{row['sd'] * 1e3:.3f}e-3" if row["n_seeds"] > 1 else "n/a"
+            print(
+                f"noise floor ({recipe.exclusion_mode}), K = {row['k']}: random ΔL {row['mean'] * 1e3:.3f}e-3, "
+                f"sd over {row['n_seeds']} seeds {sd} ({row['n_queries']} queries)"
+            )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Writes ``model.safetensors`` + ``model.json`` (architecture, recipe, excluded indices, data
 fingerprint). A finished model with the same recipe is reused; an interrupted one resumes from
-``checkpoint.safetensors``.
+``checkpoint.safetensors``. Several processes (``accelerate launch -m tiny.train ...``) share every
+batch; the first one writes the model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset, resolve_device
 from common.errors import AttributionError, cli
@@ -61,15 +63,17 @@ def train_tiny(
             print(f"reusing the trained model in {out_dir}")
             return TinyTextToImage.load(out_dir)
         raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
-    model.to(resolve_device(device))
+    accelerator = Accelerator(cpu=resolve_device(device).type == "cpu")
+    model.to(accelerator.device)
     null_text = model.null_text()
-    summary = train(
-        model.unet, data, model.alphas_cumprod, cfg, exclude, out_dir / "checkpoint.safetensors", progress, null_text
-    )
+    checkpoint = out_dir / "checkpoint.safetensors"
+    summary = train(model.unet, data, model.alphas_cumprod, cfg, exclude, checkpoint, progress, null_text, accelerator)
     model.to("cpu")
-    model.save(out_dir, {"recipe": recipe, "summary": summary})
-    (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
-    print(f"trained in {summary['seconds']} s, final loss {summary['final_loss']:.4f}: {out_dir}")
+    if accelerator.is_main_process:
+        model.save(out_dir, {"recipe": recipe, "summary": summary})
+        checkpoint.unlink(missing_ok=True)
+        print(f"trained in {summary['seconds']} s, final loss {summary['final_loss']:.4f}: {out_dir}")
+    accelerator.wait_for_everyone()
     return model
 
 

@@ -6,24 +6,33 @@
 #
 #   bash tiny/scripts/counterfactual.sh [OUT_DIR]            (default: results/counterfactual)
 #
-# Environment: PRESET (default "default"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
-# NUM_IMAGES (2000), DEVICE (cpu), CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column).
+# Then the noise floor: the random baseline again at one K with the other exclusion mode (plain
+# removal), to compare the spread of ΔL over random sets (noise_floor.json in each folder).
+#
+# Environment: PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
+# NUM_IMAGES (500), SAMPLE_STEPS (250 DDPM steps per query and regeneration), DEVICE (cpu),
+# CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), NOISE_FLOOR_K (5), NOISE_FLOOR_MODE (remove).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
-PRESET=${PRESET:-default}
+PRESET=${PRESET:-leave_k_out}
 NUM_QUERIES=${NUM_QUERIES:-8}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-[ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-2000}"
+[ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 [ -d "$OUT/queries" ] || python -m tiny.generate --model "$OUT/model" --out "$OUT/queries" --num "$NUM_QUERIES" \
-  --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-1000}"
+  --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
 python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
   --device "$DEVICE" ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"}
+MODE=${NOISE_FLOOR_MODE:-remove}
+python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+  --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
+  --eval.ks "${NOISE_FLOOR_K:-5}" --train.exclusion_mode "$MODE"
 echo "table: $OUT/leave_k_out/table.md (csv: table.csv, plot: delta_loss.png)"
+echo "noise floor: $OUT/leave_k_out/noise_floor.json vs $OUT/noise_floor_$MODE/noise_floor.json"
