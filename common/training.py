@@ -28,6 +28,8 @@ from common.data import ArrayTrainingSet
 from common.diffusion import per_sample_loss, unet_denoiser
 from common.errors import AttributionError, require
 
+EXCLUSION_MODES = ("remove", "mask", "zero")
+
 
 @dataclass
 class TrainConfig:
@@ -44,7 +46,8 @@ class TrainConfig:
         default="remove",
         metadata={
             "help": "remove: drop excluded images from the order; mask: keep the full set's batches and noise, "
-            "excluded images masked out of the loss"
+            "excluded images masked out of the loss (mean over the retained); zero: as mask, but the loss is "
+            "divided by the full batch size, so every retained image weighs exactly what it weighs in the full run"
         },
     )
     cond_dropout: float = field(
@@ -57,7 +60,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be positive")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        require(self.exclusion_mode in ("remove", "mask"), f"unknown exclusion_mode {self.exclusion_mode!r}")
+        require(self.exclusion_mode in EXCLUSION_MODES, f"unknown exclusion_mode {self.exclusion_mode!r}")
         require(0 <= self.cond_dropout < 1, f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
 
 
@@ -67,6 +70,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def loss_scale(mode: str, batch: int, kept: int, shard: int, world: int) -> float:
+    """Factor on a process's mean shard loss so that the average over ``world`` processes is the step's loss.
+
+    The step's loss is the sum of the ``kept`` retained visits' losses divided by ``kept`` (remove,
+    mask) or by the full ``batch`` size (zero: each retained visit weighs what it weighs in the full
+    run). One process with nothing excluded gets exactly 1.
+    """
+    return shard * world / (batch if mode == "zero" else kept)
 
 
 class BatchSchedule:
@@ -84,7 +97,7 @@ class BatchSchedule:
 
     @property
     def masking(self) -> bool:
-        return self.cfg.exclusion_mode == "mask"
+        return self.cfg.exclusion_mode in ("mask", "zero")
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
@@ -95,7 +108,7 @@ class BatchSchedule:
     def batch(self, step: int) -> list[tuple[int, int]]:
         """(epoch, image index) pairs of a step; epochs follow each other over the retained images.
 
-        With ``exclusion_mode = "mask"`` the batches are those of the full set, excluded images
+        With ``exclusion_mode`` ``mask`` or ``zero`` the batches are those of the full set, excluded images
         included; :meth:`keep` says which visits count in the loss.
         """
         kept = self.n if self.masking else int((~self.excluded).sum())
@@ -178,7 +191,7 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        # Excluded visits (mask mode) are dropped before the forward pass: they never touch a gradient,
+        # Excluded visits (mask and zero modes) are dropped before the forward pass: they never touch a gradient,
         # and every retained visit keeps the flip, timestep and noise it has in the full run.
         batch = schedule.batch(step)
         visits = [v for v, k in zip(batch, schedule.keep(batch).tolist()) if k]
@@ -187,9 +200,8 @@ def train(
         shard = visits[rank::world]
         if shard:
             x0, text, t, noise = _draw(data, shard, cfg, ref, null_text)
-            # Scaled so that the average over processes is the mean over the whole batch (exactly 1 alone).
-            share = len(shard) * world / len(visits)
-            loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean() * share
+            scale = loss_scale(cfg.exclusion_mode, len(batch), len(visits), len(shard), world)
+            loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean() * scale
         else:  # fewer retained visits than processes: this one still joins the gradient average
             loss = sum(p.sum() for p in model.parameters()) * 0.0
         wrapped_opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from common.errors import AttributionError
 from common.exclusion import exclusion_key, random_exclusion, top_k_exclusion
 from common.outputs import build_ranking, write_ranking
 from common.pixel import pixel_scores
-from common.tables import aggregate, build_tables, markdown_table, mean_se
+from common.tables import aggregate, build_tables, markdown_table, mean_se, seed_spread
 
 
 def _ranking(tmp_path, data, top_k=3):
@@ -106,3 +106,22 @@ def test_table_aggregation_against_a_hand_made_example(tmp_path):
     build_tables(files, tmp_path / "table", ["unlearning", "random"])
     assert (tmp_path / "table" / "table.csv").read_text().startswith("method,k,metric,mean,se,n")
     assert (tmp_path / "table" / "delta_loss.png").stat().st_size > 1000
+
+
+def test_seed_spread_by_hand():
+    records = (
+        [
+            {"method": "random", "query": "a", "k": 5, "delta_loss": v}
+            for v in (1.0, 3.0)  # variance 2
+        ]
+        + [
+            {"method": "random", "query": "b", "k": 5, "delta_loss": v}
+            for v in (0.0, 2.0, 4.0)  # variance 4
+        ]
+        + [{"method": "unlearning", "query": "a", "k": 5, "delta_loss": 100.0}]
+    )
+    (row,) = seed_spread(records)
+    assert row["k"] == 5 and row["n_queries"] == 2 and row["n_seeds"] == 3
+    assert row["mean"] == pytest.approx(10 / 5)
+    assert row["sd"] == pytest.approx(math.sqrt((2 + 4) / 2))
+    assert math.isnan(seed_spread(records[:1])[0]["sd"])  # one seed: no spread to measure

@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError
-from common.training import BatchSchedule, TrainConfig, train
+from common.training import BatchSchedule, TrainConfig, loss_scale, train
 from tiny.data import count_duplicates, load_image_folder
 from tiny.shapes import generate
 
@@ -34,19 +34,30 @@ def _fresh(model_cls, cfg):
 
 
 def test_retraining_with_empty_exclusion_reproduces_weights(data):
+    """Every exclusion mode with nothing excluded is the original run, bit for bit; excluding changes it."""
     from tests.conftest import micro_config
     from tiny.model import TinyTextToImage
 
     ac = TinyTextToImage(micro_config()).alphas_cumprod
-    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1)
-    runs = []
-    for exclude in ([], [], [0, 1]):
+    runs = {}
+    for mode, exclude in [
+        ("remove", []),
+        ("remove", []),
+        ("mask", []),
+        ("zero", []),
+        ("mask", [0, 1]),
+        ("zero", [0, 1]),
+    ]:
         unet = _fresh(TinyTextToImage, micro_config()).double()
+        cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, exclusion_mode=mode)
         train(unet, data, ac, cfg, exclude, progress=False)
-        runs.append(unet.state_dict())
-    for k in runs[0]:
-        assert torch.equal(runs[0][k], runs[1][k]), k
-    assert any(not torch.equal(runs[2][k], runs[0][k]) for k in runs[0])
+        runs.setdefault((mode, len(exclude)), []).append(unet.state_dict())
+    original = runs[("remove", 0)][0]
+    for other in [runs[("remove", 0)][1], runs[("mask", 0)][0], runs[("zero", 0)][0]]:
+        assert all(torch.equal(original[k], other[k]) for k in original)
+    masked, zeroed = runs[("mask", 2)][0], runs[("zero", 2)][0]
+    assert any(not torch.equal(masked[k], original[k]) for k in original)
+    assert any(not torch.equal(masked[k], zeroed[k]) for k in original)
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
@@ -140,7 +151,7 @@ def test_count_mismatch_is_refused():
     assert stacked.images(torch.tensor([0, 1]), torch.tensor([True, False])).flatten().tolist() == [2.0, 1.0]
 
 
-@pytest.mark.parametrize("mode", ["remove", "mask"])
+@pytest.mark.parametrize("mode", ["remove", "mask", "zero"])
 def test_excluded_images_never_touch_a_gradient(data, mode):
     """Excluded images (and so their flips) are set to NaN: any contribution would poison the weights."""
     from tests.conftest import micro_config
@@ -162,3 +173,12 @@ def test_mask_mode_keeps_the_full_runs_batches():
         assert full.batch(step) == masked.batch(step)
         keep = masked.keep(masked.batch(step)).tolist()
         assert keep == [i not in (4, 9) for _, i in masked.batch(step)]
+
+
+def test_loss_scale_by_hand():
+    assert loss_scale("mask", 32, 32, 32, 1) == 1.0 and loss_scale("zero", 32, 32, 32, 1) == 1.0
+    assert loss_scale("mask", 32, 30, 30, 1) == 1.0  # mean over the 30 retained visits
+    assert loss_scale("zero", 32, 30, 30, 1) == 30 / 32  # sum over the retained / 32, as in the full run
+    # Two processes with 15 visits each: the average of the two scaled means is the batch's mean.
+    assert loss_scale("mask", 32, 30, 15, 2) == 1.0 and loss_scale("zero", 32, 30, 15, 2) == 30 / 32
+    assert loss_scale("remove", 32, 32, 11, 3) == 33 / 32
