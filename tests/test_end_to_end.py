@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,6 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
     args = list(attribute)
     args[args.index("--out") + 1] = str(tmp_path / "other")
     for flag, value in zip(flags[::2], flags[1::2]):
-        args[args.index(flag) + 1] if flag in args else None
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
@@ -116,6 +116,31 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
     proc = run(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case", ["k", "noise", "model", "data"])
+def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, tmp_path):
+    out, _ = micro_run
+    args = [*shared_args(out), "--attribution", str(out / "attr"), "--out", str(tmp_path / "cf"), "--device", "cpu"]
+    if case == "k":
+        args += ["--eval.ks", "4", "49"]
+        message = "K = 49 exceeds the training-set size 48"
+    elif case == "noise":
+        shutil.copytree(out / "queries", tmp_path / "queries")
+        (tmp_path / "queries" / "q001" / "noise.npy").unlink()
+        args[args.index("--queries") + 1] = str(tmp_path / "queries")
+        message = "query q001 has no saved noise"
+    elif case == "model":
+        args[args.index("--model") + 1] = str(tmp_path / "nothing")
+        message = "missing model weights"
+    else:
+        run("tiny.shapes", "--out", str(tmp_path / "data"), "--num-images", "48", "--resolution", "16", "--seed", "1")
+        args[args.index("--data") + 1] = str(tmp_path / "data")
+        message = "was trained on another dataset"
+    proc = run("tiny.counterfactual", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cf" / "metrics").exists() and not (tmp_path / "cf" / "models").exists()
 
 
 def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
@@ -148,6 +173,7 @@ def test_unlearning_check_reproduces_then_compares(micro_run):
     assert report["reproduction_mse"] < 1e-10  # the original model regenerates its queries exactly
     assert [r["target"] for r in report["rows"]] == ["q000", "q001"]
     assert all(r["target_mse"] > 0 and np.isfinite(r["others_mse_mean"]) for r in report["rows"])
+    assert all(r["target_delta_loss"] > 0 and np.isfinite(r["others_delta_loss_mean"]) for r in report["rows"])
 
 
 def test_two_processes_train_the_same_model(tmp_path):

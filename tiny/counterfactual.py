@@ -113,6 +113,8 @@ def main() -> None:
     for k in cfg.ks:
         require(k <= n, f"K = {k} exceeds the training-set size {n}")
     queries = load_queries(args.queries)
+    for query in queries:  # regeneration needs each query's initial noise: fail now, not after retraining
+        load_noise(Path(args.queries) / query.id)
     clip = ClipSimilarity(cfg.clip_model, cfg.clip_weights)
     if not clip.available:
         print(f"CLIP similarity off: {clip.reason}")

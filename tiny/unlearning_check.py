@@ -4,7 +4,9 @@
 
 For each query as the target: unlearn it, regenerate every query from its saved noise, prompt and
 sampler settings, and compare with the original model's regeneration. The target's MSE should rise
-while the other prompts' stays small. Writes ``OUT/unlearning_check.json`` and ``.md``.
+while the other prompts' stays small. The same comparison on the diffusion loss (ΔL of each
+query's image over 200 timesteps with fixed noise) does not depend on a sampler's trajectory.
+Writes ``OUT/unlearning_check.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset
-from common.counterfactual import mse
+from common.counterfactual import delta_loss, mse
 from common.errors import cli
 from common.fisher import FisherConfig
 from common.fisher_cache import cached_fisher
@@ -62,30 +64,42 @@ def main() -> None:
         result = unlearn(model.unet, target, model.alphas_cumprod, cfg, fisher, num_train=len(data), progress=False)
         forgot = TinyTextToImage(model.cfg, result.model, model.text_encoder)
         errors = [mse(regenerate(forgot, q, root / q.id), o) for q, o in zip(queries, originals)]
+        rises = [delta_loss(model.unet, result.model, q, model.alphas_cumprod) for q in queries]
         i = queries.index(target)
-        others = errors[:i] + errors[i + 1 :]
         rows.append(
             {
                 "target": target.id,
                 "prompt": target.prompt,
                 "target_mse": errors[i],
-                "others_mse_mean": float(np.mean(others)),
+                "others_mse_mean": float(np.mean(errors[:i] + errors[i + 1 :])),
+                "target_delta_loss": rises[i],
+                "others_delta_loss_mean": float(np.mean(rises[:i] + rises[i + 1 :])),
                 "relative_update": result.relative_update,
             }
         )
-        print(f"{target.id}: target MSE {errors[i]:.4f}, other prompts {np.mean(others):.4f}")
+        print(
+            f"{target.id}: MSE target {errors[i]:.4f}, other prompts {rows[-1]['others_mse_mean']:.4f}; "
+            f"ΔL target {rises[i]:.2e}, other prompts {rows[-1]['others_delta_loss_mean']:.2e}"
+        )
     report = {
         "unlearn": cfg.__dict__,
         "reproduction_mse": reproduction,
         "rows": rows,
         "target_mse_mean": float(np.mean([r["target_mse"] for r in rows])),
         "others_mse_mean": float(np.mean([r["others_mse_mean"] for r in rows])),
+        "target_delta_loss_mean": float(np.mean([r["target_delta_loss"] for r in rows])),
+        "others_delta_loss_mean": float(np.mean([r["others_delta_loss_mean"] for r in rows])),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "unlearning_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| target | target MSE | other prompts' MSE |", "|---|---|---|"]
-    lines += [f"| {r['target']} | {r['target_mse']:.4f} | {r['others_mse_mean']:.4f} |" for r in rows]
-    lines.append(f"| mean | {report['target_mse_mean']:.4f} | {report['others_mse_mean']:.4f} |")
+    lines = ["| target | target MSE | other prompts' MSE | target ΔL | other prompts' ΔL |", "|---|---|---|---|---|"]
+    cells = [
+        (r["target"], r["target_mse"], r["others_mse_mean"], r["target_delta_loss"], r["others_delta_loss_mean"])
+        for r in rows
+    ]
+    cells.append(("mean", *(report[k] for k in ("target_mse_mean", "others_mse_mean"))))
+    cells[-1] += (report["target_delta_loss_mean"], report["others_delta_loss_mean"])
+    lines += [f"| {n} | {a:.4f} | {b:.4f} | {c:.2e} | {d:.2e} |" for n, a, b, c, d in cells]
     (out / "unlearning_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
