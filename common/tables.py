@@ -70,6 +70,43 @@ def seed_spread(records: list[dict], method: str = "random", metric: str = "delt
     return rows
 
 
+def paired_against(records: list[dict], baseline: str = "random", metric: str = "delta_loss") -> list[dict]:
+    """Per method and K: the metric minus the baseline's for the same query (baseline seeds averaged).
+
+    Pairing by query removes the query-to-query spread that both share. Rows (method, k, mean, se,
+    n, wins): ``wins`` counts the queries where the method's value exceeds the baseline's.
+    """
+    base: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r["method"] == baseline and r.get(metric) is not None:
+            base[(int(r["k"]), r["query"])].append(float(r[metric]))
+    diffs: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in records:
+        key = (int(r["k"]), r["query"])
+        if r["method"] != baseline and r.get(metric) is not None and key in base:
+            diffs[(r["method"], key[0])].append(float(r[metric]) - sum(base[key]) / len(base[key]))
+    rows = []
+    for (method, k), values in sorted(diffs.items()):
+        mean, se = mean_se(values)
+        rows.append(
+            {"method": method, "k": k, "mean": mean, "se": se, "n": len(values), "wins": sum(v > 0 for v in values)}
+        )
+    return rows
+
+
+def paired_markdown(rows: list[dict], method_order: list[str] | None = None) -> str:
+    """The rows of :func:`paired_against` as a Markdown table, one column per K."""
+    ks = sorted({r["k"] for r in rows})
+    cell = {(r["method"], r["k"]): r for r in rows}
+    lines = ["ΔL ×10⁻³ minus random's for the same query (mean±se; queries above random)", ""]
+    lines += ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for method in [m for m in (method_order or sorted({r["method"] for r in rows})) if m != "random"]:
+        parts = [cell.get((method, k)) for k in ks]
+        cells = [f"{c['mean'] * 1e3:.2f}±{c['se'] * 1e3:.2f} ({c['wins']}/{c['n']})" if c else "–" for c in parts]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[dict], path: str | Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "k", "metric", "mean", "se", "n"])
@@ -127,6 +164,9 @@ def build_tables(metric_files: list[Path], out_dir: str | Path, method_order: li
     rows = aggregate(records)
     write_csv(rows, out / "table.csv")
     text = markdown_table(rows, method_order)
+    paired = paired_against(records)
+    if paired:
+        text += "\n\n" + paired_markdown(paired, method_order)
     (out / "table.md").write_text(text + "\n")
     plot_metric(rows, out / "delta_loss.png")
     return text

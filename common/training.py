@@ -43,7 +43,7 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate / peak (cosine decay)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     exclusion_mode: str = field(
-        default="remove",
+        default="zero",
         metadata={
             "help": "remove: drop excluded images from the order; mask: keep the full set's batches and noise, "
             "excluded images masked out of the loss (mean over the retained); zero: as mask, but the loss is "

@@ -12,7 +12,7 @@ from common.errors import AttributionError
 from common.exclusion import exclusion_key, random_exclusion, top_k_exclusion
 from common.outputs import build_ranking, write_ranking
 from common.pixel import pixel_scores
-from common.tables import aggregate, build_tables, markdown_table, mean_se, seed_spread
+from common.tables import aggregate, build_tables, markdown_table, mean_se, paired_against, paired_markdown, seed_spread
 
 
 def _ranking(tmp_path, data, top_k=3):
@@ -88,10 +88,10 @@ def test_mean_and_standard_error_by_hand():
 
 def test_table_aggregation_against_a_hand_made_example(tmp_path):
     records = [
-        {"method": "unlearning", "k": 10, "delta_loss": 0.004, "mse": 0.02, "clip": None},
-        {"method": "unlearning", "k": 10, "delta_loss": 0.006, "mse": 0.04, "clip": None},
-        {"method": "random", "k": 10, "delta_loss": 0.001, "mse": 0.01, "clip": None},
-        {"method": "random", "k": 20, "delta_loss": 0.003, "mse": 0.03, "clip": None},
+        {"method": "unlearning", "query": "a", "k": 10, "delta_loss": 0.004, "mse": 0.02, "clip": None},
+        {"method": "unlearning", "query": "b", "k": 10, "delta_loss": 0.006, "mse": 0.04, "clip": None},
+        {"method": "random", "query": "a", "k": 10, "delta_loss": 0.001, "mse": 0.01, "clip": None},
+        {"method": "random", "query": "a", "k": 20, "delta_loss": 0.003, "mse": 0.03, "clip": None},
     ]
     rows = {(r["method"], r["k"], r["metric"]): r for r in aggregate(records)}
     assert rows[("unlearning", 10, "delta_loss")]["mean"] == pytest.approx(0.005)
@@ -103,7 +103,8 @@ def test_table_aggregation_against_a_hand_made_example(tmp_path):
     for i, r in enumerate(records):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps(r))
-    build_tables(files, tmp_path / "table", ["unlearning", "random"])
+    text = build_tables(files, tmp_path / "table", ["unlearning", "random"])
+    assert "| unlearning | 3.00±0.00 (1/1) |" in text  # query a only: b has no random removal at K = 10
     assert (tmp_path / "table" / "table.csv").read_text().startswith("method,k,metric,mean,se,n")
     assert (tmp_path / "table" / "delta_loss.png").stat().st_size > 1000
 
@@ -125,3 +126,18 @@ def test_seed_spread_by_hand():
     assert row["mean"] == pytest.approx(10 / 5)
     assert row["sd"] == pytest.approx(math.sqrt((2 + 4) / 2))
     assert math.isnan(seed_spread(records[:1])[0]["sd"])  # one seed: no spread to measure
+
+
+def test_paired_against_random_by_hand():
+    records = [
+        {"method": "random", "query": "a", "k": 5, "delta_loss": 1.0},
+        {"method": "random", "query": "a", "k": 5, "delta_loss": 3.0},  # query a: random mean 2
+        {"method": "random", "query": "b", "k": 5, "delta_loss": 0.0},  # query b: random mean 0
+        {"method": "unlearning", "query": "a", "k": 5, "delta_loss": 5.0},  # +3
+        {"method": "unlearning", "query": "b", "k": 5, "delta_loss": -1.0},  # -1
+        {"method": "unlearning", "query": "c", "k": 5, "delta_loss": 9.0},  # no random for c: left out
+    ]
+    (row,) = paired_against(records)
+    assert (row["method"], row["k"], row["n"], row["wins"]) == ("unlearning", 5, 2, 1)
+    assert row["mean"] == pytest.approx(1.0) and row["se"] == pytest.approx(2.0)
+    assert "| unlearning | 1000.00±2000.00 (1/2) |" in paired_markdown([row])

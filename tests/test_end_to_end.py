@@ -143,8 +143,19 @@ def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, t
     assert not (tmp_path / "cf" / "metrics").exists() and not (tmp_path / "cf" / "models").exists()
 
 
+def test_counterfactual_folder_refuses_another_exclusion_mode(micro_run, tmp_path):
+    out, _ = micro_run
+    args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--eval.random_seeds", "1"]
+    run("tiny.counterfactual", *args)
+    before = sorted(p.name for p in (tmp_path / "cf").rglob("*.json"))
+    proc = run("tiny.counterfactual", *args, "--train.exclusion_mode", "remove", check=False)
+    assert proc.returncode == 2 and "made under a different config" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "cf").rglob("*.json")) == before
+
+
 def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20", NOISE_FLOOR_K="4")
+    env["NOISE_FLOOR_MODES"] = "remove mask"
     cmd = ["bash", str(ROOT / "tiny" / "scripts" / "counterfactual.sh"), str(tmp_path / "cf")]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -162,8 +173,9 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "[1/" not in second.stdout  # nothing retrained or re-measured
     assert sorted(p.name for p in out.glob("models/*/*")) == models
-    floor = json.loads((tmp_path / "cf" / "noise_floor_remove" / "noise_floor.json").read_text())
-    assert floor["exclusion_mode"] == "remove" and floor["random"][0]["k"] == 4
+    for mode in ("remove", "mask"):
+        floor = json.loads((tmp_path / "cf" / f"noise_floor_{mode}" / "noise_floor.json").read_text())
+        assert floor["exclusion_mode"] == mode and floor["random"][0]["k"] == 4
 
 
 def test_unlearning_check_reproduces_then_compares(micro_run):

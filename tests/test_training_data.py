@@ -14,12 +14,16 @@ from tiny.data import count_duplicates, load_image_folder
 from tiny.shapes import generate
 
 
-def test_excluded_images_are_never_visited():
-    cfg = TrainConfig(steps=40, batch_size=7)
+@pytest.mark.parametrize("mode", ["remove", "mask", "zero"])
+def test_excluded_images_are_never_visited(mode):
+    """remove drops them from the order; mask and zero keep them in the batches but never keep them."""
+    cfg = TrainConfig(steps=40, batch_size=7, exclusion_mode=mode)
     sched = BatchSchedule(20, cfg, exclude=[3, 11])
-    seen = [i for step in range(cfg.steps) for _, i in sched.batch(step)]
-    assert 3 not in seen and 11 not in seen
-    assert set(seen) == set(range(20)) - {3, 11}
+    batches = [sched.batch(step) for step in range(cfg.steps)]
+    kept = [i for b in batches for (_, i), k in zip(b, sched.keep(b).tolist()) if k]
+    assert set(kept) == set(range(20)) - {3, 11}
+    listed = {i for b in batches for _, i in b}
+    assert (3 in listed) == (mode != "remove")
 
 
 def test_empty_exclusion_keeps_the_original_order():
@@ -182,3 +186,14 @@ def test_loss_scale_by_hand():
     # Two processes with 15 visits each: the average of the two scaled means is the batch's mean.
     assert loss_scale("mask", 32, 30, 15, 2) == 1.0 and loss_scale("zero", 32, 30, 15, 2) == 30 / 32
     assert loss_scale("remove", 32, 32, 11, 3) == 33 / 32
+
+
+def test_exclusion_mode_matters_only_with_exclusions():
+    from tiny.train import same_recipe
+
+    base = {"train": {"steps": 5, "exclusion_mode": "mask"}, "exclude": [], "data": "abc"}
+    assert same_recipe(base, base | {"train": {"steps": 5, "exclusion_mode": "zero"}})
+    assert not same_recipe(base, base | {"train": {"steps": 6, "exclusion_mode": "mask"}})
+    excluded = base | {"exclude": [3]}
+    assert not same_recipe(excluded, excluded | {"train": {"steps": 5, "exclusion_mode": "zero"}})
+    assert not same_recipe(None, base)

@@ -27,7 +27,7 @@ from common.data import Query, as_numpy_uint8
 from common.diffusion import unet_denoiser
 from common.errors import AttributionError, cli, require
 from common.exclusion import exclusion_key, random_exclusion, top_k_exclusion
-from common.outputs import build_ranking, write_json, write_ranking
+from common.outputs import build_ranking, prepare_run_dir, write_json, write_ranking
 from common.pixel import pixel_scores
 from common.queries import load_noise, load_queries
 from common.sampling import sample
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="YAML file of presets")
     parser.add_argument("--preset", default="default", help="preset name in --config")
     parser.add_argument("--device", default="cpu", help="device for retraining")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder made under another recipe")
     add_dataclass_arguments(parser, EvalConfig, "eval")
     add_dataclass_arguments(parser, TrainConfig, "train")
     args = load_preset(parser, ["eval", "train"])
@@ -137,6 +138,12 @@ def main() -> None:
             )
         return path
 
+    recipe_id = json.dumps(
+        {"train": asdict(recipe), "model": asdict(model_cfg), "data": data.fingerprint}, sort_keys=True
+    )
+    # One folder, one recipe and ΔL/regeneration setting: metrics of another mode are never reused.
+    identity = {"recipe": json.loads(recipe_id), "loss_stride": cfg.loss_stride, "seed": cfg.seed}
+    prepare_run_dir(out, identity | {"clip": [cfg.clip_model, cfg.clip_weights]}, args.overwrite)
     jobs = []  # (method, query, k, seed or None, excluded)
     for k in cfg.ks:
         for method in args.methods:
@@ -149,9 +156,6 @@ def main() -> None:
                     (method, q, k, None, top_k_exclusion(ranking_path(method, q), k, n, data.fingerprint))
                     for q in queries
                 ]
-    recipe_id = json.dumps(
-        {"train": asdict(recipe), "model": asdict(model_cfg), "data": data.fingerprint}, sort_keys=True
-    )
     recipe_dir = out / "models" / hashlib.sha256(recipe_id.encode()).hexdigest()[:12]
     files = []
     for i, (method, query, k, seed, excluded) in enumerate(jobs):

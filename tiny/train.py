@@ -40,6 +40,18 @@ def read_exclusions(path: str | None) -> list[int]:
     return sorted({int(v) for v in values})
 
 
+def same_recipe(a: dict | None, b: dict) -> bool:
+    """Recipes match; without exclusions the exclusion mode is irrelevant (every mode is the same run)."""
+    if a is None:
+        return False
+
+    def key(r: dict) -> dict:
+        train = {k: v for k, v in r["train"].items() if r["exclude"] or k != "exclusion_mode"}
+        return r | {"train": train}
+
+    return key(a) == key(b)
+
+
 def train_tiny(
     data_dir: str,
     out: str,
@@ -59,7 +71,7 @@ def train_tiny(
     recipe = {"train": asdict(cfg), "exclude": exclude, "data": data.fingerprint}
     if (out_dir / "model.json").exists():
         info = json.loads((out_dir / "model.json").read_text())
-        if info.get("recipe") == recipe and info.get("model") == json.loads(json.dumps(asdict(model_cfg))):
+        if same_recipe(info.get("recipe"), recipe) and info.get("model") == json.loads(json.dumps(asdict(model_cfg))):
             print(f"reusing the trained model in {out_dir}")
             return TinyTextToImage.load(out_dir)
         raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")

@@ -6,12 +6,14 @@
 #
 #   bash tiny/scripts/counterfactual.sh [OUT_DIR]            (default: results/counterfactual)
 #
-# Then the noise floor: the random baseline again at one K with the other exclusion mode (plain
-# removal), to compare the spread of ΔL over random sets (noise_floor.json in each folder).
+# Optionally the noise floor: the random baseline again at one K with other exclusion modes, to compare
+# the spread of ΔL over random sets (noise_floor.json in each folder; ~6 min per mode).
 #
 # Environment: PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
 # NUM_IMAGES (500), SAMPLE_STEPS (250 DDPM steps per query and regeneration), DEVICE (cpu),
-# CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), NOISE_FLOOR_K (5), NOISE_FLOOR_MODE (remove).
+# CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), EXCLUSION_MODE (the preset's: zero),
+# NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's numbers came from
+#   EXCLUSION_MODE=mask NOISE_FLOOR_MODES="remove zero" bash tiny/scripts/counterfactual.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
@@ -29,10 +31,12 @@ python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
-  --device "$DEVICE" ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"}
-MODE=${NOISE_FLOOR_MODE:-remove}
-python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
-  --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
-  --eval.ks "${NOISE_FLOOR_K:-5}" --train.exclusion_mode "$MODE"
+  --device "$DEVICE" ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
+  ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"}
+for MODE in ${NOISE_FLOOR_MODES:-}; do
+  python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+    --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
+    --eval.ks "${NOISE_FLOOR_K:-5}" --train.exclusion_mode "$MODE"
+done
 echo "table: $OUT/leave_k_out/table.md (csv: table.csv, plot: delta_loss.png)"
-echo "noise floor: $OUT/leave_k_out/noise_floor.json vs $OUT/noise_floor_$MODE/noise_floor.json"
+echo "noise floor: $OUT/leave_k_out/noise_floor.json${NOISE_FLOOR_MODES:+ and $OUT/noise_floor_*/noise_floor.json}"
