@@ -138,11 +138,10 @@ def main() -> None:
             )
         return path
 
-    recipe_id = json.dumps(
-        {"train": asdict(recipe), "model": asdict(model_cfg), "data": data.fingerprint}, sort_keys=True
-    )
+    recipe_info = {"train": asdict(recipe), "model": asdict(model_cfg), "data": data.fingerprint}
+    recipe_id = json.dumps(recipe_info, sort_keys=True)
     # One folder, one recipe and ΔL/regeneration setting: metrics of another mode are never reused.
-    identity = {"recipe": json.loads(recipe_id), "loss_stride": cfg.loss_stride, "seed": cfg.seed}
+    identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}
     prepare_run_dir(out, identity | {"clip": [cfg.clip_model, cfg.clip_weights]}, args.overwrite)
     jobs = []  # (method, query, k, seed or None, excluded)
     for k in cfg.ks:
