@@ -23,7 +23,54 @@ import yaml
 
 from common.errors import AttributionError, require_file
 
-KNOWN_STAGES = ("model", "train", "fisher", "loss", "unlearn", "eval")
+# Stages of the scripts; each registered method adds its own (see :func:`method_stages`).
+SCRIPT_STAGES = ("model", "train", "eval")
+
+
+def method_stages(cls: type) -> dict[str, type]:
+    """A method's flag stages: its Config's dataclass fields when it is a bundle of stages
+    (unlearning: fisher, loss, unlearn), else the Config itself under the method's name (``clip_text``)."""
+    fields = dataclasses.fields(cls.Config)
+    hints = typing.get_type_hints(cls.Config)
+    if fields and all(dataclasses.is_dataclass(hints[f.name]) for f in fields):
+        return {f.name: hints[f.name] for f in fields}
+    return {cls.name.replace("-", "_"): cls.Config}
+
+
+def known_stages() -> set[str]:
+    from common.methods import METHODS
+
+    return set(SCRIPT_STAGES) | {stage for cls in METHODS.values() for stage in method_stages(cls)}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, methods: list[type] | None = None) -> None:
+    """``--method NAME`` and every registered method's stage flags (``--fisher.num_samples``, ``--dino.weights``)."""
+    from common.methods import METHODS
+
+    parser.add_argument("--method", default="unlearning", help=f"attribution method: {', '.join(sorted(METHODS))}")
+    added: set[str] = set()
+    for cls in methods or list(METHODS.values()):
+        for stage, config in method_stages(cls).items():
+            if stage not in added:
+                add_dataclass_arguments(parser, config, stage)
+                added.add(stage)
+
+
+def method_from_args(args: argparse.Namespace) -> tuple[type, object]:
+    """The method class named by ``--method`` and its config built from the flags."""
+    from common.methods import get_method
+
+    cls = get_method(args.method)
+    return cls, method_config(cls, args)
+
+
+def method_config(cls: type, args: argparse.Namespace) -> object:
+    """``cls.Config`` built from the parsed stage flags of :func:`add_method_arguments`."""
+    stages = method_stages(cls)
+    if set(stages) == {f.name for f in dataclasses.fields(cls.Config)}:
+        return cls.Config(**{stage: dataclass_from_args(c, args, stage) for stage, c in stages.items()})
+    ((stage, config),) = stages.items()
+    return dataclass_from_args(config, args, stage)
 
 
 def _flag_type(tp: Any) -> dict[str, Any]:
@@ -68,20 +115,31 @@ def read_presets(path: str | Path) -> dict[str, Any]:
 
 
 def load_preset(
-    parser: argparse.ArgumentParser, stages: list[str], argv: list[str] | None = None
+    parser: argparse.ArgumentParser, stages: list[str] | None = None, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parse ``argv`` after applying the preset named by ``--preset`` from ``--config`` (if given)."""
+    """Parse ``argv`` after applying the preset named by ``--preset`` from ``--config`` (if given).
+
+    Args:
+        stages: the preset stages this script reads (default: every stage it has flags for).
+    """
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
         presets = read_presets(first.config)
         if first.preset not in presets:
             raise AttributionError(f"no preset {first.preset!r} in {first.config}; it has {', '.join(presets)}")
         known = {a.dest for a in parser._actions}
+        if stages is None:
+            stages = sorted({d.split(".")[0] for d in known if "." in d})
+        all_stages = known_stages()
         defaults = {}
         for stage, values in (presets[first.preset] or {}).items():
-            if stage not in KNOWN_STAGES:
+            if stage == "method":
+                if "method" in known:
+                    defaults["method"] = values
+                continue
+            if stage not in all_stages:
                 raise AttributionError(
-                    f"{first.config}: unknown stage {stage!r}; expected one of {', '.join(KNOWN_STAGES)}"
+                    f"{first.config}: unknown stage {stage!r}; expected one of {', '.join(sorted(all_stages))}"
                 )
             if stage not in stages:
                 continue  # a preset file serves several scripts; each reads its own stages

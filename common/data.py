@@ -23,7 +23,7 @@ def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -132,6 +132,8 @@ class Query:
         text: its text condition (n_captions,L,D).
         prompt: the prompt it was generated from.
         image_path: a viewable image file, if any.
+        extra: what else its folder records (sampler settings, attributes).
+        noise: the initial noise x_T (C,H,W) it was generated from, when saved.
     """
 
     id: str
@@ -140,6 +142,7 @@ class Query:
     prompt: str = ""
     image_path: str | None = None
     extra: dict = field(default_factory=dict)
+    noise: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.text.dim() == 2:

@@ -21,6 +21,8 @@ QUERY = 3
 TRAIN = 4
 SAMPLE = 5
 EVAL = 6
+TRAK = 7  # TRAK-style gradient features (common.methods.trak)
+PROJECTION = 8  # random projection blocks (common.projection)
 
 
 def _splitmix64(x: int) -> int:

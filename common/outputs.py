@@ -3,13 +3,14 @@
 A run folder holds ``config.json`` (the resolved config). A run refuses a folder whose saved
 config differs, or a non-empty folder with no config at all, unless told to overwrite.
 
-``ranking.json`` schema (version 1)::
+``ranking.json`` schema (version 2)::
 
-    {"schema": 1,
+    {"schema": 2,
      "query": {"id": str, "prompt": str, "image": str | null},
      "method": str,                        # e.g. "unlearning", "pixel"
      "num_train": int,                     # training images scored (= len(scores.npy))
      "train_fingerprint": str,             # identifies the training set the indices refer to
+     "model_fingerprint": str,             # identifies the model whose training data was ranked
      "top_k": [{"rank": 1, "index": int, "score": float, "caption": str, "image": str | null}, ...],
      "stats": {...}}                       # method-specific numbers (e.g. update size, query loss)
 """
@@ -27,7 +28,7 @@ import numpy as np
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError, require, require_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOP_K_FIELDS = ("rank", "index", "score", "caption", "image")
 
 
@@ -76,7 +77,13 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def build_ranking(
-    query: dict, method: str, scores: np.ndarray, data: ArrayTrainingSet, top_k: int = 100, stats: dict | None = None
+    query: dict,
+    method: str,
+    scores: np.ndarray,
+    data: ArrayTrainingSet,
+    top_k: int = 100,
+    stats: dict | None = None,
+    model_fingerprint: str = "",
 ) -> dict:
     """The ranking record: the top-k training images by score, highest first (ties by index)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -99,6 +106,7 @@ def build_ranking(
         "method": method,
         "num_train": len(data),
         "train_fingerprint": data.fingerprint,
+        "model_fingerprint": model_fingerprint,
         "top_k": top,
         "stats": stats or {},
     }
@@ -118,9 +126,13 @@ def read_ranking(path: str | Path) -> dict:
         ranking = json.loads(Path(path).read_text())
     except json.JSONDecodeError:
         raise AttributionError(f"{path} is not valid JSON") from None
-    for key in ("schema", "query", "method", "num_train", "train_fingerprint", "top_k"):
+    require(isinstance(ranking, dict) and "schema" in ranking, f"{path}: missing field 'schema'")
+    require(
+        ranking["schema"] == SCHEMA_VERSION,
+        f"{path}: schema {ranking['schema']} is not {SCHEMA_VERSION} (made by an older version); attribute again",
+    )
+    for key in ("query", "method", "num_train", "train_fingerprint", "model_fingerprint", "top_k"):
         require(key in ranking, f"{path}: missing field {key!r}")
-    require(ranking["schema"] == SCHEMA_VERSION, f"{path}: unsupported schema {ranking['schema']}")
     prev = float("inf")
     for r, item in enumerate(ranking["top_k"], 1):
         require(all(k in item for k in TOP_K_FIELDS), f"{path}: top_k entry {r} lacks a field")

@@ -50,7 +50,8 @@ def load_query(folder: str | Path) -> Query:
     if image.dim() != 3:
         raise AttributionError(f"{folder / 'input.npy'}: expected (C,H,W), got shape {tuple(image.shape)}")
     png = folder / "image.png"
-    return Query(info["id"], image, text, info.get("prompt", ""), str(png) if png.exists() else None, info)
+    noise = torch.from_numpy(np.load(folder / "noise.npy")) if (folder / "noise.npy").exists() else None
+    return Query(info["id"], image, text, info.get("prompt", ""), str(png) if png.exists() else None, info, noise)
 
 
 def load_noise(folder: str | Path) -> torch.Tensor:

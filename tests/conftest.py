@@ -29,11 +29,8 @@ def model() -> TinyTextToImage:
     with torch.no_grad():
         for p in m.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    from common.per_sample_grad import use_classic_attention
-
-    use_classic_attention(m.unet)
-    m.unet.to(torch.float64).requires_grad_(False).eval()
-    return m
+    m.unet.to(torch.float64)
+    return m.prepare_for_gradients()
 
 
 @pytest.fixture

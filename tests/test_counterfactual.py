@@ -7,17 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-from common.counterfactual import ClipSimilarity, EvalConfig, delta_loss, mse, query_loss
 from common.errors import AttributionError
-from common.exclusion import exclusion_key, random_exclusion, top_k_exclusion
+from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, delta_loss, mse, query_loss
+from common.evaluation.exclusion import exclusion_key, top_k_exclusion
+from common.evaluation.tables import (
+    aggregate,
+    build_tables,
+    markdown_table,
+    mean_se,
+    paired_against,
+    paired_markdown,
+    seed_spread,
+)
 from common.outputs import build_ranking, write_ranking
-from common.pixel import pixel_scores
-from common.tables import aggregate, build_tables, markdown_table, mean_se, paired_against, paired_markdown, seed_spread
 
 
-def _ranking(tmp_path, data, top_k=3):
+def _ranking(tmp_path, data, top_k=3, model_fingerprint="m0"):
     scores = np.arange(len(data), dtype=np.float64)  # the last index scores highest
-    ranking = build_ranking({"id": "q"}, "m", scores, data, top_k=top_k)
+    ranking = build_ranking({"id": "q"}, "m", scores, data, top_k=top_k, model_fingerprint=model_fingerprint)
     write_ranking(tmp_path, ranking, scores)
     return tmp_path / "ranking.json"
 
@@ -37,22 +44,16 @@ def test_bad_k_and_foreign_rankings_are_refused(data, tmp_path):
         top_k_exclusion(path, 2, len(data), "0000")
     with pytest.raises(AttributionError, match="ranks another training set"):
         top_k_exclusion(path, 2, len(data) - 1, data.fingerprint)
+    assert top_k_exclusion(path, 2, len(data), data.fingerprint, "m0") == [len(data) - 1, len(data) - 2]
+    with pytest.raises(AttributionError, match="made on another model"):
+        top_k_exclusion(path, 2, len(data), data.fingerprint, "m1")
     (tmp_path / "scores.npy").unlink()
     with pytest.raises(AttributionError, match="scores.npy is missing"):
         top_k_exclusion(path, 5, len(data), data.fingerprint)
 
 
-def test_random_sets_are_seeded_and_keys_ignore_order():
-    a, b = random_exclusion(100, 10, seed=0), random_exclusion(100, 10, seed=0)
-    assert a == b and len(set(a)) == 10 and random_exclusion(100, 10, seed=1) != a
+def test_exclusion_keys_ignore_order():
     assert exclusion_key([3, 1, 2]) == exclusion_key([1, 2, 3, 3]) != exclusion_key([1, 2])
-
-
-def test_pixel_scores_take_the_better_flip(data, query):
-    scores = pixel_scores(data, query)
-    assert scores.shape == (len(data),) and scores[3] == pytest.approx(1.0)
-    flipped_query = type(query)("f", query.image.flip(-1), query.text, "")
-    assert pixel_scores(data, flipped_query)[3] == pytest.approx(1.0)
 
 
 def test_mse_by_hand():
@@ -62,10 +63,12 @@ def test_mse_by_hand():
 
 
 def test_delta_loss_is_zero_for_the_same_model_and_uses_fixed_noise(model, query):
-    assert delta_loss(model.unet, model.unet, query, model.alphas_cumprod, stride=100) == 0.0
-    a = query_loss(model.unet, query, model.alphas_cumprod, stride=100, seed=0)
-    assert a == query_loss(model.unet, query, model.alphas_cumprod, stride=100, seed=0)
-    assert a != query_loss(model.unet, query, model.alphas_cumprod, stride=100, seed=1)
+    assert delta_loss(model, model, query, stride=100) == 0.0
+    a = query_loss(model, query, stride=100, seed=0)
+    assert a == query_loss(model, query, stride=100, seed=0)
+    assert a != query_loss(model, query, stride=100, seed=1)
+    with pytest.raises(AttributionError, match="must divide"):
+        query_loss(model, query, stride=3, seed=0)
 
 
 def test_clip_without_weights_says_so():
@@ -77,7 +80,9 @@ def test_clip_without_weights_says_so():
 
 def test_eval_config_validates():
     with pytest.raises(AttributionError):
-        EvalConfig(loss_stride=3)
+        EvalConfig(loss_stride=0)
+    with pytest.raises(AttributionError):
+        EvalConfig(ks=(0,))
 
 
 def test_mean_and_standard_error_by_hand():
@@ -141,3 +146,58 @@ def test_paired_against_random_by_hand():
     assert (row["method"], row["k"], row["n"], row["wins"]) == ("unlearning", 5, 2, 1)
     assert row["mean"] == pytest.approx(1.0) and row["se"] == pytest.approx(2.0)
     assert "| unlearning | 1000.00±2000.00 (1/2) |" in paired_markdown([row])
+
+
+def test_seeded_baseline_is_averaged_per_query_before_the_standard_error():
+    records = [
+        {"method": "random", "query": "a", "k": 5, "delta_loss": v, "seed": s} for s, v in enumerate((1.0, 3.0))
+    ] + [{"method": "random", "query": "b", "k": 5, "delta_loss": v, "seed": s} for s, v in enumerate((0.0, 2.0))]
+    (row,) = aggregate(records)
+    assert row["n"] == 2 and row["mean"] == pytest.approx(1.5)
+    assert row["se"] == pytest.approx(0.5)  # queries' means 2 and 1; pooling the 4 values would give 0.645
+
+
+def _write_rankings(root, data, queries, order, model_fingerprint):
+    for q in queries:
+        scores = -np.arange(len(data), dtype=np.float64)
+        scores[order] = np.arange(len(order), 0, -1)
+        folder = root / q.id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"order": order}))
+        ranking = build_ranking({"id": q.id}, "m", scores, data, model_fingerprint=model_fingerprint)
+        write_ranking(folder, ranking, scores)
+
+
+def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model, data, query, tmp_path):
+    from common.evaluation.leave_k_out import RankingSource, leave_k_out
+
+    other = type(query)("q1", query.image, query.text, "another")
+    fp = model.fingerprint()
+    _write_rankings(tmp_path / "a", data, [query, other], [4, 2, 7], fp)
+    _write_rankings(tmp_path / "b", data, [query, other], [4, 2, 9], fp)
+    trained, measured = [], []
+
+    def retrain(excluded, folder):
+        trained.append((tuple(sorted(excluded)), folder.name))
+        return model
+
+    def metrics(original, retrained, q):
+        measured.append(q.id)
+        return {"delta_loss": float(len(measured)), "mse": 0.0, "clip": None}
+
+    sources = [RankingSource("a", tmp_path / "a"), RankingSource("b", tmp_path / "b")]
+    args = (model, len(data), data.fingerprint, [query, other], sources, [1, 2, 3], retrain, metrics, tmp_path / "o")
+    table = leave_k_out(*args, {"recipe": 1})
+    assert len(measured) == 12 and "| a |" in table and "| b |" in table
+    # K = 1, 2 give the same sets for both sources and queries; K = 3 differs between sources.
+    assert sorted(set(trained)) == sorted({(s, exclusion_key(s)) for s in [(4,), (2, 4), (2, 4, 7), (2, 4, 9)]})
+    leave_k_out(*args, {"recipe": 1})
+    assert len(measured) == 12  # nothing redone
+    _write_rankings(tmp_path / "b", data, [query], [5, 2, 9], fp)  # query q0 attributed again
+    leave_k_out(*args, {"recipe": 1})
+    assert len(measured) == 15  # its three K, not the stale rows
+    with pytest.raises(AttributionError, match="different config"):
+        leave_k_out(*args, {"recipe": 2})
+    _write_rankings(tmp_path / "b", data, [query], [5, 2, 9], "another model")
+    with pytest.raises(AttributionError, match="made on another model"):
+        leave_k_out(*args, {"recipe": 1})

@@ -72,7 +72,7 @@ def test_micro_run_writes_valid_outputs(micro_run):
     assert not (out / "model" / "checkpoint.safetensors").exists()
     for qid in ("q000", "q001"):
         assert (out / "queries" / qid / "noise.npy").exists()
-        folder = out / "attr" / "queries" / qid
+        folder = out / "attr" / "unlearning" / qid
         ranking = read_ranking(folder / "ranking.json")
         scores = np.load(folder / "scores.npy")
         assert scores.shape == (48,) and np.isfinite(scores).all()
@@ -80,20 +80,20 @@ def test_micro_run_writes_valid_outputs(micro_run):
         assert ranking["top_k"][0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
         assert Path(ranking["top_k"][0]["image"]).exists()
         assert ranking["stats"]["query_loss_rise"] > 0
-        assert json.loads((folder / "config.json").read_text())["loss"]["num_timesteps"] == 4
+        assert json.loads((folder / "config.json").read_text())["settings"]["loss"]["num_timesteps"] == 4
         assert (folder / "top10.png").stat().st_size > 1000
 
 
 def test_rerun_reuses_and_foreign_config_is_refused(micro_run):
     out, attribute = micro_run
-    before = (out / "attr" / "queries" / "q000" / "scores.npy").read_bytes()
+    before = (out / "attr" / "unlearning" / "q000" / "scores.npy").read_bytes()
     again = run(*attribute)
     assert "already attributed" in again.stdout
     bad = run(*attribute, "--unlearn.step_size", "0.5", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in bad.stderr
     assert "different config" in bad.stderr
-    assert (out / "attr" / "queries" / "q000" / "scores.npy").read_bytes() == before
+    assert (out / "attr" / "unlearning" / "q000" / "scores.npy").read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,9 @@ def test_rerun_reuses_and_foreign_config_is_refused(micro_run):
     [
         (("--unlearn.selection", "kv"), "unknown weight selection 'kv'"),
         (("--fisher.selection", "everything"), "unknown weight selection"),
-        (("--model", "/nonexistent/model"), "missing model weights: /nonexistent/model/model.safetensors"),
+        (("--model", "/nonexistent/model"), "missing model config: /nonexistent/model/model.json"),
+        (("--method", "tarck"), "unknown method 'tarck'; choose from "),
+        (("--unlearn.selection", "all"), "fisher.selection (cross-attn-kv) must equal unlearn.selection (all)"),
     ],
 )
 def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
@@ -132,7 +134,7 @@ def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, t
         message = "query q001 has no saved noise"
     elif case == "model":
         args[args.index("--model") + 1] = str(tmp_path / "nothing")
-        message = "missing model weights"
+        message = "missing model config"
     else:
         run("tiny.shapes", "--out", str(tmp_path / "data"), "--num-images", "48", "--resolution", "16", "--seed", "1")
         args[args.index("--data") + 1] = str(tmp_path / "data")
@@ -175,7 +177,39 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     assert sorted(p.name for p in out.glob("models/*/*")) == models
     for mode in ("remove", "mask"):
         floor = json.loads((tmp_path / "cf" / f"noise_floor_{mode}" / "noise_floor.json").read_text())
-        assert floor["exclusion_mode"] == mode and floor["random"][0]["k"] == 4
+        assert floor["exclusion_mode"] == mode and floor["random_delta_loss"][0]["k"] == 4
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "model.safetensors is damaged or incomplete"),
+        ("json", "model.json is damaged (not valid JSON)"),
+    ],
+)
+def test_damaged_model_files_are_one_line(micro_run, tmp_path, damage, message):
+    out, attribute = micro_run
+    shutil.copytree(out / "model", tmp_path / "model")
+    if damage == "truncate":  # a partial copy
+        weights = tmp_path / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (tmp_path / "model" / "model.json").write_text('{"model": {"resolution": 16,')
+    args = list(attribute)
+    args[args.index("--model") + 1] = str(tmp_path / "model")
+    args[args.index("--out") + 1] = str(tmp_path / "attr")
+    proc = run(*args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_other_methods_write_the_same_outputs(micro_run):
+    out, attribute = micro_run
+    for name in ("pixel", "random"):
+        run(*attribute, "--method", name)
+        ranking = read_ranking(out / "attr" / name / "q000" / "ranking.json")
+        assert ranking["method"] == name and len(ranking["top_k"]) == 10
+        assert (out / "attr" / name / "q000" / "top10.png").stat().st_size > 1000
 
 
 def test_unlearning_check_reproduces_then_compares(micro_run):

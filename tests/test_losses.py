@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from common import keyed_random
-from common.diffusion import add_noise, per_sample_loss, strided_timesteps, unet_denoiser
+from common.diffusion.loss import add_noise, per_sample_loss, strided_timesteps, unet_denoiser
+from common.diffusion.losses import LossConfig, dataset_losses
 from common.errors import AttributionError
-from common.losses import LossConfig, dataset_losses
 
 
 def test_keyed_noise_is_stable_and_distinct():
@@ -40,55 +40,31 @@ def test_per_sample_loss_is_mse_per_sample():
 
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
 def test_losses_do_not_depend_on_batch_size(model, data, batch_size):
-    ref = dataset_losses(
-        unet_denoiser(model.unet),
-        data,
-        LossConfig(num_timesteps=4, batch_size=1000),
-        model.alphas_cumprod,
-        dtype=torch.float64,
-    )
-    got = dataset_losses(
-        unet_denoiser(model.unet),
-        data,
-        LossConfig(num_timesteps=4, batch_size=batch_size),
-        model.alphas_cumprod,
-        dtype=torch.float64,
-    )
+    ref = dataset_losses(model, data, LossConfig(num_timesteps=4, batch_size=1000))
+    got = dataset_losses(model, data, LossConfig(num_timesteps=4, batch_size=batch_size))
     assert ref.shape == (len(data), 2, 4)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_shards_and_order_match_the_whole(model, data):
     cfg = LossConfig(num_timesteps=4, batch_size=16)
-    whole = dataset_losses(unet_denoiser(model.unet), data, cfg, model.alphas_cumprod, dtype=torch.float64)
+    whole = dataset_losses(model, data, cfg)
     order = [7, 2, 11, 0, 5]
-    part = dataset_losses(
-        unet_denoiser(model.unet), data.subset(order), cfg, model.alphas_cumprod, sample_ids=order, dtype=torch.float64
-    )
+    part = dataset_losses(model, data.subset(order), cfg, sample_ids=order)
     torch.testing.assert_close(part, whole[order], rtol=1e-10, atol=1e-12)
 
 
 def test_captions_are_averaged_and_flips_differ(model, data):
     cfg = LossConfig(num_timesteps=2, batch_size=64)
-    both = dataset_losses(unet_denoiser(model.unet), data, cfg, model.alphas_cumprod, dtype=torch.float64)
+    both = dataset_losses(model, data, cfg)
     assert not torch.allclose(both[:, 0], both[:, 1])  # the flipped image is a different sample
-    no_flip = dataset_losses(
-        unet_denoiser(model.unet),
-        data,
-        LossConfig(num_timesteps=2, flips=False),
-        model.alphas_cumprod,
-        dtype=torch.float64,
-    )
+    no_flip = dataset_losses(model, data, LossConfig(num_timesteps=2, flips=False))
     torch.testing.assert_close(no_flip[:, 0], both[:, 0])
 
 
 def test_other_seed_changes_losses(model, data):
-    a = dataset_losses(
-        unet_denoiser(model.unet), data, LossConfig(num_timesteps=2), model.alphas_cumprod, dtype=torch.float64
-    )
-    b = dataset_losses(
-        unet_denoiser(model.unet), data, LossConfig(num_timesteps=2, seed=1), model.alphas_cumprod, dtype=torch.float64
-    )
+    a = dataset_losses(model, data, LossConfig(num_timesteps=2))
+    b = dataset_losses(model, data, LossConfig(num_timesteps=2, seed=1))
     assert not torch.allclose(a, b)
 
 
@@ -96,11 +72,36 @@ def test_nan_losses_are_refused(model, data):
     with torch.no_grad():
         next(model.unet.parameters()).fill_(float("nan"))
     with pytest.raises(AttributionError, match="NaN"):
-        dataset_losses(
-            unet_denoiser(model.unet), data, LossConfig(num_timesteps=2), model.alphas_cumprod, dtype=torch.float64
-        )
+        dataset_losses(model, data, LossConfig(num_timesteps=2))
 
 
-def test_bad_loss_config_is_refused():
+def test_losses_by_hand_average_the_captions(model, data):
+    """Each entry is the mean over captions of per_sample_loss with the keyed noise of (id, flip, caption, t)."""
+    cfg = LossConfig(num_timesteps=2, seed=3)
+    got = dataset_losses(model, data, cfg)
+    denoise = unet_denoiser(model.unet)
+    for i, flip in [(0, 0), (5, 1), (11, 1)]:
+        for slot, t in enumerate(cfg.timesteps(model.num_train_timesteps)):
+            per_caption = []
+            for c in range(data.num_captions):
+                noise = keyed_random.keyed_normal(
+                    [(3, keyed_random.SCORE, i, flip, c, t)], data.image_shape, torch.float64
+                )
+                x0 = data.images(torch.tensor([i]), bool(flip))
+                text = data.text(torch.tensor([i]), c)
+                loss = per_sample_loss(denoise, x0, text, torch.tensor([t]), noise, model.alphas_cumprod)
+                per_caption.append(float(loss))
+            assert data.num_captions == 2 and per_caption[0] != per_caption[1]
+            assert float(got[i, flip, slot]) == pytest.approx(sum(per_caption) / 2, rel=1e-10)
+
+
+def test_a_model_trained_without_flips_is_scored_without_them(model, data):
+    model.flips = False
+    assert dataset_losses(model, data, LossConfig(num_timesteps=2)).shape == (len(data), 1, 2)
+
+
+def test_bad_loss_config_is_refused(model, data):
     with pytest.raises(AttributionError):
-        LossConfig(num_timesteps=7)
+        LossConfig(num_timesteps=0)
+    with pytest.raises(AttributionError, match="1000 diffusion steps"):
+        dataset_losses(model, data, LossConfig(num_timesteps=7))

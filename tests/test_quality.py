@@ -3,13 +3,12 @@
 import numpy as np
 import torch
 
-from common.attribute import attribute_query, cached_base_losses
 from common.data import Query
-from common.fisher import FisherConfig, estimate_fisher
-from common.losses import LossConfig
-from common.per_sample_grad import use_classic_attention
-from common.training import TrainConfig, train
-from common.unlearn import UnlearnConfig
+from common.diffusion.losses import LossConfig
+from common.methods.unlearning import Unlearning, UnlearningConfig
+from common.training.train import TrainConfig, train
+from common.unlearning.fisher import FisherConfig
+from common.unlearning.unlearn import UnlearnConfig
 from tiny.data import load_image_folder
 from tiny.model import TinyModelConfig, TinyTextToImage
 from tiny.pipeline import training_set
@@ -23,19 +22,18 @@ def test_training_images_rank_themselves_near_the_top(tmp_path):
     model = TinyTextToImage(cfg)
     folder = load_image_folder(tmp_path / "shapes", 16)
     data = training_set(model, folder)
-    train(model.unet, data, model.alphas_cumprod, TrainConfig(steps=300, batch_size=32, lr=3e-3), progress=False)
-    use_classic_attention(model.unet)
-    model.unet.requires_grad_(False)
-    loss_cfg = LossConfig(num_timesteps=10)
-    fisher = estimate_fisher(model.unet, data, model.alphas_cumprod, FisherConfig(num_samples=256), False)
-    base = cached_base_losses(model.unet, data, loss_cfg, model.alphas_cumprod, tmp_path / "b.safetensors", "m")
-    unlearn_cfg = UnlearnConfig(step_size=1e-3, batch_size=50, accumulations=4)
+    train(model, data, TrainConfig(steps=300, batch_size=32, lr=3e-3), progress=False)
+    model.prepare_for_gradients()
+    cfg = UnlearningConfig(
+        FisherConfig(num_samples=256),
+        LossConfig(num_timesteps=10),
+        UnlearnConfig(step_size=1e-3, batch_size=50, accumulations=4),
+    )
+    method = Unlearning(cfg, model, data)
     ranks, ratios = [], []
     for i in (0, 9, 18, 27, 36, 45):
         query = Query(f"t{i}", folder.pixels[i], data.text([i])[0], folder.captions[i][0])
-        scores, stats, _ = attribute_query(
-            model.unet, data, query, base, model.alphas_cumprod, loss_cfg, unlearn_cfg, fisher
-        )
+        scores, stats = method.score(query)
         ranks.append(int((scores >= scores[i]).sum()))
         ratios.append(stats["query_loss_rise"] / abs(stats["median_train_loss_rise"]))
     # Measured here: ranks 1, 1, 4, 2, 1, 1. Chance would put the image at rank 32 of 64 on average,

@@ -6,34 +6,35 @@ import numpy as np
 import pytest
 import torch
 
-from common.attribute import cached_base_losses, loss_deviation_scores, run_attribution
+from common.diffusion.losses import LossConfig
 from common.errors import AttributionError
-from common.fisher import FisherConfig, estimate_fisher
-from common.losses import LossConfig
+from common.methods.base import run_method
+from common.methods.unlearning import Unlearning, UnlearningConfig, cached_base_losses, loss_deviation
 from common.outputs import build_ranking, prepare_run_dir, read_ranking, write_ranking
-from common.unlearn import UnlearnConfig
+from common.unlearning.fisher import FisherConfig
+from common.unlearning.unlearn import UnlearnConfig
 
 
-def test_score_is_timestep_mean_rise_max_over_flips():
+def test_score_is_timestep_mean_rise_per_orientation():
     base = torch.zeros(2, 2, 2, dtype=torch.float64)
     after = torch.tensor([[[1.0, 3.0], [5.0, 5.0]], [[-1.0, -1.0], [-4.0, 0.0]]], dtype=torch.float64)
-    assert loss_deviation_scores(base, after).tolist() == [5.0, -1.0]
+    assert loss_deviation(base, after).tolist() == [[2.0, 5.0], [-1.0, -2.0]]
 
 
 def test_base_loss_cache_is_reused_and_mismatches_refused(model, data, tmp_path):
     path = tmp_path / "base.safetensors"
     cfg = LossConfig(num_timesteps=2)
-    first = cached_base_losses(model.unet, data, cfg, model.alphas_cumprod, path, "model-a")
-    again = cached_base_losses(
-        model.unet, data, LossConfig(num_timesteps=2, batch_size=3), model.alphas_cumprod, path, "model-a"
-    )
+    first = cached_base_losses(model, data, cfg, path)
+    again = cached_base_losses(model, data, LossConfig(num_timesteps=2, batch_size=3), path)
     torch.testing.assert_close(first, again)
-    with pytest.raises(AttributionError, match="different loss settings"):
-        cached_base_losses(model.unet, data, LossConfig(num_timesteps=4), model.alphas_cumprod, path, "model-a")
-    with pytest.raises(AttributionError, match="different model"):
-        cached_base_losses(model.unet, data, cfg, model.alphas_cumprod, path, "model-b")
-    with pytest.raises(AttributionError, match="different training set"):
-        cached_base_losses(model.unet, data.subset(range(5)), cfg, model.alphas_cumprod, path, "model-a")
+    with pytest.raises(AttributionError, match="another settings"):
+        cached_base_losses(model, data, LossConfig(num_timesteps=4), path)
+    with pytest.raises(AttributionError, match="another training set"):
+        cached_base_losses(model, data.subset(range(5)), cfg, path)
+    with torch.no_grad():
+        next(model.unet.parameters()).add_(1.0)
+    with pytest.raises(AttributionError, match="another model"):
+        cached_base_losses(model, data, cfg, path)
 
 
 def test_ranking_round_trip_and_schema(data, tmp_path):
@@ -69,33 +70,28 @@ def test_run_dir_refuses_other_configs_and_foreign_folders(tmp_path):
     assert not (run / "result.txt").exists()
 
 
-def test_run_attribution_writes_outputs_and_resumes(model, data, query, tmp_path, capsys):
-    loss_cfg = LossConfig(num_timesteps=2)
-    fisher = estimate_fisher(model.unet, data, model.alphas_cumprod, FisherConfig(num_samples=24), False)
-    base = cached_base_losses(model.unet, data, loss_cfg, model.alphas_cumprod, tmp_path / "b.safetensors", "m")
-    args = dict(
-        alphas_cumprod=model.alphas_cumprod,
-        loss_cfg=loss_cfg,
-        fisher=fisher,
-        base=base,
-        run_config={"model": "m"},
-        top_k=4,
-        image_of=lambda i: np.zeros((8, 8, 3), np.uint8),
+def _unlearning(model, data, cache, step_size=1e-3):
+    cfg = UnlearningConfig(
+        FisherConfig(num_samples=24),
+        LossConfig(num_timesteps=2),
+        UnlearnConfig(step_size=step_size, batch_size=8, accumulations=2),
     )
-    cfg = UnlearnConfig(step_size=1e-3, batch_size=8, accumulations=2)
-    (folder,) = run_attribution(model.unet, data, [query], tmp_path / "out", unlearn_cfg=cfg, **args)
+    return Unlearning(cfg, model, data, cache)
+
+
+def test_run_method_writes_outputs_and_resumes(model, data, query, tmp_path, capsys):
+    method = _unlearning(model, data, tmp_path / "cache")
+    (folder,) = run_method(method, [query], tmp_path / "out", top_k=4)
     ranking = read_ranking(folder / "ranking.json")
     assert len(ranking["top_k"]) == 4 and (folder / "top10.png").stat().st_size > 0
-    assert ranking["stats"]["query_loss_rise"] > 0
-    assert json.loads((folder / "config.json").read_text())["unlearn"]["step_size"] == 1e-3
-    run_attribution(model.unet, data, [query], tmp_path / "out", unlearn_cfg=cfg, **args)
+    assert ranking["stats"]["query_loss_rise"] > 0 and ranking["model_fingerprint"] == model.fingerprint()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["settings"]["unlearn"]["step_size"] == 1e-3 and "batch_size" not in config["settings"]["unlearn"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["base_losses.safetensors", "fisher.safetensors"]
+    run_method(method, [query], tmp_path / "out")
     assert "already attributed" in capsys.readouterr().out
     with pytest.raises(AttributionError, match="different config"):
-        run_attribution(
-            model.unet,
-            data,
-            [query],
-            tmp_path / "out",
-            unlearn_cfg=UnlearnConfig(step_size=2e-3, batch_size=8, accumulations=2),
-            **args,
-        )
+        run_method(_unlearning(model, data, tmp_path / "cache", 2e-3), [query], tmp_path / "out")
+    changed = type(query)(query.id, query.image.flip(-1), query.text, query.prompt)
+    with pytest.raises(AttributionError, match="query.fingerprint"):  # same id, other content: not skipped
+        run_method(method, [changed], tmp_path / "out")

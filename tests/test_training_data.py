@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError
-from common.training import BatchSchedule, TrainConfig, loss_scale, train
+from common.training.train import BatchSchedule, TrainConfig, loss_scale, train
 from tiny.data import count_duplicates, load_image_folder
 from tiny.shapes import generate
 
@@ -34,7 +34,9 @@ def test_empty_exclusion_keeps_the_original_order():
 
 def _fresh(model_cls, cfg):
     torch.manual_seed(0)
-    return model_cls(cfg).unet
+    model = model_cls(cfg)
+    model.unet.double()
+    return model
 
 
 def test_retraining_with_empty_exclusion_reproduces_weights(data):
@@ -42,7 +44,6 @@ def test_retraining_with_empty_exclusion_reproduces_weights(data):
     from tests.conftest import micro_config
     from tiny.model import TinyTextToImage
 
-    ac = TinyTextToImage(micro_config()).alphas_cumprod
     runs = {}
     for mode, exclude in [
         ("remove", []),
@@ -52,10 +53,10 @@ def test_retraining_with_empty_exclusion_reproduces_weights(data):
         ("mask", [0, 1]),
         ("zero", [0, 1]),
     ]:
-        unet = _fresh(TinyTextToImage, micro_config()).double()
+        model = _fresh(TinyTextToImage, micro_config())
         cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, exclusion_mode=mode)
-        train(unet, data, ac, cfg, exclude, progress=False)
-        runs.setdefault((mode, len(exclude)), []).append(unet.state_dict())
+        train(model, data, cfg, exclude, progress=False)
+        runs.setdefault((mode, len(exclude)), []).append(model.unet.state_dict())
     original = runs[("remove", 0)][0]
     for other in [runs[("remove", 0)][1], runs[("mask", 0)][0], runs[("zero", 0)][0]]:
         assert all(torch.equal(original[k], other[k]) for k in original)
@@ -68,16 +69,15 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     from tests.conftest import micro_config
     from tiny.model import TinyTextToImage
 
-    ac = TinyTextToImage(micro_config()).alphas_cumprod
-    full = _fresh(TinyTextToImage, micro_config()).double()
-    train(full, data, ac, TrainConfig(steps=6, batch_size=4, warmup_steps=1), progress=False)
+    full = _fresh(TinyTextToImage, micro_config())
+    train(full, data, TrainConfig(steps=6, batch_size=4, warmup_steps=1), progress=False)
 
     class Stop(Exception):
         pass
 
     ckpt = tmp_path / "ckpt.safetensors"
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3)
-    interrupted = _fresh(TinyTextToImage, micro_config()).double()
+    interrupted = _fresh(TinyTextToImage, micro_config())
     calls = {"n": 0}
     original_step = torch.optim.AdamW.step
 
@@ -90,18 +90,17 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     torch.optim.AdamW.step = step_then_stop
     try:
         with pytest.raises(Stop):
-            train(interrupted, data, ac, cfg, checkpoint=ckpt, progress=False)
+            train(interrupted, data, cfg, checkpoint=ckpt, progress=False)
     finally:
         torch.optim.AdamW.step = original_step
-    resumed = _fresh(TinyTextToImage, micro_config()).double()
-    train(resumed, data, ac, cfg, checkpoint=ckpt, progress=False)
-    for k, v in full.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
+    resumed = _fresh(TinyTextToImage, micro_config())
+    train(resumed, data, cfg, checkpoint=ckpt, progress=False)
+    for k, v in full.unet.state_dict().items():
+        torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(AttributionError, match="another training run"):
         train(
             resumed,
             data,
-            ac,
             TrainConfig(steps=6, batch_size=4, lr=0.1, checkpoint_every=3),
             checkpoint=ckpt,
             progress=False,
@@ -164,10 +163,10 @@ def test_excluded_images_never_touch_a_gradient(data, mode):
     poisoned_images = data.images(torch.arange(len(data))).clone()
     poisoned_images[[2, 5]] = float("nan")
     poisoned = ArrayTrainingSet(poisoned_images, data.text(torch.arange(len(data)))[:, None])
-    unet = _fresh(TinyTextToImage, micro_config()).double()
+    model = _fresh(TinyTextToImage, micro_config())
     cfg = TrainConfig(steps=8, batch_size=6, warmup_steps=1, exclusion_mode=mode)
-    train(unet, poisoned, TinyTextToImage(micro_config()).alphas_cumprod, cfg, exclude=[2, 5], progress=False)
-    assert all(torch.isfinite(p).all() for p in unet.parameters())
+    train(model, poisoned, cfg, exclude=[2, 5], progress=False)
+    assert all(torch.isfinite(p).all() for p in model.unet.parameters())
 
 
 def test_mask_mode_keeps_the_full_runs_batches():
@@ -197,3 +196,36 @@ def test_exclusion_mode_matters_only_with_exclusions():
     excluded = base | {"exclude": [3]}
     assert not same_recipe(excluded, excluded | {"train": {"steps": 5, "exclusion_mode": "zero"}})
     assert not same_recipe(None, base)
+
+
+def test_training_without_flips_never_flips_and_is_recorded(tmp_path):
+    """Data that is not mirror-symmetric: with flips off no visit sees a flipped image, and the model says so."""
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage
+    from tiny.train import train_tiny
+
+    generate(tmp_path / "d", 6, resolution=8, seed=1)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, flips=False, checkpoint_every=0)
+    model = train_tiny(str(tmp_path / "d"), str(tmp_path / "m"), micro_config(), cfg, [], progress=False)
+    assert model.flips is False and TinyTextToImage.load(tmp_path / "m").flips is False
+    from common.training import train as training
+
+    seen = []
+    original = training.ArrayTrainingSet.images
+    training.ArrayTrainingSet.images = lambda self, idx, flips=False: (
+        seen.append(torch.as_tensor(flips)) or original(self, idx, flips)
+    )
+    try:
+        train(_fresh(TinyTextToImage, micro_config()), _data_of(tmp_path / "d", model), cfg, progress=False)
+        flipped = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=0)
+        train(_fresh(TinyTextToImage, micro_config()), _data_of(tmp_path / "d", model), flipped, progress=False)
+    finally:
+        training.ArrayTrainingSet.images = original
+    assert not any(f.any() for f in seen[:2]) and any(f.any() for f in seen[2:])
+
+
+def _data_of(folder, model):
+    from tiny.pipeline import training_set
+
+    data = training_set(model, load_image_folder(folder, 8))
+    return ArrayTrainingSet(data.images(torch.arange(len(data))).double(), data.text(torch.arange(len(data))).double())

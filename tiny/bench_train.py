@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from common.errors import cli
-from common.training import TrainConfig, train
+from common.training.train import TrainConfig, train
 from tiny.data import load_image_folder
 from tiny.model import TinyModelConfig, TinyTextToImage
 from tiny.pipeline import set_threads, training_set
@@ -38,7 +38,7 @@ def main() -> None:
         model = TinyTextToImage(cfg_model)
         data = training_set(model, folder)
         cfg = TrainConfig(steps=args.steps, batch_size=batch, warmup_steps=5, cond_dropout=0.1, checkpoint_every=0)
-        summary = train(model.unet, data, model.alphas_cumprod, cfg, progress=False, null_text=model.null_text())
+        summary = train(model, data, cfg, progress=False)
         per_s = summary["steps_per_second"] * batch
         minutes = args.recipe_images / per_s / 60
         params = sum(p.numel() for p in model.unet.parameters())

@@ -11,68 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from common import keyed_random
-from common.data import Query, as_numpy_uint8
-from common.diffusion import unet_denoiser
+from common.diffusion.sampling import SAMPLERS
 from common.errors import AttributionError, cli
-from common.queries import save_query
-from common.sampling import SAMPLERS, sample
-from tiny import shapes
 from tiny.model import TinyTextToImage
-from tiny.pipeline import set_threads
-
-
-def shape_prompts(num: int, seed: int) -> list[tuple[str, dict]]:
-    """Seeded captions from the shapes grammar, with their attributes."""
-    rng = np.random.default_rng(seed + 10_000)
-    out = []
-    for _ in range(num):
-        spec = shapes.sample_spec(rng)
-        out.append((spec.caption(), spec.attributes()))
-    return out
-
-
-def generate_queries(
-    model: TinyTextToImage,
-    prompts: list[tuple[str, dict]],
-    out: str | Path,
-    seed: int = 0,
-    sampler: str = "ddpm",
-    num_steps: int = 1000,
-    prefix: str = "q",
-    guidance_scale: float = 1.0,
-) -> list[Path]:
-    """Sample one image per prompt and save each as a query folder ``<prefix><i>``."""
-    cfg = model.cfg
-    ids = [f"{prefix}{i:03d}" for i in range(len(prompts))]
-    keys = [Query(i, torch.zeros(1, 1, 1), torch.zeros(1, 1)).key for i in ids]
-    noise = keyed_random.keyed_normal(
-        [(seed, keyed_random.SAMPLE, k) for k in keys], (3, cfg.resolution, cfg.resolution)
-    )
-    text = model.encode_text([p for p, _ in prompts])
-    null_text = model.null_text() if guidance_scale != 1.0 else None
-    images = sample(
-        unet_denoiser(model.unet),
-        text,
-        noise,
-        model.scheduler,
-        keys,
-        seed,
-        sampler,
-        num_steps,
-        guidance_scale,
-        null_text,
-    )
-    folders = []
-    for qid, (prompt, attrs), img, emb, eps in zip(ids, prompts, images, text, noise):
-        query = Query(qid, img, emb[None], prompt)
-        info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
-        info["attributes"] = attrs
-        folders.append(save_query(out, query, eps, as_numpy_uint8(img), info))
-    return folders
+from tiny.pipeline import generate_queries, set_threads, shape_prompts
 
 
 @cli

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from common.data import fingerprint_tensors
-from common.errors import AttributionError, require_file
+from common.errors import AttributionError, require
+from common.model import DiffusionModel, load_state, read_model_json, read_safetensors
 
 # open_clip's BPE vocabulary (shipped inside the package, nothing downloaded).
 VOCAB_SIZE = 49408
@@ -95,20 +95,25 @@ def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
     return clip_tokenize(captions, context_length=context_length)
 
 
-class TinyTextToImage:
-    """The text encoder, UNet and noise schedule, saved and loaded together."""
+class TinyTextToImage(DiffusionModel):
+    """The text encoder, UNet and noise schedule, saved and loaded together (pixel space: decoding is the identity).
+
+    Args:
+        flips: whether the model was trained with random horizontal flips (from its recipe).
+    """
 
     def __init__(
-        self, cfg: TinyModelConfig, unet: UNet2DConditionModel | None = None, text_encoder: CLIPTextModel | None = None
+        self,
+        cfg: TinyModelConfig,
+        unet: UNet2DConditionModel | None = None,
+        text_encoder: CLIPTextModel | None = None,
+        flips: bool = True,
     ) -> None:
         self.cfg = cfg
         self.unet = unet if unet is not None else build_unet(cfg)
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
         self.scheduler = build_scheduler(cfg)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod
+        self.flips = flips
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -120,9 +125,9 @@ class TinyTextToImage:
             out.append(self.text_encoder(input_ids=ids).last_hidden_state.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.cfg.context_length, self.cfg.text_dim)
 
-    def null_text(self) -> torch.Tensor:
-        """The empty caption's condition (L,D): the unconditional input for classifier-free guidance."""
-        return self.encode_text([""])[0]
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel space: the model input is the image."""
+        return x.float().clamp(-1, 1)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TinyTextToImage:
         self.unet.to(device=device)
@@ -130,11 +135,6 @@ class TinyTextToImage:
             self.unet.to(dtype=dtype)
         self.text_encoder.to(device=device)
         return self
-
-    def fingerprint(self) -> str:
-        """Identifies the UNet weights (for caches)."""
-        state = self.unet.state_dict()
-        return fingerprint_tensors(*(state[k] for k in sorted(state)))
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
         """Write ``model.safetensors`` (UNet + text encoder) and ``model.json`` (architecture + extra)."""
@@ -148,15 +148,20 @@ class TinyTextToImage:
 
     @classmethod
     def load(cls, folder: str | Path) -> TinyTextToImage:
+        """A saved model; a missing, partial or damaged file is one line naming it."""
         folder = Path(folder)
-        require_file(folder / "model.safetensors", "model weights")
-        require_file(folder / "model.json", "model config")
-        info = json.loads((folder / "model.json").read_text())
-        model = cls(TinyModelConfig(**info["model"]))
-        tensors = load_file(str(folder / "model.safetensors"))
-        model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-        model.text_encoder.load_state_dict(
-            {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}, strict=False
-        )
+        info = read_model_json(folder / "model.json")
+        require("model" in info, f"{folder / 'model.json'} is damaged (no 'model' entry)")
+        try:
+            cfg = TinyModelConfig(**info["model"])
+        except TypeError as err:
+            raise AttributionError(f"{folder / 'model.json'} is damaged ({err})") from None
+        flips = bool(info.get("recipe", {}).get("train", {}).get("flips", True))
+        model = cls(cfg, flips=flips)
+        path = folder / "model.safetensors"
+        tensors = read_safetensors(path)
+        load_state(model.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, path)
+        text = {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}
+        load_state(model.text_encoder, text, path, strict=False)
         model.unet.eval()
         return model

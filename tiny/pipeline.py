@@ -1,11 +1,20 @@
-"""Glue between the tiny model, image folders and the common library's dataset interface."""
+"""Glue between the tiny model, image folders and the library: the load sequence, written once."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from common.data import ArrayTrainingSet
-from tiny.data import ImageFolder
+from common import keyed_random
+from common.config import resolve_device
+from common.data import ArrayTrainingSet, Query, as_numpy_uint8
+from common.diffusion.sampling import sample
+from common.queries import save_query
+from tiny import shapes
+from tiny.data import ImageFolder, load_image_folder
 from tiny.model import TinyTextToImage
 
 
@@ -22,3 +31,67 @@ def set_threads() -> None:
     import os
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@dataclass
+class TinyRun:
+    """A loaded tiny model, its training images and the training set the library scores."""
+
+    model: TinyTextToImage
+    folder: ImageFolder
+    data: ArrayTrainingSet
+
+
+def load_model(path: str | Path, device: str = "auto") -> TinyTextToImage:
+    """A saved tiny model, ready for per-sample gradients on ``device``."""
+    model = TinyTextToImage.load(path)
+    model.prepare_for_gradients(resolve_device(device))
+    return model
+
+
+def load_run(model_dir: str | Path, data_dir: str | Path, device: str = "auto") -> TinyRun:
+    """Model → training images → text conditions → ready for gradients: what every tiny script starts with."""
+    set_threads()
+    model = TinyTextToImage.load(model_dir)
+    folder = load_image_folder(data_dir, model.cfg.resolution)
+    data = training_set(model, folder)
+    model.prepare_for_gradients(resolve_device(device))
+    return TinyRun(model, folder, data)
+
+
+def shape_prompts(num: int, seed: int) -> list[tuple[str, dict]]:
+    """Seeded captions from the shapes grammar, with their attributes."""
+    rng = np.random.default_rng(seed + 10_000)
+    out = []
+    for _ in range(num):
+        spec = shapes.sample_spec(rng)
+        out.append((spec.caption(), spec.attributes()))
+    return out
+
+
+def generate_queries(
+    model: TinyTextToImage,
+    prompts: list[tuple[str, dict]],
+    out: str | Path,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    num_steps: int = 1000,
+    prefix: str = "q",
+    guidance_scale: float = 1.0,
+) -> list[Path]:
+    """Sample one image per prompt and save each as a query folder ``<prefix><i>``."""
+    cfg = model.cfg
+    ids = [f"{prefix}{i:03d}" for i in range(len(prompts))]
+    keys = [Query(i, torch.zeros(1, 1, 1), torch.zeros(1, 1)).key for i in ids]
+    noise = keyed_random.keyed_normal(
+        [(seed, keyed_random.SAMPLE, k) for k in keys], (3, cfg.resolution, cfg.resolution)
+    )
+    text = model.encode_text([p for p, _ in prompts])
+    images = sample(model, text, noise, keys, seed, sampler, num_steps, guidance_scale)
+    folders = []
+    for qid, (prompt, attrs), img, emb, eps in zip(ids, prompts, images, text, noise):
+        query = Query(qid, img, emb[None], prompt)
+        info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
+        info["attributes"] = attrs
+        folders.append(save_query(out, query, eps, as_numpy_uint8(img), info))
+    return folders

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset, resolve_device
-from common.errors import AttributionError, cli
-from common.training import TrainConfig, train
+from common.errors import AttributionError, cli, require
+from common.model import read_model_json
+from common.training.train import TrainConfig, train
 from tiny.data import load_image_folder
 from tiny.model import TinyModelConfig, TinyTextToImage
 from tiny.pipeline import training_set
@@ -52,6 +53,19 @@ def same_recipe(a: dict | None, b: dict) -> bool:
     return key(a) == key(b)
 
 
+def recipe_of(model_dir: str | Path) -> tuple[TinyModelConfig, TrainConfig, dict]:
+    """A trained model's architecture, training recipe and ``model.json`` contents."""
+    path = Path(model_dir) / "model.json"
+    info = read_model_json(path)
+    require("recipe" in info and "model" in info, f"{path} records no training recipe")
+    train = dict(info["recipe"]["train"])
+    train.pop("num_train_timesteps", None)  # older files; the model's schedule decides
+    try:
+        return TinyModelConfig(**info["model"]), TrainConfig(**train), info
+    except TypeError as err:
+        raise AttributionError(f"{path} is damaged ({err})") from None
+
+
 def train_tiny(
     data_dir: str,
     out: str,
@@ -66,20 +80,19 @@ def train_tiny(
     exclude = sorted({int(i) for i in exclude})
     folder = load_image_folder(data_dir, model_cfg.resolution)
     torch.manual_seed(cfg.seed)
-    model = TinyTextToImage(model_cfg)
+    model = TinyTextToImage(model_cfg, flips=cfg.flips)
     data = training_set(model, folder)
     recipe = {"train": asdict(cfg), "exclude": exclude, "data": data.fingerprint}
     if (out_dir / "model.json").exists():
-        info = json.loads((out_dir / "model.json").read_text())
+        info = read_model_json(out_dir / "model.json")
         if same_recipe(info.get("recipe"), recipe) and info.get("model") == json.loads(json.dumps(asdict(model_cfg))):
             print(f"reusing the trained model in {out_dir}")
             return TinyTextToImage.load(out_dir)
         raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
     accelerator = Accelerator(cpu=resolve_device(device).type == "cpu")
     model.to(accelerator.device)
-    null_text = model.null_text()
     checkpoint = out_dir / "checkpoint.safetensors"
-    summary = train(model.unet, data, model.alphas_cumprod, cfg, exclude, checkpoint, progress, null_text, accelerator)
+    summary = train(model, data, cfg, exclude, checkpoint, progress, accelerator)
     model.to("cpu")
     if accelerator.is_main_process:
         model.save(out_dir, {"recipe": recipe, "summary": summary})
@@ -98,17 +111,31 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="YAML file of presets")
     parser.add_argument("--preset", default="default", help="preset name in --config")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="also train N-1 independent models (seeds seed+1, ...) into OUT-seed<s>: TRAK's ensemble members",
+    )
     add_dataclass_arguments(parser, TinyModelConfig, "model")
     add_dataclass_arguments(parser, TrainConfig, "train")
     args = load_preset(parser, ["model", "train"])
-    train_tiny(
-        args.data,
-        args.out,
+    model_cfg, cfg = (
         dataclass_from_args(TinyModelConfig, args, "model"),
         dataclass_from_args(TrainConfig, args, "train"),
-        read_exclusions(args.exclude),
-        args.device,
     )
+    exclude = read_exclusions(args.exclude)
+    train_tiny(args.data, args.out, model_cfg, cfg, exclude, args.device)
+    members = [ensemble_member(args.out, cfg.seed + k) for k in range(1, args.ensemble)]
+    for k, folder in enumerate(members, 1):
+        train_tiny(args.data, folder, model_cfg, replace(cfg, seed=cfg.seed + k), exclude, args.device)
+    if members:
+        print("ensemble members (e.g. --trak.ensemble): " + " ".join(members))
+
+
+def ensemble_member(out: str, seed: int) -> str:
+    """Where ``--ensemble`` puts the model trained with ``seed``: a sibling folder ``<out>-seed<seed>``."""
+    return f"{str(out).rstrip('/')}-seed{seed}"
 
 
 if __name__ == "__main__":

@@ -18,17 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset
-from common.counterfactual import delta_loss, mse
 from common.errors import cli
-from common.fisher import FisherConfig
-from common.fisher_cache import cached_fisher
-from common.per_sample_grad import use_classic_attention
+from common.evaluation.counterfactual import delta_loss, mse, regenerate
 from common.queries import load_queries
-from common.unlearn import UnlearnConfig, unlearn
-from tiny.counterfactual import regenerate
-from tiny.data import load_image_folder
-from tiny.model import TinyTextToImage
-from tiny.pipeline import set_threads, training_set
+from common.unlearning.fisher import FisherConfig, cached_fisher
+from common.unlearning.unlearn import UnlearnConfig, unlearn
+from tiny.pipeline import load_run
 
 
 @cli
@@ -43,28 +38,21 @@ def main() -> None:
     add_dataclass_arguments(parser, FisherConfig, "fisher")
     add_dataclass_arguments(parser, UnlearnConfig, "unlearn")
     args = load_preset(parser, ["fisher", "unlearn"])
-    set_threads()
     out = Path(args.out)
-    model = TinyTextToImage.load(args.model)
-    data = training_set(model, load_image_folder(args.data, model.cfg.resolution))
+    run = load_run(args.model, args.data, "cpu")
+    model, data = run.model, run.data
     queries = load_queries(args.queries)
-    root = Path(args.queries)
-    originals = [regenerate(model, q, root / q.id) for q in queries]
+    originals = [regenerate(model, q) for q in queries]
     # The saved image came from the same model, noise and sampler: regeneration must reproduce it.
     reproduction = max(mse(o, q.image) for o, q in zip(originals, queries))
-    use_classic_attention(model.unet)
-    model.unet.requires_grad_(False)
     fisher_cfg = dataclass_from_args(FisherConfig, args, "fisher")
-    fisher = cached_fisher(
-        model.unet, data, model.alphas_cumprod, fisher_cfg, out / "fisher.safetensors", model.fingerprint()
-    )
+    fisher = cached_fisher(model, data, fisher_cfg, out / "fisher.safetensors")
     cfg = dataclass_from_args(UnlearnConfig, args, "unlearn")
     rows = []
     for target in queries:
-        result = unlearn(model.unet, target, model.alphas_cumprod, cfg, fisher, num_train=len(data), progress=False)
-        forgot = TinyTextToImage(model.cfg, result.model, model.text_encoder)
-        errors = [mse(regenerate(forgot, q, root / q.id), o) for q, o in zip(queries, originals)]
-        rises = [delta_loss(model.unet, result.model, q, model.alphas_cumprod) for q in queries]
+        forgot = unlearn(model, target, cfg, fisher, num_train=len(data), progress=False).model
+        errors = [mse(regenerate(forgot, q), o) for q, o in zip(queries, originals)]
+        rises = [delta_loss(model, forgot, q) for q in queries]
         i = queries.index(target)
         rows.append(
             {
@@ -74,7 +62,6 @@ def main() -> None:
                 "others_mse_mean": float(np.mean(errors[:i] + errors[i + 1 :])),
                 "target_delta_loss": rises[i],
                 "others_delta_loss_mean": float(np.mean(rises[:i] + rises[i + 1 :])),
-                "relative_update": result.relative_update,
             }
         )
         print(

@@ -23,10 +23,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from common import keyed_random
-from common.checkpoint import load_training_state, save_training_state
 from common.data import ArrayTrainingSet
-from common.diffusion import per_sample_loss, unet_denoiser
+from common.diffusion.loss import per_sample_loss, unet_denoiser
 from common.errors import AttributionError, require
+from common.model import DiffusionModel
+from common.training.checkpoint import load_training_state, save_training_state
 
 EXCLUSION_MODES = ("remove", "mask", "zero")
 
@@ -54,7 +55,13 @@ class TrainConfig:
         default=0.0, metadata={"help": "share of samples trained on the empty caption (enables guidance)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the init, data order, flips, timesteps and noise"})
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps"})
+    flips: bool = field(
+        default=True,
+        metadata={
+            "help": "random horizontal flips (the paper's); turn off for data that is not mirror-symmetric "
+            "(digits, text, logos). Recorded with the model: attribution then scores only the original"
+        },
+    )
     checkpoint_every: int = field(default=250, metadata={"help": "steps between resumable checkpoints (0: off)"})
 
     def __post_init__(self) -> None:
@@ -129,13 +136,15 @@ def _draw(
     cfg: TrainConfig,
     ref: torch.Tensor,
     null_text: torch.Tensor | None,
+    num_train_timesteps: int,
 ):
     flips, caps, ts, keys, drop = [], [], [], [], []
     for epoch, i in visits:
         g = keyed_random.generator(cfg.seed, keyed_random.TRAIN, 1, epoch, i)
-        flips.append(int(torch.randint(2, (), generator=g)))
+        drawn = int(torch.randint(2, (), generator=g))  # drawn either way: the other draws stay the same
+        flips.append(drawn if cfg.flips else 0)
         caps.append(int(torch.randint(data.num_captions, (), generator=g)))
-        ts.append(int(torch.randint(cfg.num_train_timesteps, (), generator=g)))
+        ts.append(int(torch.randint(num_train_timesteps, (), generator=g)))
         drop.append(bool(torch.rand((), generator=g) < cfg.cond_dropout))
         keys.append((cfg.seed, keyed_random.TRAIN, 2, epoch, i))
     idx = torch.tensor([i for _, i in visits])
@@ -148,26 +157,25 @@ def _draw(
 
 
 def train(
-    unet: torch.nn.Module,
+    model: DiffusionModel,
     data: ArrayTrainingSet,
-    alphas_cumprod: torch.Tensor,
     cfg: TrainConfig,
     exclude: Sequence[int] = (),
     checkpoint: str | Path | None = None,
     progress: bool = True,
-    null_text: torch.Tensor | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict:
-    """Train ``unet`` in place (its initial weights are the caller's, seeded); resume from ``checkpoint``.
+    """Train ``model.unet`` in place (its initial weights are the caller's, seeded); resume from ``checkpoint``.
 
-    ``null_text`` (L,D), the empty caption's condition, replaces the caption of a ``cond_dropout``
+    The empty caption's condition (``model.null_text()``) replaces the caption of a ``cond_dropout``
     share of the visits so the model also learns the unconditional score (classifier-free guidance).
-    ``accelerator`` defaults to a single process on the device ``unet`` lives on.
+    ``accelerator`` defaults to a single process on the device the UNet lives on.
 
     Returns:
         A summary: final loss (mean of the last 50 steps), seconds, steps per second.
     """
-    require(cfg.cond_dropout == 0 or null_text is not None, "cond_dropout needs the empty caption's condition")
+    unet, alphas_cumprod = model.unet, model.alphas_cumprod
+    null_text = model.null_text() if cfg.cond_dropout > 0 else None
     if accelerator is None:
         accelerator = Accelerator(cpu=next(unet.parameters()).device.type == "cpu")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -179,11 +187,12 @@ def train(
         if info.get("identity") != identity:
             raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
         start = info["step"]
-    model, wrapped_opt = accelerator.prepare(unet, opt)
+    num_train_timesteps = model.num_train_timesteps
+    wrapped, wrapped_opt = accelerator.prepare(unet, opt)
     rank, world = accelerator.process_index, accelerator.num_processes
-    ref = next(model.parameters())
-    denoise = unet_denoiser(model)
-    model.train()
+    ref = next(wrapped.parameters())
+    denoise = unet_denoiser(wrapped)
+    wrapped.train()
     recent: list[float] = []
     t0 = time.time()
     main = accelerator.is_main_process
@@ -199,15 +208,15 @@ def train(
             continue
         shard = visits[rank::world]
         if shard:
-            x0, text, t, noise = _draw(data, shard, cfg, ref, null_text)
+            x0, text, t, noise = _draw(data, shard, cfg, ref, null_text, num_train_timesteps)
             scale = loss_scale(cfg.exclusion_mode, len(batch), len(visits), len(shard), world)
             loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean() * scale
         else:  # fewer retained visits than processes: this one still joins the gradient average
-            loss = sum(p.sum() for p in model.parameters()) * 0.0
+            loss = sum(p.sum() for p in wrapped.parameters()) * 0.0
         wrapped_opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
         wrapped_opt.step()
         recent = (recent + [float(accelerator.reduce(loss.detach(), reduction="sum")) / world])[-50:]
         if not math.isfinite(recent[-1]):
@@ -218,7 +227,7 @@ def train(
         if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             if main:
                 state = {"step": done, "identity": identity}
-                save_training_state(checkpoint, accelerator.unwrap_model(model), opt, state)
+                save_training_state(checkpoint, accelerator.unwrap_model(wrapped), opt, state)
             accelerator.wait_for_everyone()
     unet.eval()
     seconds = time.time() - t0

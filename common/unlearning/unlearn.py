@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import Query
+from common.diffusion.gradients import mean_gradient
+from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, require
-from common.per_sample_grad import mean_gradient
-from common.selection import select_parameters
+from common.model import DiffusionModel
 
 METHODS = ("newton", "sgd")
 
@@ -39,33 +40,32 @@ class UnlearnConfig:
     num_train: int = field(default=0, metadata={"help": "N in α/N; 0 means the training-set size"})
     damping: float = field(default=1e-3, metadata={"help": "Fisher damping, relative to the Fisher's mean"})
     seed: int = field(default=0, metadata={"help": "seed of the query draws"})
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps of the model"})
 
     def __post_init__(self) -> None:
+        check_selection(self.selection)
         require(self.method in METHODS, f"unknown unlearning method {self.method!r}; choose from {', '.join(METHODS)}")
         require(self.step_size > 0, f"step_size must be positive, got {self.step_size}")
         require(self.steps >= 1 and self.accumulations >= 1, "steps and accumulations must be at least 1")
-        require(
-            1 <= self.batch_size <= self.num_train_timesteps,
-            f"batch_size must lie in [1, {self.num_train_timesteps}] (timesteps do not repeat within a batch)",
-        )
+        require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
         require(self.damping >= 0 and self.num_train >= 0, "damping and num_train must be non-negative")
 
 
 def query_gradient(
-    model: torch.nn.Module, names: list[str], query: Query, alphas_cumprod: torch.Tensor, cfg: UnlearnConfig, step: int
+    model: DiffusionModel, names: list[str], query: Query, cfg: UnlearnConfig, step: int
 ) -> dict[str, torch.Tensor]:
     """∇L(ẑ, θ) at the model's current weights: mean over the step's keyed draws (float64)."""
-    ref = next(model.parameters())
-    total = {n: torch.zeros_like(dict(model.named_parameters())[n], dtype=torch.float64) for n in names}
+    model.check_timesteps(cfg.batch_size, "unlearn.batch_size (timesteps do not repeat within a batch)")
+    ref = next(model.unet.parameters())
+    params = dict(model.unet.named_parameters())
+    total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     for acc in range(cfg.accumulations):
         g = keyed_random.generator(cfg.seed, keyed_random.QUERY, query.key, step, acc)
-        t = torch.randperm(cfg.num_train_timesteps, generator=g)[: cfg.batch_size]
+        t = torch.randperm(model.num_train_timesteps, generator=g)[: cfg.batch_size]
         cap = torch.randint(query.text.shape[0], (cfg.batch_size,), generator=g)
         keys = [(cfg.seed, keyed_random.QUERY, query.key, step, acc, j) for j in range(cfg.batch_size)]
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=ref.dtype, device=ref.device)
         x0 = query.image[None].expand(cfg.batch_size, *query.image.shape).to(ref)
-        grads = mean_gradient(model, names, x0, query.text[cap].to(ref), t.to(ref.device), noise, alphas_cumprod)
+        grads = mean_gradient(model, names, x0, query.text[cap].to(ref), t.to(ref.device), noise)
         for n in names:
             total[n] += grads[n].double()
     return {n: v / cfg.accumulations for n, v in total.items()}
@@ -89,15 +89,14 @@ def newton_direction(
 class UnlearnResult:
     """The unlearned model and the size of the change."""
 
-    model: torch.nn.Module
+    model: DiffusionModel  # the same model around the unlearned UNet
     relative_update: float  # ‖θ − θ0‖ / ‖θ0‖ over the selected weights
     max_tensor_relative_update: float
 
 
 def unlearn(
-    model: torch.nn.Module,
+    model: DiffusionModel,
     query: Query,
-    alphas_cumprod: torch.Tensor,
     cfg: UnlearnConfig,
     fisher: dict[str, torch.Tensor] | None = None,
     num_train: int | None = None,
@@ -108,21 +107,21 @@ def unlearn(
     Args:
         model: the pretrained model (left untouched).
         query: the synthesized image.
-        alphas_cumprod: the model's noise schedule.
         cfg: step size, steps, draws.
         fisher: diagonal Fisher of the selected weights (required for ``newton``).
         num_train: N in α/N when ``cfg.num_train`` is 0.
     """
-    names = select_parameters(model, cfg.selection)
+    names = select_parameters(model.unet, cfg.selection)
     n = cfg.num_train or num_train
     if cfg.method == "newton":
         require(fisher is not None, "the newton update needs a Fisher")
         require(bool(n), "the newton update needs the training-set size N")
-    unlearned = copy.deepcopy(model).requires_grad_(False)
-    params = dict(unlearned.named_parameters())
+    unet = copy.deepcopy(model.unet).requires_grad_(False)
+    unlearned = model.with_unet(unet)
+    params = dict(unet.named_parameters())
     start = {k: params[k].detach().clone() for k in names}
     for step in tqdm(range(cfg.steps), desc="unlearn", disable=not progress or cfg.steps == 1, leave=False):
-        grads = query_gradient(unlearned, names, query, alphas_cumprod, cfg, step)
+        grads = query_gradient(unlearned, names, query, cfg, step)
         if cfg.method == "newton":
             direction, scale = newton_direction(grads, fisher, cfg.damping), cfg.step_size / n
         else:

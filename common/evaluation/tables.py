@@ -26,17 +26,21 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(records: list[dict]) -> list[dict]:
-    """Rows (method, k, metric, mean, se, n) from records with ``method``, ``k`` and metric values.
+    """Rows (method, k, metric, mean, se, n) from records with ``method``, ``k``, ``query`` and metric values.
 
-    A record's metric that is ``None`` (e.g. CLIP without weights) is left out of that metric's row.
+    Records of the same (method, K, query) — a seeded baseline's repeats — are averaged first, so the
+    standard error is over queries (n = queries), not over queries × seeds: the seeds' models are
+    shared by every query and are not independent observations. A metric that is ``None`` (e.g. CLIP
+    without weights) is left out of that metric's row.
     """
-    groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    per_query: dict[tuple[str, int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         for metric in METRICS:
             if r.get(metric) is not None:
-                groups[(r["method"], int(r["k"]), metric)].append(float(r[metric]))
+                per_query[(r["method"], int(r["k"]), metric)][r.get("query", "")].append(float(r[metric]))
     rows = []
-    for (method, k, metric), values in sorted(groups.items()):
+    for (method, k, metric), groups in sorted(per_query.items()):
+        values = [sum(vs) / len(vs) for vs in groups.values()]
         mean, se = mean_se(values)
         rows.append({"method": method, "k": k, "metric": metric, "mean": mean, "se": se, "n": len(values)})
     return rows

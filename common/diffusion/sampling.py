@@ -14,41 +14,44 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from common import keyed_random
-from common.diffusion import Denoiser
+from common.diffusion.loss import unet_denoiser
+from common.model import DiffusionModel
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 @torch.no_grad()
 def sample(
-    denoise: Denoiser,
+    model: DiffusionModel,
     text: torch.Tensor,
     noise: torch.Tensor,
-    train_scheduler: DDPMScheduler,
     keys: Sequence[int],
     seed: int = 0,
     sampler: str = "ddpm",
     num_steps: int = 1000,
     guidance_scale: float = 1.0,
-    null_text: torch.Tensor | None = None,
     progress: bool = True,
+    trajectory: list | None = None,
 ) -> torch.Tensor:
-    """Generate images from initial noise.
+    """Generate images (model inputs) from initial noise.
 
     Args:
-        denoise: the model.
+        model: the model; its training scheduler's betas are reused.
         text: text conditions (B,L,D).
         noise: initial noise x_T (B,C,H,W).
-        train_scheduler: the scheduler the model was trained with (its betas are reused).
         keys: one stable integer per image, keying its step noise (DDPM).
         seed: global seed of the step noise.
         sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta = 0).
         num_steps: sampling steps.
         guidance_scale: classifier-free guidance weight w, eps = eps_u + w (eps_c - eps_u); 1 is none.
-        null_text: the empty caption's condition (L,D), needed when ``guidance_scale`` is not 1.
+        trajectory: when a list, each step appends ``(t, x_t)``: the timestep and the samples (B,C,H,W)
+            it started from (JourneyTRAK attributes along this path).
     Returns:
         Samples (B,C,H,W), clamped to [-1, 1].
     """
+    train_scheduler = model.scheduler
+    denoise = unet_denoiser(model.unet)
+    null_text = model.null_text().to(text) if guidance_scale != 1.0 else None
     if sampler == "ddim":
         scheduler = DDIMScheduler.from_config(
             train_scheduler.config, set_alpha_to_one=True, timestep_spacing="trailing"
@@ -64,6 +67,8 @@ def sample(
     x = noise
     for t in tqdm(scheduler.timesteps, desc=f"sample {len(x)}", leave=False, disable=not progress):
         tt = t.expand(len(x)).to(x.device)
+        if trajectory is not None:
+            trajectory.append((int(t), x.detach().clone()))
         if guidance_scale == 1.0:
             eps = denoise(x, tt, text)
         else:

@@ -17,14 +17,19 @@ PRESETS: dict[str, str] = {
 }
 
 
+def check_selection(selection: str) -> None:
+    """Refuse an unknown preset name with one line listing the choices."""
+    if selection not in PRESETS:
+        raise AttributionError(f"unknown weight selection {selection!r}; choose from {', '.join(PRESETS)}")
+
+
 def select_parameters(model: torch.nn.Module, selection: str) -> list[str]:
     """Names of the trainable parameters matched by a preset, in the model's order.
 
     Raises:
         AttributionError: unknown preset, or a preset that matches nothing in this model.
     """
-    if selection not in PRESETS:
-        raise AttributionError(f"unknown weight selection {selection!r}; choose from {', '.join(PRESETS)}")
+    check_selection(selection)
     pattern = re.compile(PRESETS[selection])
     names = [name for name, _ in model.named_parameters() if pattern.search(name)]
     if not names:

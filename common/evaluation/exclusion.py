@@ -18,13 +18,15 @@ def exclusion_key(indices: Iterable[int]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def top_k_exclusion(ranking_path: str | Path, k: int, num_train: int, train_fingerprint: str) -> list[int]:
+def top_k_exclusion(
+    ranking_path: str | Path, k: int, num_train: int, train_fingerprint: str, model_fingerprint: str | None = None
+) -> list[int]:
     """The top-``k`` training indices of a ranking (both flips of an image go together).
 
     Uses ``scores.npy`` next to the ranking when ``k`` exceeds the listed top-k.
 
     Raises:
-        AttributionError: ``k`` out of range, or a ranking made for another training set.
+        AttributionError: ``k`` out of range, or a ranking made for another training set or model.
     """
     ranking = read_ranking(ranking_path)
     require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
@@ -32,6 +34,11 @@ def top_k_exclusion(ranking_path: str | Path, k: int, num_train: int, train_fing
         ranking["num_train"] == num_train and ranking["train_fingerprint"] == train_fingerprint,
         f"{ranking_path} ranks another training set ({ranking['num_train']} images, "
         f"fingerprint {ranking['train_fingerprint']}; expected {num_train}, {train_fingerprint})",
+    )
+    require(
+        model_fingerprint is None or ranking["model_fingerprint"] == model_fingerprint,
+        f"{ranking_path} was made on another model (fingerprint {ranking['model_fingerprint']}; "
+        f"expected {model_fingerprint})",
     )
     if k <= len(ranking["top_k"]):
         return [int(r["index"]) for r in ranking["top_k"][:k]]
@@ -42,9 +49,3 @@ def top_k_exclusion(ranking_path: str | Path, k: int, num_train: int, train_fing
     scores = np.load(scores_path).astype(np.float64)
     require(scores.shape == (num_train,), f"{scores_path} holds {scores.shape} scores, expected ({num_train},)")
     return np.lexsort((np.arange(num_train), -scores))[:k].tolist()
-
-
-def random_exclusion(num_train: int, k: int, seed: int) -> list[int]:
-    """``k`` distinct random training indices; the same for every query (random sets ignore the query)."""
-    require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
-    return sorted(np.random.default_rng([seed, k, num_train]).choice(num_train, k, replace=False).tolist())

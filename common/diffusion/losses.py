@@ -7,7 +7,6 @@ Each (image, flip, caption, timestep) gets noise from a generator keyed by
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -16,8 +15,9 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import ArrayTrainingSet
-from common.diffusion import Denoiser, per_sample_loss, strided_timesteps
-from common.errors import AttributionError
+from common.diffusion.loss import per_sample_loss, strided_timesteps, unet_denoiser
+from common.errors import AttributionError, require
+from common.model import DiffusionModel
 
 
 @dataclass
@@ -27,52 +27,48 @@ class LossConfig:
     seed: int = field(default=0, metadata={"help": "seed of the scoring noise"})
     num_timesteps: int = field(default=10, metadata={"help": "evenly strided timesteps (paper: 20 MSCOCO, 10 AbC)"})
     first_timestep: int = field(default=0, metadata={"help": "first strided timestep (paper: 0)"})
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps of the model"})
     flips: bool = field(default=True, metadata={"help": "also score the horizontally flipped image"})
     batch_size: int = field(default=512, metadata={"help": "samples per forward pass (does not change results)"})
 
     def __post_init__(self) -> None:
+        require(self.num_timesteps >= 1, f"num_timesteps must be positive, got {self.num_timesteps}")
+        require(self.first_timestep >= 0, f"first_timestep must be non-negative, got {self.first_timestep}")
+        require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
+
+    def timesteps(self, num_train_timesteps: int) -> list[int]:
+        """The strided scoring timesteps for a model with ``num_train_timesteps`` diffusion steps."""
         try:
-            strided_timesteps(self.num_timesteps, self.num_train_timesteps, self.first_timestep)
+            return strided_timesteps(self.num_timesteps, num_train_timesteps, self.first_timestep)
         except ValueError as err:
-            raise AttributionError(str(err)) from None
-        if self.batch_size < 1:
-            raise AttributionError(f"batch_size must be positive, got {self.batch_size}")
+            raise AttributionError(f"{err} (the model has {num_train_timesteps} diffusion steps)") from None
 
-    @property
-    def timesteps(self) -> list[int]:
-        return strided_timesteps(self.num_timesteps, self.num_train_timesteps, self.first_timestep)
-
-    def identity(self) -> str:
-        """The settings that change loss values (batch size does not), as canonical JSON."""
-        fields = asdict(self)
-        fields.pop("batch_size")
-        return json.dumps(fields, sort_keys=True)
+    def identity_dict(self) -> dict:
+        """The settings that change loss values (the batch size does not)."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
 
 
 @torch.no_grad()
 def dataset_losses(
-    denoise: Denoiser,
+    model: DiffusionModel,
     data: ArrayTrainingSet,
     cfg: LossConfig,
-    alphas_cumprod: torch.Tensor,
     *,
     sample_ids: Sequence[int] | None = None,
     purpose: int = keyed_random.SCORE,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    flips: bool | None = None,
     progress: str | None = None,
 ) -> torch.Tensor:
-    """Per-timestep losses of every sample, averaged over captions.
+    """Per-timestep losses of every sample, averaged over captions, on the model's device and dtype.
 
     Args:
-        denoise: the model.
+        model: the model.
         data: the samples.
         cfg: timesteps, flips and the noise seed.
-        alphas_cumprod: the model's noise schedule (T,).
         sample_ids: the id of each sample in the noise keys (default: its position); pass the
             global training index when ``data`` is a shard so shards and the whole agree.
         purpose: noise stream (see :mod:`common.keyed_random`).
+        flips: score the flipped images too; default ``cfg.flips and model.flips`` (a model trained
+            without flips is scored without them).
         progress: a tqdm label, or None for no bar.
     Returns:
         float64 losses (N, F, T), F = 2 with flips (original, flipped) else 1, T = cfg.num_timesteps.
@@ -80,14 +76,16 @@ def dataset_losses(
     ids = list(range(len(data))) if sample_ids is None else [int(i) for i in sample_ids]
     if len(ids) != len(data):
         raise AttributionError(f"got {len(ids)} sample ids for {len(data)} samples")
-    flips = (0, 1) if cfg.flips else (0,)
-    steps = cfg.timesteps
+    use_flips = cfg.flips and model.flips if flips is None else flips
+    flips_ = (0, 1) if use_flips else (0,)
+    steps = cfg.timesteps(model.num_train_timesteps)
+    device, dtype, denoise = model.device, model.dtype, unet_denoiser(model.unet)
     n_cap = data.num_captions
     # One row per (sample, flip, caption, timestep slot); batches are slices of this list.
     grid = torch.cartesian_prod(
-        torch.arange(len(data)), torch.tensor(flips), torch.arange(n_cap), torch.arange(len(steps))
+        torch.arange(len(data)), torch.tensor(flips_), torch.arange(n_cap), torch.arange(len(steps))
     ).view(-1, 4)
-    out = torch.zeros(len(data), len(flips), len(steps), dtype=torch.float64)
+    out = torch.zeros(len(data), len(flips_), len(steps), dtype=torch.float64)
     t_all = torch.tensor(steps)
     bar = tqdm(total=len(grid), desc=progress, disable=progress is None, unit="loss", leave=False)
     for start in range(0, len(grid), cfg.batch_size):
@@ -101,10 +99,10 @@ def dataset_losses(
         noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=dtype, device=device)
         x0 = data.images(pos, flip.bool()).to(device=device, dtype=dtype)
         text = data.text(pos, cap).to(device=device, dtype=dtype)
-        loss = per_sample_loss(denoise, x0, text, t.to(device), noise, alphas_cumprod).double().cpu()
+        loss = per_sample_loss(denoise, x0, text, t.to(device), noise, model.alphas_cumprod).double().cpu()
         if not torch.isfinite(loss).all():
             raise AttributionError("NaN or inf in the losses: the model weights are broken (step size too large?)")
-        out.index_put_((pos, flip if len(flips) == 2 else torch.zeros_like(flip), slot), loss / n_cap, accumulate=True)
+        out.index_put_((pos, flip if len(flips_) == 2 else torch.zeros_like(flip), slot), loss / n_cap, accumulate=True)
         bar.update(len(rows))
     bar.close()
     return out

@@ -1,0 +1,167 @@
+"""Artifacts computed once per (model, training set, settings) and reused: one helper for every method.
+
+Each artifact records what made it (its *identity*: model and data fingerprints and the settings
+that change values). A file made under another identity is refused with one line naming what
+differs, never silently reused. Two forms:
+
+- :func:`cached_tensors`: a safetensors file (Fisher, pretrained losses, kernels), identity in its metadata;
+- :func:`cached_array`: a large row-major ``.npy`` (projected gradients, features) written chunk by
+  chunk into a memory map and opened with ``mmap_mode="r"``, so it never has to fit in memory;
+  an interrupted computation resumes from its last finished chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from common.errors import AttributionError
+
+# How an identity key is named in the refusal message.
+WHAT = {"model": "model", "data": "training set", "models": "model ensemble"}
+
+
+def canonical(identity: dict) -> dict:
+    """The identity as JSON would store it (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(identity, sort_keys=True))
+
+
+def differing(saved: dict, wanted: dict) -> list[str]:
+    """Top-level keys whose values differ, named for a person ('model', 'training set', 'settings')."""
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    return [WHAT.get(k, f"settings ({k})") for k in keys]
+
+
+def _refuse(path: Path, what: str, diff: list[str]) -> None:
+    raise AttributionError(f"{what} {path} was made with another {', '.join(diff)}; delete it to recompute")
+
+
+def cached_tensors(
+    path: str | Path | None, identity: dict, compute: Callable[[], dict[str, torch.Tensor]], what: str
+) -> dict[str, torch.Tensor]:
+    """Load the tensors at ``path`` if they were made under ``identity``, else compute and save them.
+
+    Args:
+        path: a ``.safetensors`` file, or None to compute without caching.
+        identity: JSON-able description of what makes the values (model, data, settings).
+        compute: makes the tensors when there is no cache.
+        what: how the artifact is named in messages ("Fisher file", "loss cache", ...).
+    Raises:
+        AttributionError: the file exists but was made under another identity, or is damaged.
+    """
+    wanted = canonical(identity)
+    if path is None:
+        return compute()
+    path = Path(path)
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("identity", "{}"))
+                diff = differing(saved, wanted)
+                if diff:
+                    _refuse(path, what, diff)
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except AttributionError:
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated or corrupt files raise several types
+            raise AttributionError(
+                f"{what} {path} is damaged ({err.__class__.__name__}); delete it to recompute"
+            ) from None
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"identity": json.dumps(wanted, sort_keys=True)},
+    )
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache
+    return tensors
+
+
+def read_identity(path: str | Path) -> dict | None:
+    """The identity stored with a cached artifact (safetensors metadata or ``.npy`` sidecar), if any."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        side = path.with_name(path.name + ".json")
+        return json.loads(side.read_text())["identity"] if side.exists() else None
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("identity", "{}"))
+
+
+def cached_array(
+    path: str | Path,
+    identity: dict,
+    shape: tuple[int, ...],
+    dtype: np.dtype | str,
+    compute_rows: Callable[[int, int], np.ndarray],
+    chunk_rows: int,
+    what: str,
+    progress: bool = True,
+) -> np.ndarray:
+    """A large array computed in row chunks into a memory-mapped ``.npy``, resumable, opened read-only.
+
+    Args:
+        path: the ``.npy`` file; its identity and progress live in ``<path>.json``.
+        identity: what makes the values; a finished or partial file of another identity is refused.
+        shape: the full array's shape (rows first).
+        compute_rows: ``(start, stop) -> rows`` of shape ``(stop - start, *shape[1:])``.
+        chunk_rows: rows per chunk: the unit of work that an interruption can lose.
+    Returns:
+        The array, memory-mapped read-only.
+    """
+    path = Path(path)
+    side = path.with_name(path.name + ".json")
+    wanted = canonical(identity)
+    shape = tuple(int(s) for s in shape)
+    state = {"identity": wanted, "shape": list(shape), "dtype": np.dtype(dtype).str, "rows_done": 0}
+    if side.exists():
+        saved = json.loads(side.read_text())
+        diff = differing(saved["identity"], wanted)
+        if diff:
+            _refuse(path, what, diff)
+        if saved["shape"] != list(shape) or saved["dtype"] != state["dtype"]:
+            _refuse(path, what, ["shape or dtype"])
+        state["rows_done"] = saved["rows_done"]
+    partial = path.with_name(path.name + ".partial")
+    if state["rows_done"] >= shape[0] and path.exists():
+        return np.load(path, mmap_mode="r")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if state["rows_done"] and partial.exists():
+        out = np.load(partial, mmap_mode="r+")
+    else:
+        state["rows_done"] = 0
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    bar = tqdm(total=shape[0], initial=state["rows_done"], desc=what, disable=not progress, leave=False)
+    for start in range(state["rows_done"], shape[0], chunk_rows):
+        stop = min(start + chunk_rows, shape[0])
+        rows = np.asarray(compute_rows(start, stop))
+        if rows.shape != (stop - start, *shape[1:]):
+            raise AttributionError(
+                f"{what}: computed rows of shape {rows.shape}, expected {(stop - start, *shape[1:])}"
+            )
+        out[start:stop] = rows
+        out.flush()
+        state["rows_done"] = stop
+        _write_json(side, state)  # after the flush: a recorded chunk is on disk
+        bar.update(stop - start)
+    bar.close()
+    del out
+    os.replace(partial, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+    os.replace(tmp, path)

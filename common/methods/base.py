@@ -1,0 +1,177 @@
+"""What every attribution method is, and the driver that runs any of them over a list of queries.
+
+A method prepares once per (model, training set) — a Fisher, pretrained losses, features or
+projected gradients, each through :mod:`common.cache` — and then scores a query into one value per
+training image and orientation. The driver takes the max over the orientations (the paper's
+flip-max; models trained without flips score only the original) and writes the same outputs for
+every method: ``config.json``, ``scores.npy``, ``ranking.json`` and ``top10.png``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from common.data import ArrayTrainingSet, Query, as_numpy_uint8, fingerprint_tensors
+from common.errors import require
+from common.model import DiffusionModel
+from common.outputs import build_ranking, prepare_run_dir, write_ranking
+from common.plots import plot_top_images
+
+
+class Method(abc.ABC):
+    """An attribution method: settings (``Config``), preparation, and per-query scores.
+
+    Args:
+        cfg: an instance of the method's ``Config`` dataclass.
+        model: the model whose training data is attributed.
+        data: its training set.
+        cache_dir: where prepared artifacts are cached (None: computed in memory each time).
+        load_model: loads another model of the same benchmark from a folder (TRAK's ensemble).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: DiffusionModel,
+        data: ArrayTrainingSet,
+        cache_dir: str | Path | None = None,
+        load_model: Callable[[str], DiffusionModel] | None = None,
+    ) -> None:
+        require(isinstance(cfg, self.Config), f"{self.name} expects a {self.Config.__name__}")
+        self.cfg = cfg
+        self.model = model
+        self.data = data
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.load_model = load_model
+        self.flips = bool(model.flips)
+
+    def identity(self) -> dict:
+        """The settings that change scores: the config without batch sizes (they only change speed)."""
+        return without_batch_sizes(asdict(self.cfg))
+
+    def artifact_identity(self) -> dict:
+        """What a prepared artifact depends on: model, training set, orientations and settings."""
+        return {
+            "method": self.name,
+            "model": self.model.fingerprint(),
+            "data": self.data.fingerprint,
+            "flips": self.flips,
+        } | {"settings": self.identity()}
+
+    def cache_path(self, name: str) -> Path | None:
+        return self.cache_dir / name if self.cache_dir is not None else None
+
+    def flip_states(self) -> tuple[bool, ...]:
+        """The training-image orientations scored: (original, flipped) for models trained with flips."""
+        return (False, True) if self.flips else (False,)
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook: methods without artifacts have nothing to do
+        """Compute or load what the method needs once per (model, training set)."""
+
+    @abc.abstractmethod
+    def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
+        """Scores (N, F) float64, one column per orientation of :meth:`flip_states`, and JSON-able stats."""
+
+    def score(self, query: Query) -> tuple[np.ndarray, dict]:
+        """One score per training image (N,): the max over orientations."""
+        scores, stats = self.score_flips(query)
+        scores = np.asarray(scores, dtype=np.float64)
+        want = (len(self.data), len(self.flip_states()))
+        require(scores.shape == want, f"{self.name} returned scores of shape {scores.shape}, expected {want}")
+        return scores.max(axis=1), stats
+
+
+def without_batch_sizes(settings: dict) -> dict:
+    """``settings`` (nested) without the fields named ``*batch_size``."""
+    return {
+        k: without_batch_sizes(v) if isinstance(v, dict) else v
+        for k, v in settings.items()
+        if not k.endswith("batch_size")
+    }
+
+
+def query_fingerprint(query: Query) -> str:
+    """Identifies a query's content (model input and text condition), so a changed query is not skipped."""
+    return fingerprint_tensors(query.image.float(), query.text.float())
+
+
+def run_method(
+    method: Method,
+    queries: Sequence[Query],
+    out_dir: str | Path,
+    top_k: int = 100,
+    overwrite: bool = False,
+    plot: bool = True,
+    on_scores: Callable[[Path, Query, dict], None] | None = None,
+) -> list[Path]:
+    """Attribute every query into ``out_dir/<query id>/``; a finished query with the same config is skipped.
+
+    Args:
+        method: a prepared or unprepared method (prepared here on the first query that needs it).
+        on_scores: called as ``(folder, query, stats)`` after a query's outputs are written.
+    Returns:
+        The query folders, in query order.
+    """
+    fingerprint = method.model.fingerprint()
+    base = {
+        "method": method.name,
+        "settings": method.identity(),
+        "model": fingerprint,
+        "data": method.data.fingerprint,
+        "flips": method.flips,
+    }  # not top_k: it lists more or fewer of the same scores (scores.npy holds them all)
+    folders, prepared = [], False
+    for query in queries:
+        config = base | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
+        folder = prepare_run_dir(Path(out_dir) / query.id, config, overwrite)
+        folders.append(folder)
+        if (folder / "ranking.json").exists():
+            print(f"{query.id}: already attributed with {method.name}, skipping")
+            continue
+        if not prepared:
+            t0 = time.time()
+            method.prepare()
+            print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
+            prepared = True
+        t0 = time.time()
+        scores, stats = method.score(query)
+        stats = {"seconds_query": round(time.time() - t0, 3)} | stats
+        info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
+        ranking = build_ranking(info, method.name, scores, method.data, top_k, stats, fingerprint)
+        write_ranking(folder, ranking, scores)
+        if plot:
+            plot_ranking(folder / "top10.png", method, query, ranking)
+        if on_scores is not None:
+            on_scores(folder, query, stats)
+        top = ranking["top_k"][0]
+        print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
+    return folders
+
+
+def plot_ranking(path: Path, method: Method, query: Query, ranking: dict) -> None:
+    """The query next to its ten top training images (decoded to pixels by the model)."""
+    import torch
+
+    top = ranking["top_k"][:10]
+    idx = torch.tensor([r["index"] for r in top])
+    pixels = method.model.decode(method.data.images(idx).to(method.model.dtype))
+    query_pixels = method.model.decode(query.image[None].to(method.model.dtype))[0]
+    plot_top_images(
+        path,
+        as_numpy_uint8(query_pixels),
+        query.prompt,
+        [as_numpy_uint8(p) for p in pixels],
+        [r["score"] for r in top],
+        [r["caption"] for r in top],
+        title=f"{method.name}: {query.id}",
+    )

@@ -1,0 +1,127 @@
+"""The model contract: what any benchmark's text-to-image model gives the library.
+
+kronfluence asks its users for a small ``Task``; this library asks each benchmark (tiny, MSCOCO,
+Stable Diffusion) for one :class:`DiffusionModel`: the denoiser, its noise schedule, text encoding,
+decoding a model input to viewable pixels, a fingerprint, and getting ready for per-sample
+gradients. Library functions take the contract, never a benchmark's type or a loose schedule, and
+the number of diffusion steps comes from the model (settings are checked against it).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from common.data import fingerprint_tensors
+from common.errors import AttributionError, require, require_file
+
+
+class DiffusionModel(abc.ABC):
+    """An epsilon-prediction text-to-image diffusion model, as the library uses it.
+
+    Attributes:
+        unet: a diffusers ``UNet2DConditionModel`` (or any module with its call signature).
+        scheduler: the DDPM scheduler the model was trained with.
+        flips: whether training used random horizontal flips. When true, every method scores a
+            training image as itself and flipped and keeps the max (the paper's setting); when
+            false only the original orientation is scored.
+    """
+
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler
+    flips: bool = True
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """Cumulative products of the noise schedule (T,)."""
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @abc.abstractmethod
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Text conditions (B,L,D), float32 on the CPU."""
+
+    def null_text(self) -> torch.Tensor:
+        """The empty caption's condition (L,D): the unconditional input of classifier-free guidance."""
+        return self.encode_text([""])[0]
+
+    @abc.abstractmethod
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Viewable pixels in [-1, 1] (B,3,H,W) float32 from model inputs (B,C,h,w) (identity in pixel space)."""
+
+    def fingerprint(self) -> str:
+        """Identifies the denoiser's weights (for caches and rankings)."""
+        state = self.unet.state_dict()
+        return fingerprint_tensors(*(state[k] for k in sorted(state)))
+
+    def with_unet(self, unet: torch.nn.Module) -> DiffusionModel:
+        """The same model (schedule, text encoder, decoder) around another denoiser, e.g. an unlearned copy."""
+        other = copy.copy(self)
+        other.unet = unet
+        return other
+
+    def prepare_for_gradients(self, device: torch.device | str | None = None) -> DiffusionModel:
+        """Frozen, eval mode, on ``device``, with an attention processor that ``torch.func.vmap`` can batch."""
+        from common.diffusion.gradients import use_classic_attention
+
+        if device is not None:
+            self.unet.to(device)
+        use_classic_attention(self.unet)
+        self.unet.requires_grad_(False).eval()
+        return self
+
+    def check_timesteps(self, value: int, what: str) -> None:
+        """Refuse a setting that needs more diffusion steps than the model has."""
+        require(
+            1 <= value <= self.num_train_timesteps,
+            f"{what} = {value} does not fit the model's {self.num_train_timesteps} diffusion steps",
+        )
+
+
+def read_model_json(path: str | Path) -> dict:
+    """A model's JSON description; a missing or broken file is one line naming it."""
+    require_file(path, "model config")
+    try:
+        info = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AttributionError(f"{path} is damaged (not valid JSON); copy it again or retrain") from None
+    require(isinstance(info, dict), f"{path} is damaged (expected a JSON object)")
+    return info
+
+
+def read_safetensors(path: str | Path, what: str = "model weights") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, partial or corrupt file is one line naming it."""
+    from safetensors.torch import load_file
+
+    require_file(path, what)
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for truncated or corrupt files
+        raise AttributionError(
+            f"{path} is damaged or incomplete ({err.__class__.__name__}: {str(err)[:80]}); copy it again"
+        ) from None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True) -> None:
+    """``module.load_state_dict`` with a one-line error naming the file when the tensors do not fit."""
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)[:120]
+        raise AttributionError(f"{path} does not fit this architecture ({first})") from None

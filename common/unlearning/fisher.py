@@ -1,0 +1,156 @@
+"""Diagonal Fisher information of the training loss, for the selected weights only.
+
+F = E[g ⊙ g] over training images, flips, captions, timesteps and noise, with g a per-sample
+gradient. Sample j of the estimate visits image ``perm_e[j mod N]`` in epoch ``e = j div N`` and
+draws its flip, caption, timestep and noise from generators keyed by ``(seed, j)``, so the estimate
+does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from common import keyed_random
+from common.cache import cached_tensors
+from common.data import ArrayTrainingSet
+from common.diffusion.gradients import per_sample_gradients
+from common.diffusion.selection import check_selection, select_parameters
+from common.errors import AttributionError, require, require_file
+from common.model import DiffusionModel
+
+
+@dataclass
+class FisherConfig:
+    """How the diagonal Fisher is estimated."""
+
+    selection: str = field(default="cross-attn-kv", metadata={"help": "weights to estimate it for"})
+    num_samples: int = field(default=10000, metadata={"help": "per-sample gradients (paper MSCOCO: ~5 epochs)"})
+    batch_size: int = field(default=64, metadata={"help": "gradients per vmap batch (does not change results)"})
+    seed: int = field(default=0, metadata={"help": "seed of images order, flips, timesteps and noise"})
+    file: str = field(
+        default="",
+        metadata={"help": "import this released Fisher file instead of estimating (checked against the weights)"},
+    )
+
+    def __post_init__(self) -> None:
+        check_selection(self.selection)
+        require(self.num_samples > 0, f"num_samples must be positive, got {self.num_samples}")
+        require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+
+
+def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_timesteps: int, flips: bool):
+    """Image index, flip, caption and timestep of Fisher samples j0..j1-1."""
+    idx, flip, cap, t = [], [], [], []
+    perms: dict[int, torch.Tensor] = {}
+    for j in range(j0, j1):
+        epoch = j // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
+        idx.append(int(perms[epoch][j % n]))
+        g = keyed_random.generator(cfg.seed, keyed_random.FISHER, 1, j)
+        drawn = int(torch.randint(2, (), generator=g))  # drawn either way: the other draws stay the same
+        flip.append(drawn if flips else 0)
+        cap.append(int(torch.randint(n_cap, (), generator=g)))
+        t.append(int(torch.randint(num_train_timesteps, (), generator=g)))
+    return torch.tensor(idx), torch.tensor(flip, dtype=torch.bool), torch.tensor(cap), torch.tensor(t)
+
+
+def estimate_fisher(
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: FisherConfig,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the selected weights; flips are drawn only for models trained with them.
+
+    Returns:
+        name -> mean squared per-sample gradient, float64, shaped like the parameter.
+    """
+    names = select_parameters(model.unet, cfg.selection)
+    ref = next(model.unet.parameters())
+    params = dict(model.unet.named_parameters())
+    total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    bar = tqdm(total=cfg.num_samples, desc="fisher", unit="grad", disable=not progress, leave=False)
+    for j0 in range(0, cfg.num_samples, cfg.batch_size):
+        j1 = min(j0 + cfg.batch_size, cfg.num_samples)
+        idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
+        keys = [(cfg.seed, keyed_random.FISHER, 2, j) for j in range(j0, j1)]
+        noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
+        x0 = data.images(idx, flip).to(ref)
+        text = data.text(idx, cap).to(ref)
+        grads = per_sample_gradients(model, names, x0, text, t.to(ref.device), noise)
+        for n in names:
+            total[n] += grads[n].double().pow(2).sum(0)
+        bar.update(j1 - j0)
+    bar.close()
+    return {n: (v / cfg.num_samples).cpu() for n, v in total.items()}
+
+
+def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig) -> dict:
+    """What a Fisher depends on: the model, the training set, the flips and the settings (not the batch size)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "file")}
+    return {"model": model.fingerprint(), "data": data.fingerprint, "flips": model.flips, "settings": settings}
+
+
+def cached_fisher(
+    model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, path: str | Path | None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """The Fisher at ``path`` if it was made from this model, training set and settings; else estimate and save it.
+
+    Raises:
+        AttributionError: the file was made from another model, training set or settings, or is damaged.
+    """
+    fisher = cached_tensors(
+        path, fisher_identity(model, data, cfg), lambda: estimate_fisher(model, data, cfg, progress), "Fisher file"
+    )
+    check_fisher(fisher, select_parameters(model.unet, cfg.selection), path)
+    return fisher
+
+
+def check_fisher(fisher: dict[str, torch.Tensor], names: list[str] | None = None, path: object = None) -> None:
+    """Raise a one-line error if any entry is NaN, inf or negative, or a selected weight is missing."""
+    where = f" of {path}" if path is not None else ""
+    for name, value in fisher.items():
+        require(bool(torch.isfinite(value).all()), f"NaN or inf in the Fisher entry {name}{where}")
+        require(bool((value >= 0).all()), f"negative values in the Fisher entry {name}{where}")
+    missing = [n for n in names or [] if n not in fisher]
+    if missing:
+        raise AttributionError(f"the Fisher{where} lacks {len(missing)} selected weights, e.g. {missing[0]}")
+
+
+def import_fisher(path: str | Path, model: DiffusionModel, selection: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A released Fisher file (e.g. the authors' ``fisher_info.pt``), checked against the weights it must cover.
+
+    Reads safetensors, or a ``torch.save`` file with ``weights_only=True`` (no code runs). Entries may
+    carry a name ``prefix`` (e.g. ``unet.``), which is stripped.
+
+    Raises:
+        AttributionError: missing or unreadable file; it lacks a selected weight or holds one of another
+            shape; NaN, inf or negative entries.
+    """
+    require_file(path, "Fisher file")
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "not a Fisher file"
+        raise AttributionError(f"{path} is not a readable Fisher file ({err.__class__.__name__})") from None
+    require(isinstance(raw, dict), f"{path} holds a {type(raw).__name__}, expected a mapping of weight names")
+    fisher = {k[len(prefix) :] if prefix and k.startswith(prefix) else k: v for k, v in raw.items()}
+    names = select_parameters(model.unet, selection)
+    params = dict(model.unet.named_parameters())
+    check_fisher({n: fisher[n] for n in names if n in fisher}, names, path)
+    for n in names:
+        want = tuple(params[n].shape)
+        require(
+            tuple(fisher[n].shape) == want,
+            f"{path}: entry {n} has shape {tuple(fisher[n].shape)}, the model's weight has {want}",
+        )
+    return {n: fisher[n].double() for n in names}
