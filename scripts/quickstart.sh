@@ -46,5 +46,5 @@ python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT
 done_stage attribute
 
 echo
-echo "Done. Per query: $OUT/attribution/queries/<id>/{ranking.json,scores.npy,config.json,top10.png}"
-ls "$OUT"/attribution/queries/*/top10.png
+echo "Done. Per query: $OUT/attribution/unlearning/<id>/{ranking.json,scores.npy,config.json,top10.png}"
+ls "$OUT"/attribution/unlearning/*/top10.png

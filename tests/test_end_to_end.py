@@ -155,6 +155,7 @@ def test_counterfactual_folder_refuses_another_exclusion_mode(micro_run, tmp_pat
     assert sorted(p.name for p in (tmp_path / "cf").rglob("*.json")) == before
 
 
+@pytest.mark.slow
 def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20", NOISE_FLOOR_K="4")
     env["NOISE_FLOOR_MODES"] = "remove mask"

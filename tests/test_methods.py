@@ -103,3 +103,37 @@ def test_cached_array_resumes_after_an_interruption(tmp_path):
     assert isinstance(out, np.memmap) and not out.flags.writeable
     with pytest.raises(AttributionError, match="another model"):
         cached_array(path, {"model": "n"}, (10, 5), np.float32, rows, 2, "features", progress=False)
+
+
+def _offline_methods():
+    """Every registered method that needs no downloaded weights, with settings small enough for the test model."""
+    from common.diffusion.losses import LossConfig
+    from common.methods.d_trak import DTrakConfig
+    from common.methods.journey_trak import JourneyTrakConfig
+    from common.methods.trak import TrakConfig
+    from common.methods.unlearning import UnlearningConfig
+    from common.unlearning.fisher import FisherConfig
+    from common.unlearning.unlearn import UnlearnConfig
+
+    small = dict(selection="cross-attn-kv", projection_dim=16, num_timesteps=2, projection_rng="cpu")
+    return {
+        "unlearning": UnlearningConfig(
+            FisherConfig(num_samples=12), LossConfig(num_timesteps=2), UnlearnConfig(batch_size=4, accumulations=1)
+        ),
+        "random": RandomConfig(),
+        "pixel": PixelConfig(),
+        "trak": TrakConfig(**small),
+        "d-trak": DTrakConfig(**small),
+        "journey-trak": JourneyTrakConfig(**small, query_steps=2, query_draws=2),
+    }
+
+
+@pytest.mark.parametrize("name", ["unlearning", "random", "pixel", "trak", "d-trak", "journey-trak"])
+def test_every_offline_method_scores_both_orientations_and_keeps_the_max(model, data, query, name):
+    cfg = _offline_methods()[name]
+    method = get_method(name)(cfg, model, data)
+    per_flip, stats = method.score_flips(query)
+    assert per_flip.shape == (len(data), 2) and np.isfinite(per_flip).all()
+    assert not np.array_equal(per_flip[:, 0], per_flip[:, 1]) or name == "random"
+    scores, _ = method.score(query)
+    np.testing.assert_array_equal(scores, per_flip.max(1))

@@ -150,8 +150,14 @@ def main() -> None:
     t0 = time.time()
     method.prepare()
     seconds_prepare = time.time() - t0
-    self_dirs = run_method(method, self_queries(run, picks), out / "self", overwrite=args.overwrite)
-    gen_dirs = run_method(method, generated, out / "generated", overwrite=args.overwrite)
+    def keep_deltas(folder: Path, query: Query, stats: dict) -> None:
+        # Unlearning's per-orientation, per-timestep loss rises (N,F,T): for analyses such as dropping t = 0.
+        if getattr(method, "last_deltas", None) is not None:
+            np.save(folder / "deltas.npy", method.last_deltas)
+
+    kw = {"overwrite": args.overwrite, "on_scores": keep_deltas}
+    self_dirs = run_method(method, self_queries(run, picks), out / "self", **kw)
+    gen_dirs = run_method(method, generated, out / "generated", **kw)
     ranks = [rank_of(np.load(d / "scores.npy"), i) for d, i in zip(self_dirs, picks)]
     attrs = [q.extra["attributes"] for q in generated]
     report = {
