@@ -150,6 +150,7 @@ def main() -> None:
     t0 = time.time()
     method.prepare()
     seconds_prepare = time.time() - t0
+
     def keep_deltas(folder: Path, query: Query, stats: dict) -> None:
         # Unlearning's per-orientation, per-timestep loss rises (N,F,T): for analyses such as dropping t = 0.
         if getattr(method, "last_deltas", None) is not None:

@@ -40,7 +40,7 @@ class DinoConfig:
     batch_size: int = field(default=64, metadata={"help": "images embedded per batch (does not change results)"})
 
     def __post_init__(self) -> None:
-        require(bool(self.weights), "dino weights must name a hub id or a local folder")
+        require(bool(self.weights), "weights must name a hub id or a local folder")
         require(0 < self.crop <= self.resize, f"crop ({self.crop}) must be positive and at most resize ({self.resize})")
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
 

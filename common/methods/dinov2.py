@@ -19,6 +19,7 @@ import torch
 
 from common.errors import AttributionError, require
 from common.methods import register
+from common.methods.dino import DinoConfig
 from common.methods.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,21 +32,14 @@ from common.methods.features import (
 
 
 @dataclass
-class Dinov2Config:
+class Dinov2Config(DinoConfig):
     """DINOv2 ViT-L/14 with registers feature similarity."""
 
     weights: str = field(
         default="facebook/dinov2-with-registers-large",
         metadata={"help": "hub id or local folder (save_pretrained) of a transformers Dinov2WithRegistersModel"},
     )
-    resize: int = field(default=256, metadata={"help": "shorter image side before the centre crop (pixels)"})
-    crop: int = field(default=224, metadata={"help": "centre crop fed to the encoder (a multiple of the patch size)"})
     batch_size: int = field(default=32, metadata={"help": "images embedded per batch (does not change results)"})
-
-    def __post_init__(self) -> None:
-        require(bool(self.weights), "dinov2 weights must name a hub id or a local folder")
-        require(0 < self.crop <= self.resize, f"crop ({self.crop}) must be positive and at most resize ({self.resize})")
-        require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
 
 
 def dinov2_cls(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
