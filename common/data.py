@@ -23,7 +23,8 @@ def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place: no copy of large weights
     return h.hexdigest()[:16]
 
 

@@ -16,7 +16,6 @@ cache first and only go online when ``HF_HUB_OFFLINE`` is not set, so an offline
 from __future__ import annotations
 
 import abc
-import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.cache import cached_array
-from common.data import Query
+from common.data import Query, fingerprint_tensors
 from common.errors import AttributionError, require
 from common.methods.base import Method
 
@@ -121,17 +120,9 @@ def image_encoder(
 
 
 def weights_fingerprint(net: torch.nn.Module) -> str:
-    """A short sha256 of a network's parameters and buffers (names, shapes, dtypes, bytes), in name order.
-
-    The bytes are hashed in place (no copy): encoders reach 300M parameters (DINOv2 ViT-L).
-    """
-    h = hashlib.sha256()
+    """A short sha256 of a network's parameters and buffers (shapes, dtypes, bytes), in name order."""
     state = net.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    return fingerprint_tensors(*(state[name] for name in sorted(state)))
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
