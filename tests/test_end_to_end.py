@@ -249,3 +249,16 @@ def test_two_processes_train_the_same_model(tmp_path):
     assert worst < 1e-4, worst
     losses = [json.loads((tmp_path / d / "model.json").read_text())["summary"]["final_loss"] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_evaluate_takes_explicit_self_picks_and_refuses_one_outside(micro_run, tmp_path):
+    out, _ = micro_run
+    common = ["--model", str(out / "model"), "--data", str(out / "data"), "--config", CONFIG, "--preset", "micro"]
+    common += ["--device", "cpu", "--method", "pixel", "--num-generated", "0", "--out", str(tmp_path / "eval")]
+    run("tiny.evaluate", *common, "--self-picks", "3", "7", "--cache", str(tmp_path / "cache"))
+    report = json.loads((tmp_path / "eval" / "pixel" / "report.json").read_text())
+    assert report["self_picks"] == [3, 7] and report["self_attribution"]["ranks"] == [1, 1]
+    assert (tmp_path / "cache").is_dir() and not (tmp_path / "eval" / "pixel" / "cache").exists()
+    proc = run("tiny.evaluate", *common, "--self-picks", "48", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --self-picks 48 is outside the training set (N = 48)"

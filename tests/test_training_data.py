@@ -117,6 +117,19 @@ def test_shapes_folder_loads_with_attributes_and_no_duplicates(tmp_path):
         assert "left" not in caps[0] and "right" not in caps[0]
 
 
+def test_class_captions_keep_the_images_and_name_only_colour_and_shape(tmp_path):
+    generate(tmp_path / "full", 40, resolution=8, seed=3)
+    generate(tmp_path / "class", 40, resolution=8, seed=3, captions="class")
+    full, few = load_image_folder(tmp_path / "full", 8), load_image_folder(tmp_path / "class", 8)
+    assert np.array_equal(full.pixels, few.pixels)
+    for attrs, caps in zip(few.attributes, few.captions):
+        assert caps == [f"a {attrs['colour']} {attrs['shape']}"]
+    assert len({c[0] for c in few.captions}) < len({c[0] for c in full.captions})
+    assert json.loads((tmp_path / "class" / "dataset.json").read_text())["captions"] == "class"
+    with pytest.raises(ValueError, match="choose from full, class"):
+        generate(tmp_path / "bad", 4, resolution=8, captions="short")
+
+
 def _write_folder(root, rows, images=("a.png",)):
     root.mkdir()
     for name in images:

@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
     parser.add_argument("--tag", default="", help="name of this variant's folder (default: the method's name)")
     parser.add_argument("--num-self", type=int, default=20, help="training images used as their own queries")
-    parser.add_argument("--num-generated", type=int, default=8, help="generated queries")
+    parser.add_argument(
+        "--self-picks", type=int, nargs="+", default=None, help="these training indices as self queries instead"
+    )
+    parser.add_argument("--num-generated", type=int, default=8, help="generated queries (the first of OUT's)")
+    parser.add_argument(
+        "--cache", default=None, help="folder of the method's prepared artifacts (default OUT/<tag>/cache)"
+    )
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="guidance of the generated queries")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the choice of self queries and prompts")
     add_method_arguments(parser)
@@ -144,9 +150,16 @@ def main() -> None:
     if args.num_generated and not gen_dir.exists():
         prompts = shape_prompts(args.num_generated, args.eval_seed)
         generate_queries(run.model, prompts, gen_dir, args.eval_seed, guidance_scale=args.guidance_scale)
-    generated = load_queries(gen_dir) if args.num_generated else []
-    picks = np.random.default_rng(args.eval_seed).choice(len(run.data), args.num_self, replace=False).tolist()
-    method = cls(cfg, run.model, run.data, out / "cache", lambda p: load_model(p, args.device))
+    generated = load_queries(gen_dir)[: args.num_generated] if args.num_generated else []
+    if args.self_picks is not None:
+        bad = [i for i in args.self_picks if not 0 <= i < len(run.data)]
+        if bad:
+            raise AttributionError(f"--self-picks {bad[0]} is outside the training set (N = {len(run.data)})")
+        picks = list(args.self_picks)
+    else:
+        picks = np.random.default_rng(args.eval_seed).choice(len(run.data), args.num_self, replace=False).tolist()
+    cache = Path(args.cache) if args.cache else out / "cache"
+    method = cls(cfg, run.model, run.data, cache, lambda p: load_model(p, args.device))
     t0 = time.time()
     method.prepare()
     seconds_prepare = time.time() - t0

@@ -50,7 +50,10 @@ class ShapeSpec:
     cy: float  # vertical centre, fraction of the height
     half: float  # half-extent, fraction of the side
 
-    def caption(self) -> str:
+    def caption(self, style: str = "full") -> str:
+        """``full`` names every attribute; ``class`` only colour and shape (24 distinct captions)."""
+        if style == "class":
+            return f"a {self.colour} {self.shape}"
         return f"a {self.size} {self.colour} {self.shape} at the {self.position} on a {self.background} background"
 
     def attributes(self) -> dict[str, str]:
@@ -99,8 +102,17 @@ def render(spec: ShapeSpec, resolution: int, supersample: int = 4) -> np.ndarray
     return np.round(pooled).astype(np.uint8)
 
 
-def generate(out_dir: str | Path, num_images: int, resolution: int = 16, seed: int = 0) -> Path:
-    """Write ``num_images`` shapes as PNGs plus ``metadata.jsonl`` into ``out_dir``."""
+CAPTION_STYLES = ("full", "class")
+
+
+def generate(out_dir: str | Path, num_images: int, resolution: int = 16, seed: int = 0, captions: str = "full") -> Path:
+    """Write ``num_images`` shapes as PNGs plus ``metadata.jsonl`` into ``out_dir``.
+
+    ``captions="class"`` gives every image of a shape-and-colour class the same caption ("a red
+    circle"); the images are the same as with ``"full"`` for the same seed.
+    """
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {captions!r}; choose from {', '.join(CAPTION_STYLES)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -109,10 +121,11 @@ def generate(out_dir: str | Path, num_images: int, resolution: int = 16, seed: i
         spec = sample_spec(rng)
         name = f"images/{i:05d}.png"
         Image.fromarray(render(spec, resolution)).save(out / name)
-        lines.append({"file_name": name, "text": spec.caption(), "attributes": spec.attributes()})
+        lines.append({"file_name": name, "text": spec.caption(captions), "attributes": spec.attributes()})
     with open(out / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     info = {"generator": "tiny.shapes", "num_images": num_images, "resolution": resolution, "seed": seed}
+    info["captions"] = captions
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -123,8 +136,11 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=2000, help="number of images")
     parser.add_argument("--resolution", type=int, default=16, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument(
+        "--captions", choices=CAPTION_STYLES, default="full", help="full: every attribute; class: colour and shape"
+    )
     args = parser.parse_args()
-    generate(args.out, args.num_images, args.resolution, args.seed)
+    generate(args.out, args.num_images, args.resolution, args.seed, args.captions)
     print(f"wrote {args.num_images} images to {args.out}")
 
 

@@ -1,0 +1,60 @@
+"""Agreement of two tiny.evaluate runs on the same queries: top-10, top-100 overlap and Spearman.
+
+    python -m tiny.agreement OUT/unlearning OUT/unlearning-seed1 [--name "unlearning, seeds 0 vs 1"]
+
+For run-to-run stability: two runs of a method that differ only in their seeds. Compares every query
+folder the two runs share (their ``self/`` and ``generated/`` queries), prints one Markdown row (mean ±
+SE over queries, with the range) and appends it with the per-query values to ``A/agreement.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.errors import cli, require
+from common.evaluation.agreement import compare_runs, summarize
+
+
+def agreement_row(name: str, result: dict) -> str:
+    s = result["summary"]
+
+    def cell(key: str, pct: bool) -> str:
+        if key not in s:
+            return "–"
+        v = s[key]
+        if pct:
+            return f"{v['mean']:.0%} ± {v['se']:.0%} ({v['min']:.0%}–{v['max']:.0%})"
+        return f"{v['mean']:.2f} ± {v['se']:.2f} ({v['min']:.2f}–{v['max']:.2f})"
+
+    n = max(v["n"] for v in s.values())
+    return f"| {name} | {n} | {cell('top10', True)} | {cell('top100', True)} | {cell('spearman', False)} |"
+
+
+HEADER = "| runs | queries | top-10 overlap | top-100 overlap | Spearman |\n|---|---|---|---|---|"
+
+
+@cli
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("a", help="a tiny.evaluate method folder (with self/ and generated/)")
+    parser.add_argument("b", help="the other run's method folder")
+    parser.add_argument("--name", default="", help="the row's name (default: A vs B)")
+    args = parser.parse_args()
+    a, b = Path(args.a), Path(args.b)
+    parts = [p for p in ("self", "generated") if (a / p).is_dir() and (b / p).is_dir()]
+    require(bool(parts), f"{a} and {b} share no self/ or generated/ query folders")
+    per_query = {}
+    for part in parts:
+        per_query |= {f"{part}/{q}": v for q, v in compare_runs(a / part, b / part)["queries"].items()}
+    result = {"queries": per_query, "summary": summarize(per_query)}
+    name = args.name or f"{a.name} vs {b.name}"
+    with open(a / "agreement.jsonl", "a") as f:
+        f.write(json.dumps({"name": name, "a": str(a), "b": str(b)} | result) + "\n")
+    print(HEADER)
+    print(agreement_row(name, result))
+
+
+if __name__ == "__main__":
+    main()
