@@ -140,3 +140,37 @@ def read_ranking(path: str | Path) -> dict:
         require(0 <= item["index"] < ranking["num_train"], f"{path}: index {item['index']} out of range")
         prev = item["score"]
     return ranking
+
+
+class _Listing:
+    """What ``build_ranking`` reads of a training set: captions, image paths, fingerprint, size."""
+
+    def __init__(self, captions: list[list[str]], image_paths: list[str], fingerprint: str) -> None:
+        self.captions, self.image_paths, self.fingerprint = captions, image_paths, fingerprint
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def average_rankings(
+    folders: list[Path], out: str | Path, captions: list[list[str]], image_paths: list[str], top_k: int = 100
+) -> dict:
+    """Average the ``scores.npy`` of several runs of one query into ``out`` (``scores.npy``, ``ranking.json``).
+
+    The runs must rank the same query on the same model and training set (e.g. the same method under
+    other seeds); ``captions`` and ``image_paths`` list the training images for the top-k entries.
+    """
+    rankings = [read_ranking(Path(f) / "ranking.json") for f in folders]
+    first = rankings[0]
+    for f, r in zip(folders[1:], rankings[1:]):
+        for key in ("model_fingerprint", "train_fingerprint", "num_train"):
+            require(r[key] == first[key], f"{f}: another {key.replace('_', ' ')} than {folders[0]}")
+        require(r["query"]["id"] == first["query"]["id"], f"{f}: another query than {folders[0]}")
+    require(len(captions) == first["num_train"], f"{len(captions)} captions for {first['num_train']} training images")
+    scores = np.mean([np.load(Path(f) / "scores.npy").astype(np.float64) for f in folders], axis=0)
+    listing = _Listing(captions, image_paths, first["train_fingerprint"])
+    stats = {"averaged_runs": [str(f) for f in folders]}
+    ranking = build_ranking(first["query"], first["method"], scores, listing, top_k, stats, first["model_fingerprint"])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_ranking(out, ranking, scores)
+    return ranking

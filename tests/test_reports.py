@@ -122,3 +122,41 @@ def test_agreement_command_compares_shared_query_folders(tmp_path):
         text=True,
     )
     assert bad.stderr.strip().splitlines()[-1] == "error: g000: the two rankings come from different models"
+
+
+def test_average_command_means_the_scores_of_shared_queries(tmp_path):
+    import numpy as np
+
+    from tiny.shapes import generate
+
+    generate(tmp_path / "data", 30, resolution=8, seed=1)
+    rng = np.random.default_rng(0)
+    kept = {}
+    for run in ("a", "b"):
+        for q in ("g000", "g001") if run == "a" else ("g000",):
+            folder = tmp_path / run / "generated" / q
+            folder.mkdir(parents=True)
+            scores = rng.normal(size=30)
+            kept[(run, q)] = scores
+            np.save(folder / "scores.npy", scores.astype(np.float32))
+            top = [
+                {"rank": r + 1, "index": int(i), "score": float(scores[i]), "caption": "", "image": ""}
+                for r, i in enumerate(np.argsort(-scores)[:5])
+            ]
+            ranking = {"schema": 2, "query": {"id": q}, "method": "unlearning", "num_train": 30}
+            ranking |= {"train_fingerprint": "d", "model_fingerprint": "m", "top_k": top}
+            (folder / "ranking.json").write_text(json.dumps(ranking))
+    cmd = [sys.executable, "-m", "tiny.average", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ab")]
+    done = subprocess.run(cmd + [str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mean = np.load(tmp_path / "ab" / "generated" / "g000" / "scores.npy")
+    want = (kept[("a", "g000")].astype(np.float32) + kept[("b", "g000")].astype(np.float32)) / 2
+    assert np.allclose(mean, want, atol=1e-6) and not (tmp_path / "ab" / "generated" / "g001").exists()
+    ranking = json.loads((tmp_path / "ab" / "generated" / "g000" / "ranking.json").read_text())
+    best = int(np.argmax(want))
+    assert ranking["top_k"][0]["index"] == best and ranking["model_fingerprint"] == "m"
+    assert ranking["top_k"][0]["caption"].startswith("a ")  # from the data folder's metadata
+    ranking["model_fingerprint"] = "other"
+    (tmp_path / "b" / "generated" / "g000" / "ranking.json").write_text(json.dumps(ranking))
+    bad = subprocess.run(cmd + [str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert "another model fingerprint than" in bad.stderr.strip().splitlines()[-1]

@@ -86,6 +86,13 @@ def load_image_folder(root: str | Path, resolution: int) -> ImageFolder:
     return ImageFolder(root, pixels, [r["text"] for r in rows], [str(root / r["file_name"]) for r in rows], attrs)
 
 
+def read_listing(root: str | Path) -> tuple[list[list[str]], list[str]]:
+    """Captions and image paths of ``root/metadata.jsonl``, without reading the images."""
+    root = Path(root)
+    rows = _read_metadata(root)
+    return [r["text"] for r in rows], [str(root / r["file_name"]) for r in rows]
+
+
 def count_duplicates(pixels: torch.Tensor) -> int:
     """How many images are pixel-identical to an earlier one."""
     flat = pixels.flatten(1).numpy()
