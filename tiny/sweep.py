@@ -3,7 +3,8 @@
     python -m tiny.sweep --out SWEEP --tags kv-a5e-05 kv-a0.0002 kv-a0.0008 [--name kv]
 
 Reads ``SWEEP/<tag>/report.json``, ranks the runs by self-attribution (lowest median rank, then the
-highest top-10 and top-1 rates), prints the best run's step size on stdout (for scripts) and appends
+highest top-10 and top-1 rates; a full tie goes to the first tag given, the smallest step size in the
+scripts' grids), prints the best run's step size on stdout (for scripts) and appends
 the sweep's table to ``SWEEP/sweep.md``. A best step size at either end of the grid is flagged: the
 optimum may lie outside it.
 """
