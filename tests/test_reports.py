@@ -70,6 +70,7 @@ def test_comparison_keeps_a_row_for_a_missing_report(tmp_path, with_note):
     text = table(tmp_path, ["kv", "clip"], notes)
     assert "| kv | 50% | 100% | 2 |" in text
     assert f"| clip | {'no weights' if with_note else 'not run'} |" in text
+    assert text.endswith("N = 500.")  # no generated queries: no base rates
 
 
 def test_average_ranks_and_spearman_by_hand():

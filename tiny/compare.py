@@ -48,7 +48,7 @@ def table(out: Path, tags: list[str], notes: dict[str, str]) -> str:
     if first is not None:
         sem = first["semantic"]
         base = ", ".join(f"{k} {v['base_rate']:.1%}" for k, v in sem.items() if k in ("shape+colour", "colour"))
-        lines += ["", f"N = {first['num_train']}; base rates: {base}."]
+        lines += ["", f"N = {first['num_train']}" + (f"; base rates: {base}." if base else ".")]
     return "\n".join(lines)
 
 

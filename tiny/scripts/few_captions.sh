@@ -7,7 +7,7 @@
 #
 #   bash tiny/scripts/few_captions.sh [OUT_DIR]    (default: results/counterfactual; run table2.sh first)
 #
-# Writes OUT/few_captions/comparison.md beside OUT/table2/comparison.md (the same 20 training images).
+# Writes OUT/few_captions/comparison.md beside OUT/table2/comparison.md (the same 10 training images).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
@@ -28,11 +28,13 @@ mkdir -p "$FEW"
 for V in $VARIANTS; do
   REPORT=$OUT/table2/$V/report.json
   [ -f "$REPORT" ] || { echo "error: $REPORT is missing: run tiny/scripts/table2.sh $OUT first" >&2; exit 1; }
-  # The variant's unlearning settings as table2.sh measured them (selection and chosen step size).
-  read -r SEL STEP < <(python -c "
-import json; u = json.load(open('$REPORT'))['settings']['unlearn']; print(u['selection'], u['step_size'])")
+  # The variant's unlearning settings and training images as table2.sh measured them.
+  read -r SEL STEP PICKS < <(python -c "
+import json; r = json.load(open('$REPORT')); u = r['settings']['unlearn']
+print(u['selection'], u['step_size'], *r['self_picks'])")
   echo "== $V: $SEL at step size $STEP"
-  "${EVAL[@]}" --tag "$V" --method unlearning --unlearn.method newton --unlearn.selection "$SEL" \
+  # shellcheck disable=SC2086
+  "${EVAL[@]}" --tag "$V" --self-picks $PICKS --method unlearning --unlearn.method newton --unlearn.selection "$SEL" \
     --fisher.selection "$SEL" --unlearn.step_size "$STEP" 2> "$FEW/$V.log" > "$FEW/$V.md"
   sed -n 2p "$FEW/$V.md"
 done
