@@ -30,7 +30,7 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
 : "${GRID_newton_attn:=2.5e-05 0.0001 0.0004}"
 : "${GRID_newton_all:=2.5e-06 1e-05 4e-05}"
 : "${GRID_sgd_1:=25 100 400 1600}"
-: "${GRID_sgd_10:=2.5 10 40 160}"
+: "${GRID_sgd_10:=0.625 2.5 10 40 160}"
 
 flags() {  # the unlearning settings of a variant
   case $1 in
