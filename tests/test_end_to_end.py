@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.evaluation.exclusion import exclusion_key
 from common.outputs import read_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +154,39 @@ def test_counterfactual_folder_refuses_another_exclusion_mode(micro_run, tmp_pat
     proc = run("tiny.counterfactual", *args, "--train.exclusion_mode", "remove", check=False)
     assert proc.returncode == 2 and "made under a different config" in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (tmp_path / "cf").rglob("*.json")) == before
+
+
+def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run, tmp_path):
+    out, _ = micro_run
+    args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--eval.random_seeds", "1"]
+    args += ["--eval.ks", "4", "--rankings", f"kv={out / 'attr' / 'unlearning'}"]
+    run("tiny.counterfactual", *args)
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cf" / "metrics" / "kv").glob("*/*.json"))]
+    assert [r["query"] for r in records] == ["q000", "q001"] and all(r["k"] == 4 for r in records)
+    for record in records:  # the excluded set is that ranking's top 4
+        top = json.loads((out / "attr" / "unlearning" / record["query"] / "ranking.json").read_text())
+        assert record["excluded"] == exclusion_key(e["index"] for e in top["top_k"][:4])
+    assert "| kv |" in (tmp_path / "cf" / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("random=ATTR", "--rankings label 'random' names another row already"),
+        ("kv", "--rankings takes LABEL=FOLDER, got 'kv'"),
+        ("kv=/nonexistent", "--rankings kv: no folder /nonexistent"),
+        ("kv=EMPTY", "has no ranking for q000, q001"),
+    ],
+)
+def test_counterfactual_bad_rankings_are_one_line_before_any_work(micro_run, item, message, tmp_path):
+    out, _ = micro_run
+    (tmp_path / "empty").mkdir()
+    item = item.replace("ATTR", str(out / "attr" / "unlearning")).replace("EMPTY", str(tmp_path / "empty"))
+    args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--rankings", item]
+    proc = run("tiny.counterfactual", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cf" / "metrics").exists() and not (tmp_path / "cf" / "attribution").exists()
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
 
 Rankings of every method come from ``--attribution`` (the layout of :mod:`tiny.attribute`:
 ``<attribution>/<method>/<query id>/``; missing ones are made here with the preset's settings);
-the random baseline uses ``eval.random_seeds`` query-independent rankings. The library's driver
+the random baseline uses ``eval.random_seeds`` query-independent rankings; ``--rankings LABEL=FOLDER``
+adds rankings made elsewhere (e.g. an unlearning variant by ``tiny.attribute``) as row LABEL. The library's driver
 (:mod:`common.evaluation.leave_k_out`) retrains from scratch without each top-K with the original
 recipe and seed (cached by the excluded set; interrupted trainings resume), measures ΔL and the
 regeneration, and writes ``OUT/metrics/...``, ``OUT/table.md``, ``table.csv``, ``delta_loss.png``
@@ -35,7 +36,17 @@ from tiny.train import recipe_of, train_tiny
 
 
 def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
-    """One source per method (``random``: one per seed); rankings that are missing are made now."""
+    """One source per method (``random``: one per seed) and per ``--rankings`` item; missing rankings are made now."""
+    extra = []  # rankings made elsewhere: checked before any method runs
+    for item in args.rankings:
+        label, sep, folder = item.partition("=")
+        require(sep and label and folder, f"--rankings takes LABEL=FOLDER, got {item!r}")
+        require(label not in args.methods and label not in [s.method for s in extra],
+                f"--rankings label {label!r} names another row already")
+        require(Path(folder).is_dir(), f"--rankings {label}: no folder {folder}")
+        missing = [q.id for q in queries if not (Path(folder) / q.id / "ranking.json").exists()]
+        require(not missing, f"--rankings {label}: {folder} has no ranking for {', '.join(missing)}")
+        extra.append(RankingSource(label, Path(folder)))
     root = Path(args.attribution or Path(args.out) / "attribution")
     sources = []
     for name in args.methods:
@@ -48,6 +59,7 @@ def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
             method = cls(settings, run.model, run.data, root / "cache" / name, lambda p: load_model(p, "cpu"))
             run_method(method, queries, folder, plot=False)
             sources.append(RankingSource(name, folder, seed))
+    sources += extra
     return sources
 
 
@@ -60,6 +72,8 @@ def main() -> None:
     parser.add_argument("--attribution", default=None, help="rankings folder (default: OUT/attribution)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"], choices=sorted(METHODS))
+    parser.add_argument("--rankings", nargs="*", default=[], metavar="LABEL=FOLDER",
+                        help="rankings made elsewhere (FOLDER/<query id>/ranking.json), each a row LABEL")
     parser.add_argument("--config", default=None, help="YAML file of presets")
     parser.add_argument("--preset", default="default", help="preset name in --config")
     parser.add_argument("--device", default="cpu", help="device for retraining")

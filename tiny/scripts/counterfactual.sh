@@ -9,7 +9,10 @@
 # Optionally the noise floor: the random baseline again at one K with other exclusion modes, to compare
 # the spread of ΔL over random sets (noise_floor.json in each folder; ~6 min per mode).
 #
-# Environment: PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
+# Environment: METHODS (registered methods, default "unlearning pixel random"; e.g. add "trak journey-trak d-trak"),
+# VARIANTS (Table 2 variants measured by table2.sh in OUT/table2, e.g. "newton_all": each is attributed with
+# its settings and chosen step size and becomes its own row), KS (the preset's eval.ks if empty),
+# PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
 # NUM_IMAGES (500), SAMPLE_STEPS (250 DDPM steps per query and regeneration), DEVICE (cpu),
 # CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), EXCLUSION_MODE (the preset's: zero),
 # NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's numbers came from
@@ -29,9 +32,22 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
   --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
 python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
+RANKINGS=()
+for V in ${VARIANTS:-}; do  # a Table 2 variant: its unlearning settings as table2.sh chose them
+  REPORT=$OUT/table2/$V/report.json
+  [ -f "$REPORT" ] || { echo "error: $REPORT is missing: run tiny/scripts/table2.sh $OUT first" >&2; exit 1; }
+  read -ra FLAGS < <(python -c "
+import json; u = json.load(open('$REPORT'))['settings']['unlearn']
+print(*(f'--unlearn.{k} {u[k]}' for k in ('method', 'selection', 'step_size', 'steps')), '--fisher.selection', u['selection'])")
+  python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+    --out "$OUT/attribution_$V" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" "${FLAGS[@]}"
+  RANKINGS+=("$V=$OUT/attribution_$V/unlearning")
+done
+# shellcheck disable=SC2086
 python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
-  --device "$DEVICE" ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
+  --device "$DEVICE" --methods ${METHODS:-unlearning pixel random} ${KS:+--eval.ks $KS} \
+  ${RANKINGS[@]:+--rankings "${RANKINGS[@]}"} ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
   ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"}
 for MODE in ${NOISE_FLOOR_MODES:-}; do
   python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
