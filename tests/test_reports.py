@@ -116,6 +116,15 @@ def test_agreement_command_compares_shared_query_folders(tmp_path):
     assert record["queries"]["generated/g000"]["spearman"] > 0.99
     assert record["queries"]["generated/g001"]["spearman"] < 0.9  # b's g001 has independent noise added
     assert record["summary"]["top10"]["n"] == 3
+    generated = subprocess.run(
+        [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b"), "--part", "generated"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert generated.stdout.strip().splitlines()[-1].startswith("| a vs b | 2 | ")
+    record = json.loads((tmp_path / "a" / "agreement.jsonl").read_text().splitlines()[-1])
+    assert set(record["queries"]) == {"generated/g000", "generated/g001"}
     (tmp_path / "b" / "generated" / "g000" / "ranking.json").write_text(json.dumps({"model_fingerprint": "other"}))
     bad = subprocess.run(
         [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b")],
