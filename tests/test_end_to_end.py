@@ -172,7 +172,9 @@ def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        ("random=ATTR", "--rankings label 'random' names another row already"),
+        ("random=ATTR", "--rankings label 'random' is a method's name or another row's"),
+        ("../kv=ATTR", "--rankings label '../kv': use letters, digits"),
+        ("kv=OTHER", "was made on another model"),
         ("kv", "--rankings takes LABEL=FOLDER, got 'kv'"),
         ("kv=/nonexistent", "--rankings kv: no folder /nonexistent"),
         ("kv=EMPTY", "has no ranking for q000, q001"),
@@ -181,6 +183,12 @@ def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run
 def test_counterfactual_bad_rankings_are_one_line_before_any_work(micro_run, item, message, tmp_path):
     out, _ = micro_run
     (tmp_path / "empty").mkdir()
+    if "OTHER" in item:  # the same queries ranked on another model
+        other = tmp_path / "other"
+        shutil.copytree(out / "attr" / "unlearning", other)
+        for path in other.glob("*/ranking.json"):
+            path.write_text(path.read_text().replace(json.loads(path.read_text())["model_fingerprint"], "0" * 16))
+        item = item.replace("OTHER", str(other))
     item = item.replace("ATTR", str(out / "attr" / "unlearning")).replace("EMPTY", str(tmp_path / "empty"))
     args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--rankings", item]
     proc = run("tiny.counterfactual", *args, check=False)
@@ -193,20 +201,31 @@ def test_counterfactual_bad_rankings_are_one_line_before_any_work(micro_run, ite
 def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     env = dict(os.environ, PRESET="micro", NUM_QUERIES="2", NUM_IMAGES="48", SAMPLE_STEPS="20", NOISE_FLOOR_K="4")
     env["NOISE_FLOOR_MODES"] = "remove mask"
+    env["VARIANTS"] = "attn_small"  # a Table 2 variant: its settings come from its report
+    variant = tmp_path / "cf" / "table2" / "attn_small"
+    variant.mkdir(parents=True)
+    settings = {
+        "unlearn": {"method": "newton", "selection": "attn", "step_size": 1e-4, "steps": 1, "accumulations": 2},
+        "fisher": {"selection": "attn", "num_samples": 32, "seed": 0, "file": ""},
+        "loss": {"seed": 0, "num_timesteps": 4, "flips": True},
+    }
+    (variant / "report.json").write_text(json.dumps({"settings": settings}))
     cmd = ["bash", str(ROOT / "tiny" / "scripts" / "counterfactual.sh"), str(tmp_path / "cf")]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "cf" / "leave_k_out"
     metrics = sorted(out.glob("metrics/*/*/*.json"))
-    assert len(metrics) == 6  # 2 queries x (unlearning, pixel, random seed 0) x K = 4
+    assert len(metrics) == 8  # 2 queries x (unlearning, pixel, random seed 0, attn_small) x K = 4
+    config = json.loads((tmp_path / "cf" / "attribution_attn_small" / "unlearning" / "q000" / "config.json").read_text())
+    assert config["settings"]["unlearn"]["selection"] == "attn" and config["settings"]["fisher"]["num_samples"] == 32
     for path in metrics:
         record = json.loads(path.read_text())
         assert record["k"] == 4 and np.isfinite(record["delta_loss"]) and record["mse"] >= 0
         assert record["clip"] is None and "no CLIP weights" in record["clip_note"]
     table = (out / "table.md").read_text()
-    assert "| unlearning |" in table and "| pixel |" in table and "| random |" in table
+    assert "| unlearning |" in table and "| pixel |" in table and "| random |" in table and "| attn_small |" in table
     models = sorted(p.name for p in out.glob("models/*/*"))
-    assert 1 <= len(models) <= 5  # random sets are shared by both queries
+    assert 1 <= len(models) <= 7  # 2 queries x 3 ranked methods + 1 random set shared by both queries
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "[1/" not in second.stdout  # nothing retrained or re-measured
     assert sorted(p.name for p in out.glob("models/*/*")) == models

@@ -122,9 +122,9 @@ def test_agreement_command_compares_shared_query_folders(tmp_path):
         text=True,
         check=True,
     )
-    assert generated.stdout.strip().splitlines()[-1].startswith("| a vs b | 2 | ")
+    assert generated.stdout.strip().splitlines()[-1].startswith("| a vs b (generated) | 2 | ")
     record = json.loads((tmp_path / "a" / "agreement.jsonl").read_text().splitlines()[-1])
-    assert set(record["queries"]) == {"generated/g000", "generated/g001"}
+    assert set(record["queries"]) == {"generated/g000", "generated/g001"} and record["part"] == "generated"
     (tmp_path / "b" / "generated" / "g000" / "ranking.json").write_text(json.dumps({"model_fingerprint": "other"}))
     bad = subprocess.run(
         [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b")],
@@ -181,6 +181,7 @@ def _shapes_folder(path, attrs):
 
 
 def test_neighbour_shares_and_base_rates_by_hand(tmp_path):
+    from common.errors import AttributionError
     from common.outputs import SCHEMA_VERSION
     from tiny.neighbours import base_rates, neighbour_shares, read_attributes
 
@@ -201,5 +202,5 @@ def test_neighbour_shares_and_base_rates_by_hand(tmp_path):
     # Ordered pairs with the same label over 4 * 3: shape+colour {0,1,2} -> 6/12; background {0,1,3} -> 6/12;
     # size {0,1}, {2,3} -> 4/12; position {0,1,2} -> 6/12.
     assert base_rates(got) == pytest.approx({"shape+colour": 0.5, "background": 0.5, "size": 1 / 3, "position": 0.5})
-    with pytest.raises(Exception, match="lists fewer than 5 images"):
+    with pytest.raises(AttributionError, match="lists fewer than 5 images"):
         neighbour_shares(tmp_path / "run", got, k=4)  # only 3 others listed

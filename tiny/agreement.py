@@ -52,9 +52,9 @@ def main() -> None:
     for part in parts:
         per_query |= {f"{part}/{q}": v for q, v in compare_runs(a / part, b / part)["queries"].items()}
     result = {"queries": per_query, "summary": summarize(per_query)}
-    name = args.name or f"{a.name} vs {b.name}"
+    name = args.name or f"{a.name} vs {b.name}" + (f" ({args.part})" if args.part != "both" else "")
     with open(a / "agreement.jsonl", "a") as f:
-        f.write(json.dumps({"name": name, "a": str(a), "b": str(b)} | result) + "\n")
+        f.write(json.dumps({"name": name, "a": str(a), "b": str(b), "part": args.part} | result) + "\n")
     print(HEADER)
     print(agreement_row(name, result))
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
+from common.evaluation.exclusion import top_k_exclusion
 from common.evaluation.leave_k_out import RankingSource, leave_k_out
 from common.evaluation.tables import seed_spread
 from common.methods import METHODS, get_method
@@ -37,16 +39,22 @@ from tiny.train import recipe_of, train_tiny
 
 def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
     """One source per method (``random``: one per seed) and per ``--rankings`` item; missing rankings are made now."""
-    extra = []  # rankings made elsewhere: checked before any method runs
+    extra = []  # rankings made elsewhere: checked (model, training set, K) before any method runs
     for item in args.rankings:
         label, sep, folder = item.partition("=")
         require(sep and label and folder, f"--rankings takes LABEL=FOLDER, got {item!r}")
-        require(label not in args.methods and label not in [s.method for s in extra],
-                f"--rankings label {label!r} names another row already")
+        require(re.fullmatch(r"[A-Za-z0-9_.-]+", label) and label not in (".", ".."),
+                f"--rankings label {label!r}: use letters, digits, '_', '.' or '-'")
+        taken = set(METHODS) | {s.method for s in extra}
+        require(label not in taken, f"--rankings label {label!r} is a method's name or another row's")
         require(Path(folder).is_dir(), f"--rankings {label}: no folder {folder}")
         missing = [q.id for q in queries if not (Path(folder) / q.id / "ranking.json").exists()]
         require(not missing, f"--rankings {label}: {folder} has no ranking for {', '.join(missing)}")
-        extra.append(RankingSource(label, Path(folder)))
+        source = RankingSource(label, Path(folder))
+        for query in queries:
+            top_k_exclusion(source.ranking(query), max(cfg.ks), len(run.data), run.data.fingerprint,
+                            run.model.fingerprint())
+        extra.append(source)
     root = Path(args.attribution or Path(args.out) / "attribution")
     sources = []
     for name in args.methods:

@@ -5,8 +5,8 @@
 For each ``tiny.evaluate`` run (``RUN/self/<train id>/ranking.json``), the share of each query's
 10 best-ranked *other* training images that have the query image's attribute, averaged over the
 queries, against the base rate (the share over all other images). Tells what a method's ranking
-follows beyond the image itself: pixel similarity follows the background (the largest area),
-a caption-driven ranking the shape and colour. Prints one Markdown table.
+follows beyond the image itself (on the shapes set, pixel similarity follows the background, the
+largest area; unlearning mostly the shape and colour). Prints one Markdown table.
 """
 
 from __future__ import annotations

@@ -26,6 +26,28 @@ DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+variant_flags() {  # the unlearning, Fisher and loss settings of a Table 2 variant, as command-line flags
+  python - "$OUT/table2/$1/report.json" <<'PY'
+import json, sys
+settings = json.load(open(sys.argv[1]))["settings"]
+flags = []
+for section in ("unlearn", "fisher", "loss"):
+    for key, value in settings.get(section, {}).items():
+        if isinstance(value, bool):
+            flags.append(f"--{'' if value else 'no-'}{section}.{key}")
+        elif value != "":
+            flags += [f"--{section}.{key}", str(value)]
+if "fisher" not in settings:  # SGD needs no Fisher; the check of the selections still wants them equal
+    flags += ["--fisher.selection", settings["unlearn"]["selection"]]
+print(*flags)
+PY
+}
+for V in ${VARIANTS:-}; do  # before any work: every variant's settings must be readable
+  variant_flags "$V" > /dev/null 2>&1 || {
+    echo "error: cannot read $V's settings from $OUT/table2/$V/report.json: run tiny/scripts/table2.sh $OUT first" >&2
+    exit 1
+  }
+done
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 [ -d "$OUT/queries" ] || python -m tiny.generate --model "$OUT/model" --out "$OUT/queries" --num "$NUM_QUERIES" \
@@ -33,14 +55,10 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
 python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 RANKINGS=()
-for V in ${VARIANTS:-}; do  # a Table 2 variant: its unlearning settings as table2.sh chose them
-  REPORT=$OUT/table2/$V/report.json
-  [ -f "$REPORT" ] || { echo "error: $REPORT is missing: run tiny/scripts/table2.sh $OUT first" >&2; exit 1; }
-  read -ra FLAGS < <(python -c "
-import json; u = json.load(open('$REPORT'))['settings']['unlearn']
-print(*(f'--unlearn.{k} {u[k]}' for k in ('method', 'selection', 'step_size', 'steps')), '--fisher.selection', u['selection'])")
+for V in ${VARIANTS:-}; do  # a Table 2 variant: attributed with every unlearning setting table2.sh used
+  # shellcheck disable=SC2046
   python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
-    --out "$OUT/attribution_$V" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" "${FLAGS[@]}"
+    --out "$OUT/attribution_$V" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" $(variant_flags "$V")
   RANKINGS+=("$V=$OUT/attribution_$V/unlearning")
 done
 # shellcheck disable=SC2086
