@@ -216,8 +216,9 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
     out = tmp_path / "cf" / "leave_k_out"
     metrics = sorted(out.glob("metrics/*/*/*.json"))
     assert len(metrics) == 8  # 2 queries x (unlearning, pixel, random seed 0, attn_small) x K = 4
-    config = json.loads((tmp_path / "cf" / "attribution_attn_small" / "unlearning" / "q000" / "config.json").read_text())
-    assert config["settings"]["unlearn"]["selection"] == "attn" and config["settings"]["fisher"]["num_samples"] == 32
+    config = tmp_path / "cf" / "attribution_attn_small" / "unlearning" / "q000" / "config.json"
+    settings = json.loads(config.read_text())["settings"]
+    assert settings["unlearn"]["selection"] == "attn" and settings["fisher"]["num_samples"] == 32
     for path in metrics:
         record = json.loads(path.read_text())
         assert record["k"] == 4 and np.isfinite(record["delta_loss"]) and record["mse"] >= 0

@@ -175,8 +175,10 @@ def test_average_command_means_the_scores_of_shared_queries(tmp_path):
 def _shapes_folder(path, attrs):
     path.mkdir(parents=True)
     keys = ("shape", "colour", "size", "position", "background")
-    lines = [json.dumps({"file_name": f"images/{i:05d}.png", "text": "x", "attributes": dict(zip(keys, a))})
-             for i, a in enumerate(attrs)]
+    lines = [
+        json.dumps({"file_name": f"images/{i:05d}.png", "text": "x", "attributes": dict(zip(keys, a))})
+        for i, a in enumerate(attrs)
+    ]
     (path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -186,16 +188,29 @@ def test_neighbour_shares_and_base_rates_by_hand(tmp_path):
     from tiny.neighbours import base_rates, neighbour_shares, read_attributes
 
     # 4 images: 0 and 1 red squares on black; 2 a red square on white; 3 a blue circle on black.
-    attrs = [("square", "red", "s", "top", "black"), ("square", "red", "s", "top", "black"),
-             ("square", "red", "l", "top", "white"), ("circle", "blue", "l", "mid", "black")]
+    attrs = [
+        ("square", "red", "s", "top", "black"),
+        ("square", "red", "s", "top", "black"),
+        ("square", "red", "l", "top", "white"),
+        ("circle", "blue", "l", "mid", "black"),
+    ]
     _shapes_folder(tmp_path / "data", attrs)
     got = read_attributes(tmp_path / "data")
     folder = tmp_path / "run" / "self" / "train00000"
     folder.mkdir(parents=True)
-    top = [{"rank": r, "index": i, "score": 1.0 - r / 10, "caption": "x", "image": "x"}
-           for r, i in enumerate([0, 3, 2, 1], 1)]  # the image itself first: skipped
-    ranking = {"schema": SCHEMA_VERSION, "query": {"id": "train00000"}, "method": "m", "num_train": 4,
-               "train_fingerprint": "d", "model_fingerprint": "m", "top_k": top}
+    top = [
+        {"rank": r, "index": i, "score": 1.0 - r / 10, "caption": "x", "image": "x"}
+        for r, i in enumerate([0, 3, 2, 1], 1)
+    ]  # the image itself first: skipped
+    ranking = {
+        "schema": SCHEMA_VERSION,
+        "query": {"id": "train00000"},
+        "method": "m",
+        "num_train": 4,
+        "train_fingerprint": "d",
+        "model_fingerprint": "m",
+        "top_k": top,
+    }
     (folder / "ranking.json").write_text(json.dumps(ranking))
     shares = neighbour_shares(tmp_path / "run", got, k=2)  # the two best others: 3, then 2
     assert shares == {"shape+colour": 0.5, "background": 0.5, "size": 0.0, "position": 0.5, "queries": 1}

@@ -4,7 +4,8 @@
 
 For run-to-run stability: two runs of a method that differ only in their seeds. Compares every query
 folder the two runs share (their ``self/`` and ``generated/`` queries), prints one Markdown row (mean ±
-SE over queries, with the range; ``--part`` keeps one kind) and appends it with the per-query values to ``A/agreement.jsonl``.
+SE over queries, with the range; ``--part`` keeps one kind) and appends it with the per-query values
+to ``A/agreement.jsonl``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def main() -> None:
     parser.add_argument("a", help="a tiny.evaluate method folder (with self/ and generated/)")
     parser.add_argument("b", help="the other run's method folder")
     parser.add_argument("--name", default="", help="the row's name (default: A vs B)")
-    parser.add_argument("--part", choices=["both", "self", "generated"], default="both",
-                        help="compare only the training-image (self) or the generated queries")
+    parser.add_argument(
+        "--part",
+        choices=["both", "self", "generated"],
+        default="both",
+        help="compare only the training-image (self) or the generated queries",
+    )
     args = parser.parse_args()
     a, b = Path(args.a), Path(args.b)
     wanted = ("self", "generated") if args.part == "both" else (args.part,)

@@ -43,8 +43,10 @@ def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
     for item in args.rankings:
         label, sep, folder = item.partition("=")
         require(sep and label and folder, f"--rankings takes LABEL=FOLDER, got {item!r}")
-        require(re.fullmatch(r"[A-Za-z0-9_.-]+", label) and label not in (".", ".."),
-                f"--rankings label {label!r}: use letters, digits, '_', '.' or '-'")
+        require(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", label) and label not in (".", ".."),
+            f"--rankings label {label!r}: use letters, digits, '_', '.' or '-'",
+        )
         taken = set(METHODS) | {s.method for s in extra}
         require(label not in taken, f"--rankings label {label!r} is a method's name or another row's")
         require(Path(folder).is_dir(), f"--rankings {label}: no folder {folder}")
@@ -52,8 +54,9 @@ def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
         require(not missing, f"--rankings {label}: {folder} has no ranking for {', '.join(missing)}")
         source = RankingSource(label, Path(folder))
         for query in queries:
-            top_k_exclusion(source.ranking(query), max(cfg.ks), len(run.data), run.data.fingerprint,
-                            run.model.fingerprint())
+            top_k_exclusion(
+                source.ranking(query), max(cfg.ks), len(run.data), run.data.fingerprint, run.model.fingerprint()
+            )
         extra.append(source)
     root = Path(args.attribution or Path(args.out) / "attribution")
     sources = []
@@ -80,8 +83,13 @@ def main() -> None:
     parser.add_argument("--attribution", default=None, help="rankings folder (default: OUT/attribution)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"], choices=sorted(METHODS))
-    parser.add_argument("--rankings", nargs="*", default=[], metavar="LABEL=FOLDER",
-                        help="rankings made elsewhere (FOLDER/<query id>/ranking.json), each a row LABEL")
+    parser.add_argument(
+        "--rankings",
+        nargs="*",
+        default=[],
+        metavar="LABEL=FOLDER",
+        help="rankings made elsewhere (FOLDER/<query id>/ranking.json), each a row LABEL",
+    )
     parser.add_argument("--config", default=None, help="YAML file of presets")
     parser.add_argument("--preset", default="default", help="preset name in --config")
     parser.add_argument("--device", default="cpu", help="device for retraining")
