@@ -185,7 +185,8 @@ def _shapes_folder(path, attrs):
 def test_neighbour_shares_and_base_rates_by_hand(tmp_path):
     from common.errors import AttributionError
     from common.outputs import SCHEMA_VERSION
-    from tiny.neighbours import base_rates, neighbour_shares, read_attributes
+    from tiny.data import read_attributes
+    from tiny.neighbours import base_rates, neighbour_shares
 
     # 4 images: 0 and 1 red squares on black; 2 a red square on white; 3 a blue circle on black.
     attrs = [

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.errors import AttributionError, require_file
+from common.errors import AttributionError, require, require_file
 
 
 @dataclass
@@ -84,6 +84,13 @@ def load_image_folder(root: str | Path, resolution: int) -> ImageFolder:
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
     attrs = [r["attributes"] for r in rows] if all("attributes" in r for r in rows) else None
     return ImageFolder(root, pixels, [r["text"] for r in rows], [str(root / r["file_name"]) for r in rows], attrs)
+
+
+def read_attributes(root: str | Path) -> list[dict]:
+    """The shape attributes of every image of a ``tiny.shapes`` folder (one line if it has none)."""
+    rows = _read_metadata(Path(root))
+    require(all("attributes" in r for r in rows), f"{Path(root) / 'metadata.jsonl'} has no shape attributes")
+    return [r["attributes"] for r in rows]
 
 
 def read_listing(root: str | Path) -> tuple[list[list[str]], list[str]]:

@@ -12,13 +12,13 @@ largest area; unlearning mostly the shape and colour). Prints one Markdown table
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import cli, require
 from common.outputs import read_ranking
+from tiny.data import read_attributes
 
 ATTRIBUTES = {
     "shape+colour": ("shape", "colour"),
@@ -26,14 +26,6 @@ ATTRIBUTES = {
     "size": ("size",),
     "position": ("position",),
 }
-
-
-def read_attributes(data: Path) -> list[dict]:
-    meta = data / "metadata.jsonl"
-    require(meta.exists(), f"{meta} is missing (not a tiny.shapes folder)")
-    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    require(all("attributes" in r for r in rows), f"{meta} has no shape attributes")
-    return [r["attributes"] for r in rows]
 
 
 def neighbour_shares(run: Path, attrs: list[dict], k: int = 10) -> dict[str, float]:
