@@ -316,3 +316,23 @@ def test_evaluate_takes_explicit_self_picks_and_refuses_one_outside(micro_run, t
     proc = run("tiny.evaluate", *common, "--self-picks", "48", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: --self-picks 48 is outside the training set (N = 48)"
+
+
+def test_evaluate_reuses_generated_queries_only_under_the_same_settings(micro_run, tmp_path):
+    out, _ = micro_run
+    common = ["--model", str(out / "model"), "--data", str(out / "data"), "--config", CONFIG, "--preset", "micro"]
+    common += ["--device", "cpu", "--method", "pixel", "--self-picks", "3", "--out", str(tmp_path / "eval")]
+    run("tiny.evaluate", *common, "--num-generated", "2")
+    folder = tmp_path / "eval" / "generated_queries"
+    made = {p.name: p.stat().st_mtime_ns for p in folder.glob("*/image.png")}
+    run("tiny.evaluate", *common, "--num-generated", "1", "--tag", "again")  # a prefix of the same queries: reused
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*/image.png")} == made
+    assert len(list((tmp_path / "eval" / "again" / "generated").iterdir())) == 1
+    for flags, reason in [
+        (["--eval-seed", "1"], "was made under a different config (prompt_seed differ)"),
+        (["--num-generated", "3"], "holds 2 generated queries, fewer than --num-generated 3; choose another --out"),
+    ]:
+        proc = run("tiny.evaluate", *common, "--num-generated", "2", "--tag", "other", *flags, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert reason in proc.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "eval" / "other").exists()

@@ -24,8 +24,9 @@ import numpy as np
 
 from common.config import add_method_arguments, load_preset, method_from_args
 from common.data import Query
-from common.errors import AttributionError, cli
+from common.errors import AttributionError, cli, require
 from common.methods.base import run_method
+from common.outputs import prepare_run_dir
 from common.queries import load_queries
 from tiny.data import count_duplicates
 from tiny.pipeline import TinyRun, generate_queries, load_model, load_run, shape_prompts
@@ -137,6 +138,23 @@ def self_queries(run: TinyRun, picks: list[int]) -> list[Query]:
     return [Query(f"train{i:05d}", f.pixels[i], data.text([i])[0], f.captions[i][0], f.paths[i]) for i in picks]
 
 
+def generated_queries(run: TinyRun, folder: Path, args: argparse.Namespace) -> list[Query]:
+    """The first ``--num-generated`` queries sampled from the model; made once per output folder and reused
+    only by runs of the same model, prompt seed and guidance (another is refused, naming the folder)."""
+    identity = {"model": run.model.fingerprint(), "prompt_seed": args.eval_seed, "guidance_scale": args.guidance_scale}
+    prepare_run_dir(folder, identity)
+    if not any(folder.glob("*/query.json")):
+        prompts = shape_prompts(args.num_generated, args.eval_seed)
+        generate_queries(run.model, prompts, folder, args.eval_seed, guidance_scale=args.guidance_scale)
+    queries = load_queries(folder)
+    require(
+        len(queries) >= args.num_generated,
+        f"{folder} holds {len(queries)} generated queries, fewer than --num-generated {args.num_generated}; "
+        "choose another --out",
+    )
+    return queries[: args.num_generated]
+
+
 @cli
 def main() -> None:
     args = load_preset(build_parser())
@@ -146,11 +164,7 @@ def main() -> None:
         raise AttributionError(f"{args.data} has no attributes in metadata.jsonl; evaluate needs the shapes dataset")
     root = Path(args.out)
     out = root / (args.tag or cls.name)
-    gen_dir = root / "generated_queries"
-    if args.num_generated and not gen_dir.exists():
-        prompts = shape_prompts(args.num_generated, args.eval_seed)
-        generate_queries(run.model, prompts, gen_dir, args.eval_seed, guidance_scale=args.guidance_scale)
-    generated = load_queries(gen_dir)[: args.num_generated] if args.num_generated else []
+    generated = generated_queries(run, root / "generated_queries", args) if args.num_generated else []
     if args.self_picks is not None:
         bad = [i for i in args.self_picks if not 0 <= i < len(run.data)]
         if bad:
