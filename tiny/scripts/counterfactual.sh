@@ -12,10 +12,15 @@
 # Environment: METHODS (registered methods, default "unlearning pixel random"; e.g. add "trak journey-trak d-trak"),
 # VARIANTS (Table 2 variants measured by table2.sh in OUT/table2, e.g. "newton_all": each is attributed with
 # its settings and chosen step size and becomes its own row), KS (the preset's eval.ks if empty),
-# PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), NUM_QUERIES (8),
+# PRESET (default "leave_k_out"; "micro" is a seconds-long smoke run), QUERIES (a queries folder made elsewhere,
+# with saved noise, e.g. OUT/table2/generated_queries; default: NUM_QUERIES (8) generated into OUT/queries),
 # NUM_IMAGES (500), SAMPLE_STEPS (250 DDPM steps per query and regeneration), DEVICE (cpu),
 # CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), EXCLUSION_MODE (the preset's: zero),
-# NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's numbers came from
+# NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's tables came from
+#   (every method, after table2.sh, on Table 2's generated queries)
+#   QUERIES=results/counterfactual/table2/generated_queries METHODS="pixel random trak d-trak journey-trak" \
+#     VARIANTS="newton_kv newton_all" KS=20 bash tiny/scripts/counterfactual.sh
+#   (the first table, unlearning at the preset's step)
 #   EXCLUSION_MODE=mask NOISE_FLOOR_MODES="remove zero" bash tiny/scripts/counterfactual.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,25 +55,26 @@ for V in ${VARIANTS:-}; do  # before any work: every variant's settings must be 
 done
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
-[ -d "$OUT/queries" ] || python -m tiny.generate --model "$OUT/model" --out "$OUT/queries" --num "$NUM_QUERIES" \
+QUERIES=${QUERIES:-$OUT/queries}
+[ -d "$QUERIES" ] || python -m tiny.generate --model "$OUT/model" --out "$QUERIES" --num "$NUM_QUERIES" \
   --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
-python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
+python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 RANKINGS=()
 for V in ${VARIANTS:-}; do  # a Table 2 variant: attributed with every unlearning setting table2.sh used
   # shellcheck disable=SC2046
-  python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+  python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
     --out "$OUT/attribution_$V" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" $(variant_flags "$V")
   RANKINGS+=("$V=$OUT/attribution_$V/unlearning")
 done
 # shellcheck disable=SC2086
-python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
   --device "$DEVICE" --methods ${METHODS:-unlearning pixel random} ${KS:+--eval.ks $KS} \
   ${RANKINGS[@]:+--rankings "${RANKINGS[@]}"} ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
   ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"}
 for MODE in ${NOISE_FLOOR_MODES:-}; do
-  python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" \
+  python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
     --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
     --eval.ks "${NOISE_FLOOR_K:-5}" --train.exclusion_mode "$MODE"
 done
