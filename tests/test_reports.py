@@ -125,6 +125,18 @@ def test_agreement_command_compares_shared_query_folders(tmp_path):
     assert generated.stdout.strip().splitlines()[-1].startswith("| a vs b (generated) | 2 | ")
     record = json.loads((tmp_path / "a" / "agreement.jsonl").read_text().splitlines()[-1])
     assert set(record["queries"]) == {"generated/g000", "generated/g001"} and record["part"] == "generated"
+    smaller = tmp_path / "c" / "generated" / "g001"  # a run on fewer queries: --like compares only those
+    smaller.mkdir(parents=True)
+    np.save(smaller / "scores.npy", base)
+    like = subprocess.run(
+        [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b"), "--like", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert like.stdout.strip().splitlines()[-1].startswith("| a vs b | 1 | ")
+    record = json.loads((tmp_path / "a" / "agreement.jsonl").read_text().splitlines()[-1])
+    assert set(record["queries"]) == {"generated/g001"}
     (tmp_path / "b" / "generated" / "g000" / "ranking.json").write_text(json.dumps({"model_fingerprint": "other"}))
     bad = subprocess.run(
         [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b")],

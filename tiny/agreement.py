@@ -3,9 +3,9 @@
     python -m tiny.agreement OUT/unlearning OUT/unlearning-seed1 [--name "unlearning, seeds 0 vs 1"]
 
 For run-to-run stability: two runs of a method that differ only in their seeds. Compares every query
-folder the two runs share (their ``self/`` and ``generated/`` queries), prints one Markdown row (mean ±
-SE over queries, with the range; ``--part`` keeps one kind) and appends it with the per-query values
-to ``A/agreement.jsonl``.
+folder the two runs share (their ``self/`` and ``generated/`` queries; with ``--like RUN`` only those
+that RUN has too), prints one Markdown row (mean ± SE over queries, with the range; ``--part`` keeps
+one kind) and appends it with the per-query values to ``A/agreement.jsonl``.
 """
 
 from __future__ import annotations
@@ -48,14 +48,26 @@ def main() -> None:
         default="both",
         help="compare only the training-image (self) or the generated queries",
     )
+    parser.add_argument(
+        "--like",
+        metavar="RUN",
+        help="compare only the queries that this other method folder has (a like-for-like row beside a smaller run)",
+    )
     args = parser.parse_args()
     a, b = Path(args.a), Path(args.b)
+    like = Path(args.like) if args.like else None
+    if like is not None:
+        require(like.is_dir(), f"{like} is not a method folder")
     wanted = ("self", "generated") if args.part == "both" else (args.part,)
     parts = [p for p in wanted if (a / p).is_dir() and (b / p).is_dir()]
     require(bool(parts), f"{a} and {b} share no {' or '.join(p + '/' for p in wanted)} query folders")
     per_query = {}
     for part in parts:
-        per_query |= {f"{part}/{q}": v for q, v in compare_runs(a / part, b / part)["queries"].items()}
+        only = {f.parent.name for f in (like / part).glob("*/scores.npy")} if like else None
+        if only is not None and not only:
+            continue
+        per_query |= {f"{part}/{q}": v for q, v in compare_runs(a / part, b / part, only=only)["queries"].items()}
+    require(bool(per_query), f"{a} and {b} share no query folder with {like}")
     result = {"queries": per_query, "summary": summarize(per_query)}
     name = args.name or f"{a.name} vs {b.name}" + (f" ({args.part})" if args.part != "both" else "")
     with open(a / "agreement.jsonl", "a") as f:

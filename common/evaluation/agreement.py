@@ -50,14 +50,18 @@ def ranking_agreement(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (10, 1
     return {f"top{k}": top_k_overlap(a, b, k) for k in ks} | {"spearman": spearman(a, b)}
 
 
-def compare_runs(a: Path, b: Path, ks: tuple[int, ...] = (10, 100)) -> dict:
+def compare_runs(
+    a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[str] | None = None
+) -> dict:
     """Agreement of every query folder (with ``scores.npy``) that two method output folders share.
 
+    Args:
+        only: compare only these query names (e.g. the queries of a smaller run, for a like-for-like row).
     Returns per-query values and the mean ± SE over queries. Refuses folders with no query in common
     or rankings of different models (``ranking.json``'s ``model_fingerprint``).
     """
     names = sorted(p.parent.name for p in Path(a).glob("*/scores.npy") if (Path(b) / p.parent.name).is_dir())
-    names = [n for n in names if (Path(b) / n / "scores.npy").exists()]
+    names = [n for n in names if (Path(b) / n / "scores.npy").exists() and (only is None or n in only)]
     require(bool(names), f"{a} and {b} have no query folder with scores.npy in common")
     per_query = {}
     for name in names:

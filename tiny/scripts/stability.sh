@@ -9,8 +9,9 @@
 #   bash tiny/scripts/stability.sh [OUT_DIR]      (default: results/counterfactual)
 #
 # Resumable (finished query folders are reused). Writes OUT/stability/stability.md. Environment: PARTS
-# (default "seeds draws timesteps average methods"), DEVICE (cpu), PRESET (leave_k_out), LARGE_QUERIES
-# (queries for the 50k-draw and 50-timestep runs, default 4: the first 2 training images and 2 generated).
+# (default "seeds draws timesteps average methods"), DEVICE (cpu), PRESET (leave_k_out), SWEEP_QUERIES
+# (queries of the draw and timestep parts, default 4: the first 2 training images and 2 generated; the
+# 1k-draw, 10-timestep seeds are compared on the same queries beside them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
@@ -18,7 +19,7 @@ PRESET=${PRESET:-leave_k_out}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 PARTS=${PARTS:-seeds draws timesteps average methods}
-LARGE=${LARGE_QUERIES:-4}
+SWEEP=${SWEEP_QUERIES:-4}
 TABLE=$OUT/table2
 STAB=$OUT/stability
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,18 +36,18 @@ EVAL=(python -m tiny.evaluate --model "$OUT/model" --data "$OUT/data" --out "$ST
   --preset "$PRESET" --device "$DEVICE" --guidance-scale 3)
 UNLEARN=(--method unlearning --unlearn.step_size "$STEP")
 
-evaluate() {  # TAG, number of queries (all or large), flags...
+evaluate() {  # TAG, queries (all or sweep), flags...
   local tag=$1 size=$2
   shift 2
   local sel=(--self-picks "${PICKS[@]}" --num-generated 8)
-  [ "$size" = large ] && sel=(--self-picks "${PICKS[@]:0:$((LARGE / 2))}" --num-generated $((LARGE - LARGE / 2)))
+  [ "$size" = sweep ] && sel=(--self-picks "${PICKS[@]:0:$((SWEEP / 2))}" --num-generated $((SWEEP - SWEEP / 2)))
   echo "== $tag"
   "${EVAL[@]}" --tag "$tag" "${sel[@]}" "$@" 2> "$STAB/$tag.log" > "$STAB/$tag.md"
   sed -n 1p "$STAB/$tag.md"
 }
 seeds() { echo "--fisher.seed $1 --loss.seed $1 --unlearn.seed $1"; }
-agree() {  # A B NAME
-  python -m tiny.agreement "$STAB/$1" "$STAB/$2" --name "$3" | tail -1 >> "$STAB/rows.md"
+agree() {  # A B NAME [flags]
+  python -m tiny.agreement "$STAB/$1" "$STAB/$2" --name "$3" "${@:4}" | tail -1 >> "$STAB/rows.md"
 }
 
 rm -f "$STAB/rows.md"
@@ -62,18 +63,20 @@ for PART in $PARTS; do
     draws)
       for S in 0 1; do
         # shellcheck disable=SC2046
-        evaluate "kv-d10k-t10-s$S" all "${UNLEARN[@]}" --unlearn.accumulations 100 $(seeds "$S")
+        evaluate "kv-d10k-t10-s$S" sweep "${UNLEARN[@]}" --unlearn.accumulations 100 $(seeds "$S")
         # shellcheck disable=SC2046
-        evaluate "kv-d50k-t10-s$S" large "${UNLEARN[@]}" --unlearn.accumulations 500 $(seeds "$S")
+        evaluate "kv-d50k-t10-s$S" sweep "${UNLEARN[@]}" --unlearn.accumulations 500 $(seeds "$S")
       done
+      agree kv-d1k-t10-s0 kv-d1k-t10-s1 "unlearning, 1k draws, 10 timesteps (the same queries)" \
+        --like "$STAB/kv-d10k-t10-s0"
       agree kv-d10k-t10-s0 kv-d10k-t10-s1 "unlearning, 10k draws, 10 timesteps"
       agree kv-d50k-t10-s0 kv-d50k-t10-s1 "unlearning, 50k draws, 10 timesteps" ;;
     timesteps)
       for S in 0 1; do
         # shellcheck disable=SC2046
-        evaluate "kv-d1k-t20-s$S" all "${UNLEARN[@]}" --loss.num_timesteps 20 $(seeds "$S")
+        evaluate "kv-d1k-t20-s$S" sweep "${UNLEARN[@]}" --loss.num_timesteps 20 $(seeds "$S")
         # shellcheck disable=SC2046
-        evaluate "kv-d1k-t50-s$S" large "${UNLEARN[@]}" --loss.num_timesteps 50 $(seeds "$S")
+        evaluate "kv-d1k-t50-s$S" sweep "${UNLEARN[@]}" --loss.num_timesteps 50 $(seeds "$S")
       done
       agree kv-d1k-t20-s0 kv-d1k-t20-s1 "unlearning, 1k draws, 20 timesteps"
       agree kv-d1k-t50-s0 kv-d1k-t50-s1 "unlearning, 1k draws, 50 timesteps" ;;
