@@ -129,7 +129,15 @@ def test_agreement_command_compares_shared_query_folders(tmp_path):
     smaller.mkdir(parents=True)
     np.save(smaller / "scores.npy", base)
     like = subprocess.run(
-        [sys.executable, "-m", "tiny.agreement", str(tmp_path / "a"), str(tmp_path / "b"), "--like", str(tmp_path / "c")],
+        [
+            sys.executable,
+            "-m",
+            "tiny.agreement",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--like",
+            str(tmp_path / "c"),
+        ],
         capture_output=True,
         text=True,
         check=True,

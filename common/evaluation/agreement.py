@@ -50,9 +50,7 @@ def ranking_agreement(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (10, 1
     return {f"top{k}": top_k_overlap(a, b, k) for k in ks} | {"spearman": spearman(a, b)}
 
 
-def compare_runs(
-    a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[str] | None = None
-) -> dict:
+def compare_runs(a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[str] | None = None) -> dict:
     """Agreement of every query folder (with ``scores.npy``) that two method output folders share.
 
     Args:
