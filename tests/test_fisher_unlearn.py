@@ -11,7 +11,7 @@ from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from common.methods.unlearning import query_losses
 from common.unlearning.fisher import FisherConfig, _draws, cached_fisher, estimate_fisher, import_fisher
-from common.unlearning.unlearn import UnlearnConfig, newton_direction, query_gradient, unlearn
+from common.unlearning.unlearn import UnlearnConfig, newton_direction, query_draws, query_gradient, unlearn
 
 KV = "cross-attn-kv"
 
@@ -160,9 +160,8 @@ def test_query_gradient_is_the_mean_over_every_accumulation_and_draw(model, quer
     got = query_gradient(model, names, query, cfg, step=1)
     total = {n: 0.0 for n in names}
     for acc in range(2):
-        g = keyed_random.generator(5, keyed_random.QUERY, query.key, 1, acc)
-        t = torch.randperm(1000, generator=g)[:3]
-        cap = torch.randint(query.text.shape[0], (3,), generator=g)
+        t, cap = query_draws(query, cfg, 1, acc, 1000)
+        assert len(set(t.tolist())) == 3  # distinct timesteps within a batch
         for j in range(3):
             noise = keyed_random.keyed_normal([(5, keyed_random.QUERY, query.key, 1, acc, j)], query.image.shape,
                                               torch.float64)  # fmt: skip

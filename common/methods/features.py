@@ -225,6 +225,8 @@ class FeatureMethod(Method):
     :meth:`train_map` and :meth:`query_map`. Configs have ``weights`` and ``batch_size`` fields.
     """
 
+    uses_noise = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder: Encoder | None = None

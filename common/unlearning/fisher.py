@@ -44,20 +44,16 @@ class FisherConfig:
 
 
 def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_timesteps: int, flips: bool):
-    """Image index, flip, caption and timestep of Fisher samples j0..j1-1."""
-    idx, flip, cap, t = [], [], [], []
-    perms: dict[int, torch.Tensor] = {}
-    for j in range(j0, j1):
-        epoch = j // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
-        idx.append(int(perms[epoch][j % n]))
-        g = keyed_random.generator(cfg.seed, keyed_random.FISHER, 1, j)
-        drawn = int(torch.randint(2, (), generator=g))  # drawn either way: the other draws stay the same
-        flip.append(drawn if flips else 0)
-        cap.append(int(torch.randint(n_cap, (), generator=g)))
-        t.append(int(torch.randint(num_train_timesteps, (), generator=g)))
-    return torch.tensor(idx), torch.tensor(flip, dtype=torch.bool), torch.tensor(cap), torch.tensor(t)
+    """Image index, flip, caption and timestep of Fisher samples j0..j1-1 (keyed by the sample number j)."""
+    j = torch.arange(j0, j1)
+    epochs = j // n
+    idx = torch.empty_like(j)
+    for epoch in epochs.unique().tolist():  # each epoch visits the images in its own seeded order
+        perm = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
+        idx[epochs == epoch] = perm[j[epochs == epoch] % n]
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 1, j), 3)
+    flip = (u[:, 0] < 0.5) & flips  # drawn either way: the other draws stay the same
+    return idx, flip, keyed_random.below(u[:, 1], n_cap), keyed_random.below(u[:, 2], num_train_timesteps)
 
 
 def estimate_fisher(
@@ -79,7 +75,7 @@ def estimate_fisher(
     for j0 in range(0, cfg.num_samples, cfg.batch_size):
         j1 = min(j0 + cfg.batch_size, cfg.num_samples)
         idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
-        keys = [(cfg.seed, keyed_random.FISHER, 2, j) for j in range(j0, j1)]
+        keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
         noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
         x0 = data.images(idx, flip).to(ref)
         text = data.text(idx, cap).to(ref)
@@ -94,7 +90,13 @@ def estimate_fisher(
 def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig) -> dict:
     """What a Fisher depends on: the model, the training set, the flips and the settings (not the batch size)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "file")}
-    return {"model": model.fingerprint(), "data": data.fingerprint, "flips": model.flips, "settings": settings}
+    return {
+        "model": model.fingerprint(),
+        "data": data.fingerprint,
+        "flips": model.flips,
+        "noise": keyed_random.NOISE,
+        "settings": settings,
+    }
 
 
 def cached_fisher(

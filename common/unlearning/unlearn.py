@@ -50,6 +50,16 @@ class UnlearnConfig:
         require(self.damping >= 0 and self.num_train >= 0, "damping and num_train must be non-negative")
 
 
+def query_draws(
+    query: Query, cfg: UnlearnConfig, step: int, acc: int, num_train_timesteps: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (distinct within the batch) and caption indices of one batch of query draws, on ``device``."""
+    key = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc)[None]
+    u = keyed_random.keyed_uniform(key, num_train_timesteps + cfg.batch_size, device)[0]
+    t = torch.argsort(u[:num_train_timesteps])[: cfg.batch_size]  # a keyed random permutation's prefix
+    return t, keyed_random.below(u[num_train_timesteps:], query.text.shape[0])
+
+
 def query_gradient(
     model: DiffusionModel, names: list[str], query: Query, cfg: UnlearnConfig, step: int
 ) -> dict[str, torch.Tensor]:
@@ -58,14 +68,13 @@ def query_gradient(
     ref = next(model.unet.parameters())
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    text = query.text.to(ref)
     for acc in range(cfg.accumulations):
-        g = keyed_random.generator(cfg.seed, keyed_random.QUERY, query.key, step, acc)
-        t = torch.randperm(model.num_train_timesteps, generator=g)[: cfg.batch_size]
-        cap = torch.randint(query.text.shape[0], (cfg.batch_size,), generator=g)
-        keys = [(cfg.seed, keyed_random.QUERY, query.key, step, acc, j) for j in range(cfg.batch_size)]
+        t, cap = query_draws(query, cfg, step, acc, model.num_train_timesteps, ref.device)
+        keys = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc, torch.arange(cfg.batch_size))
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=ref.dtype, device=ref.device)
         x0 = query.image[None].expand(cfg.batch_size, *query.image.shape).to(ref)
-        grads = mean_gradient(model, names, x0, query.text[cap].to(ref), t.to(ref.device), noise)
+        grads = mean_gradient(model, names, x0, text[cap], t, noise)
         for n in names:
             total[n] += grads[n].double()
     return {n: v / cfg.accumulations for n, v in total.items()}
