@@ -8,34 +8,60 @@ the same keyed noise as the cached pretrained losses, and score by the loss incr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from common import keyed_random
 from common.cache import cached_tensors
-from common.data import Query
+from common.data import Query, fingerprint_tensors
 from common.diffusion.losses import LossConfig, dataset_losses
+from common.diffusion.passes import PassConfig, loss_pass
+from common.diffusion.selection import select_parameters
 from common.errors import require
 from common.methods import register
-from common.methods.base import Method
+from common.methods.base import Method, query_fingerprint
 from common.model import DiffusionModel
 from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
 from common.unlearning.unlearn import UnlearnConfig, unlearn
 
 
 @dataclass
+class ScoringConfig(PassConfig):
+    """How the loss passes run (none of it changes scores but the precision)."""
+
+    query_batch_size: int = field(
+        default=1, metadata={"help": "queries scored together in one pass over the training set (each batch read once)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.query_batch_size >= 1, f"query_batch_size must be positive, got {self.query_batch_size}")
+
+
+@dataclass
 class UnlearningConfig:
-    """Fisher, scoring loss and unlearning update (each a stage of flags: --fisher.*, --loss.*, --unlearn.*)."""
+    """Fisher, scoring loss, unlearning update and passes (each a stage of flags: --fisher.*, --loss.*, ...)."""
 
     fisher: FisherConfig = field(default_factory=FisherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("fisher", FisherConfig), ("loss", LossConfig), ("unlearn", UnlearnConfig)):
+        stages = (
+            ("fisher", FisherConfig),
+            ("loss", LossConfig),
+            ("unlearn", UnlearnConfig),
+            ("scoring", ScoringConfig),
+        )
+        for name, cls in stages:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         require(
@@ -44,6 +70,9 @@ class UnlearningConfig:
             "the Fisher preconditions exactly the updated weights",
         )
 
+    def pass_config(self) -> PassConfig:
+        return PassConfig(chunk_images=self.scoring.chunk_images, precision=self.scoring.precision)
+
 
 def loss_deviation(base: torch.Tensor, unlearned: torch.Tensor) -> np.ndarray:
     """Per-orientation scores (N,F) from per-timestep losses (N,F,T): the timestep-mean increase."""
@@ -51,23 +80,44 @@ def loss_deviation(base: torch.Tensor, unlearned: torch.Tensor) -> np.ndarray:
     return (unlearned.mean(-1) - base.mean(-1)).numpy()
 
 
-def query_losses(model: DiffusionModel, query: Query, cfg: LossConfig) -> torch.Tensor:
+def query_losses(
+    model: DiffusionModel, query: Query, cfg: LossConfig, weights: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The query's own per-timestep losses (1,1,T) on the scoring timesteps, keyed by its id."""
     return dataset_losses(
-        model, query.as_training_set(), cfg, sample_ids=[query.key], purpose=keyed_random.EVAL, flips=False
+        model,
+        query.as_training_set(),
+        cfg,
+        sample_ids=[query.key],
+        purpose=keyed_random.EVAL,
+        flips=False,
+        weights=weights,
     )
 
 
-def cached_base_losses(model: DiffusionModel, data, cfg: LossConfig, path) -> torch.Tensor:
-    """The pretrained model's losses (N,F,T), computed once and cached at ``path`` (None: not cached)."""
-    identity = {
-        "model": model.fingerprint(),
-        "data": data.fingerprint,
-        "flips": bool(cfg.flips and model.flips),
-        "settings": cfg.identity_dict(),
-    }
-    compute = lambda: {"losses": dataset_losses(model, data, cfg, progress="pretrained losses")}  # noqa: E731
-    return cached_tensors(path, identity, compute, "loss cache")["losses"]
+def base_losses(method: Unlearning) -> torch.Tensor:
+    """The pretrained model's losses (N,F,T): a resumable, shared loss pass cached in ``cache_dir/base_losses``."""
+    cfg = method.cfg
+    if method.cache_dir is None:
+        return dataset_losses(method.model, method.data, cfg.loss, progress="pretrained losses")
+    return loss_pass(
+        method.model,
+        method.data,
+        cfg.loss,
+        method.cache_dir / "base_losses",
+        pass_cfg=cfg.pass_config(),
+        accelerator=method.accelerator,
+        progress="pretrained losses",
+    )[""]
+
+
+def update_size(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """‖θ − θ0‖ / ‖θ0‖ over all the weights, and its largest value for one tensor."""
+    diff = {k: after[k].double() - before[k].double() for k in after}
+    total = sum(float(d.pow(2).sum()) for d in diff.values()) ** 0.5
+    norm = sum(float(before[k].double().pow(2).sum()) for k in after) ** 0.5
+    per = [float(d.norm() / before[k].double().norm().clamp_min(1e-30)) for k, d in diff.items()]
+    return total / max(norm, 1e-30), max(per)
 
 
 @register
@@ -86,6 +136,7 @@ class Unlearning(Method):
 
     def identity(self) -> dict:
         settings = super().identity()
+        settings["scoring"].pop("chunk_images")  # how a pass is cut up, not what it computes
         if self.cfg.unlearn.method == "sgd":
             settings.pop("fisher")  # SGD needs no Fisher
         return settings
@@ -99,29 +150,124 @@ class Unlearning(Method):
                     self.model, self.data, self.cfg.fisher, self.cache_path("fisher.safetensors")
                 )
         if self.base is None:
-            self.base = cached_base_losses(
-                self.model, self.data, self.cfg.loss, self.cache_path("base_losses.safetensors")
-            )
+            self.base = base_losses(self)
 
-    def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
+    def unlearned_weights(self, queries: Sequence[Query]) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+        """Each query's unlearned weights and the seconds they took (queries split over the processes).
+
+        With a cache folder they are stored per query in ``cache_dir/unlearned/`` under everything that
+        makes them (model, training-set size, Fisher, settings, the query's content), so the other
+        processes and a resumed run read them instead of recomputing.
+        """
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        rank, world = (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
+        settings = {
+            "model": self.model.fingerprint(),
+            "num_train": len(self.data),
+            "noise": keyed_random.NOISE,
+            "unlearn": asdict(self.cfg.unlearn),
+            "fisher": fingerprint_tensors(*(self.fisher[n] for n in names)) if self.fisher else "",
+        }
+
+        def compute(query: Query) -> dict[str, torch.Tensor]:
+            t0 = time.time()
+            result = unlearn(self.model, query, self.cfg.unlearn, self.fisher, num_train=len(self.data))
+            params = dict(result.model.unet.named_parameters())
+            seconds = torch.tensor(time.time() - t0, dtype=torch.float64)
+            return {n: params[n].detach().clone() for n in names} | {"_seconds": seconds}
+
+        jobs = []
+        for query in queries:
+            identity = settings | {"query": query_fingerprint(query)}
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+            jobs.append((query, identity, self.cache_path(f"unlearned/{query.id}-{key}.safetensors")))
+        out = {}
+        for i, (query, identity, path) in enumerate(jobs):  # this process's share
+            if path is None or i % world == rank:
+                out[query.id] = cached_tensors(path, identity, lambda q=query: compute(q), "unlearned weights")
+        if world > 1:
+            self.accelerator.wait_for_everyone()
+            for query, identity, path in jobs:  # the other processes' share, from their files
+                if query.id not in out:
+                    out[query.id] = cached_tensors(path, identity, lambda q=query: compute(q), "unlearned weights")
+        device = self.model.device
+        return {
+            q: ({n: v.to(device) for n, v in w.items() if n != "_seconds"}, float(w["_seconds"]))
+            for q, w in out.items()
+        }
+
+    def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
+        """Unlearn ``query_batch_size`` queries at a time, then score them together in one loss pass.
+
+        With a cache folder the pass is resumable and shared by the processes; its chunks and the
+        group's unlearned weights are deleted once every query of the group has its results.
+        """
         self.prepare()
-        t0 = time.time()
-        result = unlearn(self.model, query, self.cfg.unlearn, self.fisher, num_train=len(self.data))
-        t1 = time.time()
-        after = dataset_losses(result.model, self.data, self.cfg.loss, progress=f"score {query.id}")
-        t2 = time.time()
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        params = dict(self.model.unet.named_parameters())
+        start = {n: params[n].detach() for n in names}
+        size = self.cfg.scoring.query_batch_size
+        main = self.accelerator is None or self.accelerator.is_main_process
+        for g in range(0, len(queries), size):
+            group = queries[g : g + size]
+            weights = self.unlearned_weights(group)
+            sets = {q.id: weights[q.id][0] for q in group}
+            t0 = time.time()
+            folder = None
+            if self.cache_dir is None:
+                after = {
+                    qid: dataset_losses(self.model, self.data, self.cfg.loss, weights=w) for qid, w in sets.items()
+                }
+            else:
+                key = hashlib.sha256(",".join(q.id + query_fingerprint(q) for q in group).encode()).hexdigest()[:12]
+                folder = self.cache_dir / "scoring" / key
+                after = loss_pass(
+                    self.model,
+                    self.data,
+                    self.cfg.loss,
+                    folder,
+                    weight_sets=sets,
+                    pass_cfg=self.cfg.pass_config(),
+                    accelerator=self.accelerator,
+                    progress=f"score {len(group)} quer{'y' if len(group) == 1 else 'ies'}",
+                )
+            seconds_score = (time.time() - t0) / len(group)
+            for q in group:
+                yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score)
+            if self.accelerator is not None:
+                self.accelerator.wait_for_everyone()
+            if folder is not None and main:  # the group's results are written: its intermediates can go
+                shutil.rmtree(folder, ignore_errors=True)
+                for q in group:
+                    for path in (self.cache_dir / "unlearned").glob(f"{q.id}-*.safetensors"):
+                        path.unlink()
+
+    def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score) -> tuple[np.ndarray, dict]:
         scores = loss_deviation(self.base, after)
         self.last_deltas = (after - self.base).float().numpy()
+        relative, largest = update_size(start, weights)
         q_before = float(query_losses(self.model, query, self.cfg.loss).mean())
-        q_after = float(query_losses(result.model, query, self.cfg.loss).mean())
+        q_after = float(query_losses(self.model, query, self.cfg.loss, weights).mean())
         stats = {
-            "relative_update": result.relative_update,
-            "max_tensor_relative_update": result.max_tensor_relative_update,
+            "seconds_query": round(seconds_unlearn + seconds_score, 2),
+            "relative_update": relative,
+            "max_tensor_relative_update": largest,
             "query_loss_before": q_before,
             "query_loss_after": q_after,
             "query_loss_rise": q_after - q_before,
             "median_train_loss_rise": float(np.median(self.last_deltas.mean((1, 2)))),
-            "seconds_unlearn": round(t1 - t0, 2),
-            "seconds_score": round(t2 - t1, 2),
+            "seconds_unlearn": round(seconds_unlearn, 2),
+            "seconds_score": round(seconds_score, 2),
         }
-        return scores, stats
+        return scores.max(axis=1), stats
+
+    def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
+        """Per-orientation scores of one query (the same path as :meth:`score_many`)."""
+        self.prepare()
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        params = dict(self.model.unet.named_parameters())
+        weights, seconds = self.unlearned_weights([query])[query.id]
+        t0 = time.time()
+        after = dataset_losses(self.model, self.data, self.cfg.loss, weights=weights)
+        _, stats = self._finish(query, weights, {n: params[n] for n in names}, after, seconds, time.time() - t0)
+        return loss_deviation(self.base, after), stats
