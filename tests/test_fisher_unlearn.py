@@ -146,8 +146,12 @@ def test_damping_keeps_zero_entries_finite():
     d = newton_direction(g, f, damping=0.5)["w"]
     assert torch.isfinite(d).all()
     torch.testing.assert_close(d, torch.tensor([1 / 0.5, 2 / 1.5, 3 / 2.5], dtype=torch.float64))
-    with pytest.raises(AttributionError, match="undefined"):
+    with pytest.raises(AttributionError, match="3 zero entries and damping is 0"):
         newton_direction(g, {"w": torch.zeros(3, dtype=torch.float64)}, damping=0.0)
+    with pytest.raises(AttributionError, match="1 zero entries"):
+        newton_direction(g, f, damping=0.0)
+    undamped = newton_direction(g, {"w": torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)}, damping=0.0)["w"]
+    torch.testing.assert_close(undamped, torch.tensor([0.25, 2.0, 1.5], dtype=torch.float64))  # the original's F^-1 g
 
 
 def _fisher(model, data):

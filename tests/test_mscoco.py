@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from mscoco import release
 from mscoco.model import MscocoModel, build_unet, load_unet
+from tests.conftest import ROOT
 
 SMALL = {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8}  # the real block types, small widths
 
@@ -239,3 +243,47 @@ def test_unlearning_attributes_a_released_query_over_the_memory_mapped_set(tmp_p
     ranking = json.loads((folder / "ranking.json").read_text())
     assert ranking["top_k"][0]["caption"].startswith("caption 0 of image")
     assert (folder / "top10.png").exists()  # decoded through the VAE
+
+
+def write_model_files(data_dir, components):
+    """The release's model.bin (a small UNet; its diffusers config beside it) and fisher_info.pt over every weight."""
+    unet = small_unet()
+    (data_dir / "config.json").write_text(json.dumps(dict(unet.config)))
+    torch.save(unet.state_dict(), data_dir / release.MODEL)
+    g = torch.Generator().manual_seed(3)
+    fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.1 for n, p in unet.named_parameters()}
+    torch.save(fisher, data_dir / release.FISHER)  # like the authors': all 684 tensors of the real UNet, float64
+    write_components(components)
+
+
+def run_module(*args, check=True, launcher=(sys.executable, "-m")):
+    # The same threads per process in every run (torchrun would set 1): float32 sums then add up in the same order.
+    env = os.environ | {"OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_attribute_script_one_and_two_processes_agree_and_resume(tmp_path):
+    write_release(tmp_path / "data", text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--queries", "release:0-2"]
+    flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu"]
+    flags += ["--fisher.file", str(tmp_path / "data" / release.FISHER)]
+    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519")
+    run_module("-m", "mscoco.attribute", *flags, "--out", str(tmp_path / "two"), "--no-plot", launcher=torchrun)
+    for q in ("sample000", "sample001", "sample002"):
+        one = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
+        two = np.load(tmp_path / "two" / "unlearning" / q / "scores.npy")
+        assert one.shape == (6,) and np.isfinite(one).all() and np.array_equal(one, two), q
+    assert (tmp_path / "one" / "unlearning" / "sample000" / "top10.png").exists()
+    again = run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    assert again.stdout.count("already attributed") == 3
+    fisher = torch.load(tmp_path / "data" / release.FISHER)
+    torch.save({n: v for n, v in fisher.items() if "attn2.to_v" not in n}, tmp_path / "partial.pt")
+    partial = [*flags[:-1], str(tmp_path / "partial.pt"), "--out", str(tmp_path / "three")]
+    proc = run_module("mscoco.attribute", *partial, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "lacks" in proc.stderr.strip().splitlines()[-1] and "attn2.to_v" in proc.stderr

@@ -90,7 +90,9 @@ def newton_direction(
     count = sum(fisher[n].numel() for n in grads)
     mean = sum(float(fisher[n].double().sum()) for n in grads) / count
     floor = damping * mean if mean > 0 else damping
-    require(floor > 0, "the Fisher is all zeros and damping is 0: the Newton step is undefined")
+    if floor == 0:  # undamped, as the original release: every entry must be positive
+        zeros = sum(int((fisher[n] <= 0).sum()) for n in grads)
+        require(zeros == 0, f"the Fisher has {zeros} zero entries and damping is 0: set unlearn.damping > 0")
     return {n: g / (fisher[n].to(g) + floor) for n, g in grads.items()}
 
 
