@@ -287,3 +287,65 @@ def test_attribute_script_one_and_two_processes_agree_and_resume(tmp_path):
     proc = run_module("mscoco.attribute", *partial, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "lacks" in proc.stderr.strip().splitlines()[-1] and "attn2.to_v" in proc.stderr
+
+
+def make_archives(files_dir, archives_dir):
+    """The release's three archives from a folder of extracted files; the large one split into .001, .002, ..."""
+    import multivolumefile
+    import py7zr
+
+    def pack(archive, names, volume=None):
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        target = multivolumefile.open(archive, mode="wb", volume=volume) if volume else archive
+        with py7zr.SevenZipFile(target, "w") as z:
+            for name in names:
+                z.writeall(files_dir / name, name) if (files_dir / name).is_dir() else z.write(files_dir / name, name)
+        if volume:
+            target.close()
+            for part in sorted(archive.parent.glob(archive.name + ".0*")):  # 7-zip's names: .001, not .0001
+                part.rename(part.with_suffix(f".{int(part.suffix[1:]):03d}"))
+
+    root = archives_dir / "mscoco"
+    pack(root / "model_fisher.7z", [release.MODEL, release.FISHER, "config.json"])
+    pack(root / "sample.7z", [release.SAMPLE_LATENTS, release.SAMPLE_TEXT, release.SAMPLE_CAPTIONS, "sample"])
+    big = root / "latents_text_embeddings" / "latents_text_embeddings.7z"
+    pack(big, [release.TRAIN_LATENTS, release.TRAIN_TEXT], volume=200_000)
+    return big
+
+
+def test_download_extracts_split_archives_reports_and_skips_what_is_complete(tmp_path):
+    from mscoco import download
+
+    write_release(tmp_path / "files")
+    torch.save(small_unet().state_dict(), tmp_path / "files" / release.MODEL)
+    (tmp_path / "files" / "config.json").write_text("{}")
+    torch.save({}, tmp_path / "files" / release.FISHER)
+    big = make_archives(tmp_path / "files", tmp_path / "archives")
+    parts = sorted(big.parent.iterdir())
+    assert len(parts) > 3 and parts[0].name.endswith(".7z.001")
+    out = tmp_path / "data"
+    args = ["--out", str(out), "--parts", "release", "--archives", str(tmp_path / "archives")]
+    download.main(args)
+    for name in (release.TRAIN_LATENTS, release.TRAIN_TEXT, release.SAMPLE_TEXT):
+        assert (out / name).read_bytes() == (tmp_path / "files" / name).read_bytes()
+    assert len(list((out / "sample").glob("*.png"))) == 3 and not (out / ".partial").exists()
+    stamp = (out / release.TRAIN_TEXT).stat().st_mtime_ns
+    download.main(args)  # complete: nothing extracted again
+    assert (out / release.TRAIN_TEXT).stat().st_mtime_ns == stamp
+
+
+def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_path):
+    from mscoco import download
+
+    write_release(tmp_path / "files")
+    for name in (release.MODEL, release.FISHER, "config.json"):
+        (tmp_path / "files" / name).write_bytes(b"x")
+    big = make_archives(tmp_path / "files", tmp_path / "archives")
+    parts = sorted(big.parent.iterdir())
+    parts[1].unlink()  # a volume lost in the download
+    args = ["--out", str(tmp_path / "data"), "--parts", "release", "--archives", str(tmp_path / "archives")]
+    with pytest.raises(SystemExit) as exit_:
+        download.main(args)
+    assert exit_.value.code == 2
+    assert not (tmp_path / "data" / release.TRAIN_LATENTS).exists()  # nothing half-extracted in place
+    assert (tmp_path / "data" / release.SAMPLE_CAPTIONS).exists()  # the complete archives before it stay
