@@ -46,6 +46,14 @@ class DiffusionModel(abc.ABC):
         return int(self.scheduler.config.num_train_timesteps)
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (C,H,W) of one model input (pixels or latents), from the UNet's config."""
+        config = self.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(config.in_channels), int(height), int(width))
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 

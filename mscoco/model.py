@@ -139,11 +139,11 @@ class MscocoModel(DiffusionModel):
             if kind == "vae":
                 from diffusers import AutoencoderKL
 
-                return AutoencoderKL.from_pretrained(self.components, subfolder=subfolder).eval()
+                return AutoencoderKL.from_pretrained(self.components, subfolder=subfolder).eval().to(self.device)
             if kind == "text_encoder":
                 from transformers import CLIPTextModel
 
-                return CLIPTextModel.from_pretrained(self.components, subfolder=subfolder).eval()
+                return CLIPTextModel.from_pretrained(self.components, subfolder=subfolder).eval().to(self.device)
             from transformers import CLIPTokenizer
 
             return CLIPTokenizer.from_pretrained(self.components, subfolder=subfolder)

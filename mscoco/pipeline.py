@@ -19,13 +19,16 @@ class MscocoRun:
     data: release.MemmapTrainingSet
 
 
+def load_model(data_dir: str | Path, unet: str | Path | None = None, components=DEFAULT_COMPONENTS, device="auto"):
+    """The released UNet (``DATA/model.bin`` unless ``unet`` names another), ready for gradients on ``device``."""
+    model = MscocoModel(load_unet(unet or Path(data_dir) / release.MODEL), components)
+    return model.prepare_for_gradients(resolve_device(device) if isinstance(device, str) else device)
+
+
 def load_run(data_dir: str | Path, unet: str | Path | None = None, components=DEFAULT_COMPONENTS, device="auto"):
-    """The released UNet (``DATA/model.bin`` unless ``unet`` names another) and training set, on ``device``."""
-    data_dir = Path(data_dir)
+    """The model (:func:`load_model`) and the released training set, memory-mapped."""
     data = release.load_training_set(data_dir)
-    model = MscocoModel(load_unet(unet or data_dir / release.MODEL), components)
-    model.prepare_for_gradients(resolve_device(device) if isinstance(device, str) else device)
-    return MscocoRun(model, data)
+    return MscocoRun(load_model(data_dir, unet, components, device), data)
 
 
 def parse_ids(spec: str) -> list[int]:

@@ -349,3 +349,21 @@ def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_
     assert exit_.value.code == 2
     assert not (tmp_path / "data" / release.TRAIN_LATENTS).exists()  # nothing half-extracted in place
     assert (tmp_path / "data" / release.SAMPLE_CAPTIONS).exists()  # the complete archives before it stay
+
+
+def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
+    write_release(tmp_path / "data", text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    (tmp_path / "prompts.txt").write_text("a cat on a mat\n\na dog\n")
+    flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--device", "cpu"]
+    run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "q"),
+               "--num-steps", "4")  # fmt: skip
+    from common.queries import load_queries
+
+    queries = load_queries(tmp_path / "q")
+    assert [q.id for q in queries] == ["coco000", "coco001"] and queries[1].prompt == "a dog"
+    assert queries[0].image.shape == (4, 16, 16) and queries[0].text.shape == (1, 77, 1024)
+    assert queries[0].noise.shape == (4, 16, 16) and (tmp_path / "q" / "coco000" / "image.png").exists()
+    assert json.loads((tmp_path / "q" / "coco000" / "query.json").read_text())["guidance_scale"] == 7.5
+    proc = run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "none.txt"), "--out", "x", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("missing prompts file: " + str(tmp_path / "none.txt"))
