@@ -201,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     if "coco" in args.parts:
         get_coco(out)
     problems = report(out)
-    require(
-        not problems,
-        f"{out} is incomplete: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-    )
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AttributionError(f"{out} is incomplete: {problems[0]}{more}")
     print(f"{out}: complete")
 
 
