@@ -232,4 +232,5 @@ def train(
         "final_loss": sum(recent) / max(1, len(recent)),
         "seconds": round(seconds, 1),
         "steps_per_second": round((cfg.steps - start) / max(seconds, 1e-9), 3),
+        "processes": world,
     }
