@@ -125,6 +125,8 @@ def _stream(
 ) -> torch.Tensor:
     """The first ``n`` values per key (B, n): ``convert`` maps Philox blocks (four words each) to four values."""
     keys = _as_keys(keys, device)
+    if len(keys) == 0 or n == 0:
+        return torch.empty(len(keys), n, dtype=out_dtype, device=keys.device)
     s0, s1, s2, s3 = (s[:, None] for s in _row_state(keys))
     per_row = (n + 3) // 4
     blocks = torch.arange(per_row, dtype=torch.int64, device=keys.device)[None]
@@ -166,7 +168,8 @@ def _box_muller(words: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def key_rows(*ids: int | torch.Tensor) -> torch.Tensor:
     """Key rows (B, k) int64 from ids that are scalars (shared by every row) or (B,) tensors."""
-    columns = [torch.as_tensor(v, dtype=torch.int64) for v in ids]
+    device = next((v.device for v in ids if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    columns = [torch.as_tensor(v, dtype=torch.int64, device=device) for v in ids]
     return torch.stack(torch.broadcast_tensors(*columns), -1)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common import keyed_random
-from common.data import Query
+from common.data import Query, query_key
 from common.errors import AttributionError, require_file
 from common.model import DiffusionModel
 from common.outputs import write_json
@@ -97,7 +97,7 @@ def generate_queries(
     folders = []
     for start in range(0, len(prompts), batch_size):
         batch, names = prompts[start : start + batch_size], ids[start : start + batch_size]
-        keys = [Query(i, torch.zeros(1, 1, 1), torch.zeros(1, 1)).key for i in names]
+        keys = [query_key(i) for i in names]
         noise = keyed_random.keyed_normal([(seed, keyed_random.SAMPLE, k) for k in keys], model.input_shape)
         text = model.encode_text([p for p, _ in batch])
         device, dtype = model.device, model.dtype

@@ -27,7 +27,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from common.errors import AttributionError, cli, require
+from common.errors import AttributionError, cli, first_line, require
 from mscoco import release
 
 REPO = "sywang/AttributeByUnlearning"
@@ -49,7 +49,8 @@ def volumes(archive: Path) -> list[Path]:
     """The archive itself, or its split volumes ``.001, .002, ...`` in order (empty if none is there)."""
     if archive.exists():
         return [archive]
-    parts = sorted(archive.parent.glob(archive.name + ".[0-9]*"), key=lambda p: int(p.suffix[1:]))
+    parts = [p for p in archive.parent.glob(archive.name + ".*") if p.suffix[1:].isdigit()]
+    parts.sort(key=lambda p: int(p.suffix[1:]))
     numbers = [int(p.suffix[1:]) for p in parts]
     require(numbers == list(range(1, len(parts) + 1)), f"{archive}: split volumes {numbers} are not 1..{len(parts)}")
     return parts
@@ -66,8 +67,8 @@ def open_archive(archive: Path):
         if len(parts) == 1 and parts[0] == archive:
             return py7zr.SevenZipFile(archive, "r")
         return py7zr.SevenZipFile(multivolumefile.open(archive, mode="rb"), "r")
-    except (py7zr.Bad7zFile, EOFError, OSError) as err:
-        raise AttributionError(f"{archive} is damaged or incomplete ({err}); download it again") from None
+    except Exception as err:  # noqa: BLE001 - py7zr, lzma and I/O errors all mean a damaged download
+        raise AttributionError(f"{archive} is damaged or incomplete ({first_line(err)}); download it again") from None
 
 
 def extract(archive: Path, out: Path) -> list[str]:
@@ -75,16 +76,16 @@ def extract(archive: Path, out: Path) -> list[str]:
 
     A crash or a damaged volume leaves DATA as it was (the scratch folder is cleared on the next run).
     """
-    import py7zr
-
     scratch = out / ".partial" / archive.name
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     with open_archive(archive) as z:
         try:
             z.extractall(path=scratch)
-        except (py7zr.Bad7zFile, EOFError, OSError, ValueError) as err:
-            raise AttributionError(f"{archive} is damaged or incomplete ({err}); download it again") from None
+        except Exception as err:  # noqa: BLE001 - CRC, LZMA and I/O errors all mean a damaged download
+            raise AttributionError(
+                f"{archive} is damaged or incomplete ({first_line(err)}); download it again"
+            ) from None
     names = sorted(p.name for p in scratch.iterdir())
     require(bool(names), f"{archive} is empty")
     for name in names:
@@ -146,8 +147,10 @@ def download(url: str, path: Path) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(part, "ab" if have else "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = have and response.status == 206  # a server that ignores Range sends the whole file again
+            with open(part, "ab" if resumed else "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
     except OSError as err:
         raise AttributionError(f"cannot download {url} ({err}); rerun to resume") from None
     os.replace(part, path)

@@ -18,14 +18,13 @@ authors' follow-up uses).
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from common.errors import AttributionError, require, require_file
-from common.model import DiffusionModel, load_state, read_safetensors
+from common.errors import AttributionError, first_line, require, require_file
+from common.model import DiffusionModel, load_state, read_pickle, read_safetensors
 
 # The UNet of the original code (AbU mscoco/models/diffusion/mscoco_t2i.py; JourneyTRAK examples/utils.py).
 UNET_CONFIG = {
@@ -61,7 +60,11 @@ def load_unet(source: str | Path) -> UNet2DConditionModel:
         require_file(path, "UNet weights")
         config = path.parent / "config.json"
         unet = UNet2DConditionModel.from_config(json.loads(config.read_text())) if config.exists() else build_unet()
-        state = read_safetensors(path, "UNet weights") if path.suffix == ".safetensors" else read_pickle(path)
+        state = (
+            read_safetensors(path, "UNet weights")
+            if path.suffix == ".safetensors"
+            else read_pickle(path, "UNet weights")
+        )
         load_state(unet, {k: v.float() for k, v in state.items()}, path)
         return unet.eval()
     require_source(source, "UNet folder")
@@ -73,32 +76,11 @@ def load_unet(source: str | Path) -> UNet2DConditionModel:
         raise AttributionError(f"cannot load a UNet from {source!r} ({first_line(err)})") from None
 
 
-def read_pickle(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict saved with ``torch.save``, read with ``weights_only=True``; damage is one line."""
-    require_file(path, "weights file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise AttributionError(f"{path} is damaged or incomplete ({first_line(err)}); download it again") from None
-    except Exception as err:  # noqa: BLE001 - the weights-only unpickler refuses anything but tensors
-        raise AttributionError(f"{path} is not a plain tensor file ({first_line(err)})") from None
-    require(
-        isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
-        f"{path} is not a state dict of tensors",
-    )
-    return state
-
-
 def require_source(source: str | Path, what: str) -> None:
     """A source that names a local folder (absolute, relative with ./, or deeper than owner/name) must exist."""
     text = str(source)
     local = text.startswith(("/", ".", "~")) or len(Path(text).parts) > 2
     require(Path(text).exists() or not local, f"missing {what}: {text}")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{err.__class__.__name__}: {text[0][:120]}" if text else err.__class__.__name__
 
 
 class MscocoModel(DiffusionModel):

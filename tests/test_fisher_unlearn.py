@@ -118,7 +118,7 @@ def test_nan_and_damaged_fisher_files_are_refused(model, data, tmp_path):
     with pytest.raises(AttributionError, match="NaN"):
         import_fisher(tmp_path / "nan.safetensors", model, KV)
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "nan.safetensors").read_bytes()[:50])
-    with pytest.raises(AttributionError, match="not a readable Fisher file"):
+    with pytest.raises(AttributionError, match="is damaged or incomplete"):
         import_fisher(tmp_path / "cut.safetensors", model, KV)
     with pytest.raises(AttributionError, match="missing Fisher file"):
         import_fisher(tmp_path / "absent.pt", model, KV)

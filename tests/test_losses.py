@@ -58,6 +58,12 @@ def test_keyed_noise_is_standard_normal_and_uncorrelated():
     assert counts.min() > 1500 and counts.max() < 1700  # 8,000 draws into 5 bins: 1,600 ± 36
 
 
+def test_key_rows_follow_the_ids_device_and_empty_draws_work():
+    keys = keyed_random.key_rows(3, keyed_random.SCORE, torch.arange(4, device="meta"), 1)
+    assert keys.device.type == "meta" and keys.shape == (4, 4)  # scalars join the tensors' device (CUDA alike)
+    assert keyed_random.keyed_normal(torch.zeros(0, 3, dtype=torch.long), (2, 3)).shape == (0, 2, 3)
+
+
 def test_keyed_noise_refuses_negative_ids():
     with pytest.raises(ValueError, match="non-negative"):
         keyed_random.keyed_normal([(0, -1)], (2,))

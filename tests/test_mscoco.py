@@ -342,6 +342,11 @@ def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_
         (tmp_path / "files" / name).write_bytes(b"x")
     big = make_archives(tmp_path / "files", tmp_path / "archives")
     parts = sorted(big.parent.iterdir())
+    damaged = bytearray(parts[-1].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the last volume
+    parts[-1].write_bytes(bytes(damaged))
+    with pytest.raises(AttributionError, match="latents_text_embeddings.7z is damaged or incomplete"):
+        download.get_release(tmp_path / "data", tmp_path / "archives")
     parts[1].unlink()  # a volume lost in the download
     args = ["--out", str(tmp_path / "data"), "--parts", "release", "--archives", str(tmp_path / "archives")]
     with pytest.raises(SystemExit) as exit_:

@@ -157,6 +157,7 @@ def dataset_losses(
     flips: bool | None = None,
     progress: str | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Per-timestep losses of every sample, averaged over captions (in memory; :mod:`passes` for large sets).
 
@@ -171,6 +172,7 @@ def dataset_losses(
             without flips is scored without them).
         progress: a tqdm label, or None for no bar.
         weights: weights (name -> tensor) used in place of the model's (e.g. unlearned ones).
+        precision: fp32, or bf16 (autocast).
     Returns:
         float64 losses (N, F, T) on the CPU, F = 2 with flips (original, flipped) else 1, T = cfg.num_timesteps.
     """
@@ -189,6 +191,7 @@ def dataset_losses(
             weight_sets={"": weights},
             purpose=purpose,
             flips=use_flips,
+            precision=precision,
             bar=bar,
         )[""]
     check_finite(losses)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,9 @@ class PassConfig:
 
     def __post_init__(self) -> None:
         require(self.chunk_images >= 1, f"chunk_images must be positive, got {self.chunk_images}")
-        require(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from fp32, bf16")
+        require(
+            self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
 
 
 def weights_fingerprint(weights: Mapping[str, torch.Tensor] | None) -> str:
@@ -51,7 +54,8 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor] | None) -> str:
     return hashlib.sha256(("\n".join(names) + values).encode()).hexdigest()[:16]
 
 
-def _rank_world(accelerator) -> tuple[int, int]:
+def rank_world(accelerator) -> tuple[int, int]:
+    """This process's index and the process count (0, 1 without an accelerator)."""
     return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
 
 
@@ -74,10 +78,13 @@ def _open_folder(folder: Path, identity: dict, rank: int, accelerator) -> None:
                 f"loss pass {folder} was made with another {', '.join(diff)}; delete it to recompute"
             )
     elif rank == 0:
-        (folder / "chunks").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / "chunks", ignore_errors=True)  # chunks without their identity are never trusted
+        folder.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_name("pass.json.tmp")
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, saved)
+    if rank == 0:
+        (folder / "chunks").mkdir(exist_ok=True)
     _barrier(accelerator)
 
 
@@ -131,7 +138,7 @@ def loss_pass(
         }
     )
     folder = Path(folder)
-    rank, world = _rank_world(accelerator)
+    rank, world = rank_world(accelerator)
     _open_folder(folder, identity, rank, accelerator)
     n, chunk = len(data), pass_cfg.chunk_images
     chunks = list(range((n + chunk - 1) // chunk))
@@ -156,10 +163,10 @@ def loss_pass(
                 check_finite(v)
             path = _chunk_path(folder, c)
             tmp = path.with_name(path.name + f".tmp{rank}")
-            save_file({k or "_": v.cpu().contiguous() for k, v in losses.items()}, str(tmp))
+            save_file({f"w:{k}": v.cpu().contiguous() for k, v in losses.items()}, str(tmp))
             os.replace(tmp, path)  # a killed run leaves no partial chunk
             if on_chunk is not None:
                 on_chunk(c)
     _barrier(accelerator)
     parts = [load_file(str(_chunk_path(folder, c))) for c in chunks]
-    return {name: torch.cat([p[name or "_"] for p in parts]) for name in weight_sets}
+    return {name: torch.cat([p[f"w:{name}"] for p in parts]) for name in weight_sets}

@@ -41,6 +41,7 @@ class Method(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     uses_noise: ClassVar[bool] = True  # scores depend on keyed noise (recorded with its generator)
+    shares_passes: ClassVar[bool] = False  # prepare() and scoring split their work over the processes
 
     def __init__(
         self,
@@ -159,6 +160,10 @@ def run_method(
                 print(f"{query.id}: already attributed with {method.name}, skipping")
     if pending:
         t0 = time.time()
+        if method.accelerator is not None and not method.shares_passes:
+            if main:  # a method that does not split its work: one process fills the caches, the others read them
+                method.prepare()
+            method.accelerator.wait_for_everyone()
         method.prepare()
         if main:
             print(f"{method.name}: prepared in {time.time() - t0:.1f} s")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.cache import cached_array
 from common.data import Query, fingerprint_tensors
-from common.errors import AttributionError, require
+from common.errors import AttributionError, first_line, require
 from common.methods.base import Method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,11 +140,6 @@ def hub_offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     return bool(constants.HF_HUB_OFFLINE) or env
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
 
 
 def unavailable(what: str, weights: str, flag: str, how: str) -> AttributionError:

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +23,14 @@ from common import keyed_random
 from common.cache import cached_tensors
 from common.data import Query, fingerprint_tensors
 from common.diffusion.losses import LossConfig, dataset_losses
-from common.diffusion.passes import PassConfig, loss_pass
+from common.diffusion.passes import PassConfig, loss_pass, rank_world, weights_fingerprint
 from common.diffusion.selection import select_parameters
 from common.errors import require
 from common.methods import register
 from common.methods.base import Method, query_fingerprint
 from common.model import DiffusionModel
 from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
-from common.unlearning.unlearn import UnlearnConfig, unlearn
+from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
 
 
 @dataclass
@@ -70,9 +71,6 @@ class UnlearningConfig:
             "the Fisher preconditions exactly the updated weights",
         )
 
-    def pass_config(self) -> PassConfig:
-        return PassConfig(chunk_images=self.scoring.chunk_images, precision=self.scoring.precision)
-
 
 def loss_deviation(base: torch.Tensor, unlearned: torch.Tensor) -> np.ndarray:
     """Per-orientation scores (N,F) from per-timestep losses (N,F,T): the timestep-mean increase."""
@@ -81,7 +79,11 @@ def loss_deviation(base: torch.Tensor, unlearned: torch.Tensor) -> np.ndarray:
 
 
 def query_losses(
-    model: DiffusionModel, query: Query, cfg: LossConfig, weights: dict[str, torch.Tensor] | None = None
+    model: DiffusionModel,
+    query: Query,
+    cfg: LossConfig,
+    weights: dict[str, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """The query's own per-timestep losses (1,1,T) on the scoring timesteps, keyed by its id."""
     return dataset_losses(
@@ -92,6 +94,7 @@ def query_losses(
         purpose=keyed_random.EVAL,
         flips=False,
         weights=weights,
+        precision=precision,
     )
 
 
@@ -99,25 +102,18 @@ def base_losses(method: Unlearning) -> torch.Tensor:
     """The pretrained model's losses (N,F,T): a resumable, shared loss pass cached in ``cache_dir/base_losses``."""
     cfg = method.cfg
     if method.cache_dir is None:
-        return dataset_losses(method.model, method.data, cfg.loss, progress="pretrained losses")
+        return dataset_losses(
+            method.model, method.data, cfg.loss, progress="pretrained losses", precision=cfg.scoring.precision
+        )
     return loss_pass(
         method.model,
         method.data,
         cfg.loss,
         method.cache_dir / "base_losses",
-        pass_cfg=cfg.pass_config(),
+        pass_cfg=cfg.scoring,
         accelerator=method.accelerator,
         progress="pretrained losses",
     )[""]
-
-
-def update_size(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """‖θ − θ0‖ / ‖θ0‖ over all the weights, and its largest value for one tensor."""
-    diff = {k: after[k].double() - before[k].double() for k in after}
-    total = sum(float(d.pow(2).sum()) for d in diff.values()) ** 0.5
-    norm = sum(float(before[k].double().pow(2).sum()) for k in after) ** 0.5
-    per = [float(d.norm() / before[k].double().norm().clamp_min(1e-30)) for k, d in diff.items()]
-    return total / max(norm, 1e-30), max(per)
 
 
 @register
@@ -126,6 +122,7 @@ class Unlearning(Method):
 
     name = "unlearning"
     Config = UnlearningConfig
+    shares_passes = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -146,11 +143,28 @@ class Unlearning(Method):
             if self.cfg.fisher.file:
                 self.fisher = import_fisher(self.cfg.fisher.file, self.model, self.cfg.fisher.selection)
             else:
-                self.fisher = cached_fisher(
-                    self.model, self.data, self.cfg.fisher, self.cache_path("fisher.safetensors")
-                )
+                path = self.cache_path("fisher.safetensors")
+                rank, world = rank_world(self.accelerator)
+                if world > 1 and path is not None:  # one process computes the cached Fisher, the others read it
+                    if rank == 0:
+                        cached_fisher(self.model, self.data, self.cfg.fisher, path)
+                    self.accelerator.wait_for_everyone()
+                self.fisher = cached_fisher(self.model, self.data, self.cfg.fisher, path)
         if self.base is None:
             self.base = base_losses(self)
+
+    def _unlearned_path(self, query: Query, names: list[str]) -> tuple[dict, Path | None]:
+        """What makes a query's unlearned weights, and where they are cached (None without a cache folder)."""
+        identity = {
+            "model": self.model.fingerprint(),
+            "num_train": len(self.data),
+            "noise": keyed_random.NOISE,
+            "unlearn": asdict(self.cfg.unlearn),
+            "fisher": fingerprint_tensors(*(self.fisher[n] for n in names)) if self.fisher else "",
+            "query": query_fingerprint(query),
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return identity, self.cache_path(f"unlearned/{query.id}-{key}.safetensors")
 
     def unlearned_weights(self, queries: Sequence[Query]) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
         """Each query's unlearned weights and the seconds they took (queries split over the processes).
@@ -160,14 +174,7 @@ class Unlearning(Method):
         processes and a resumed run read them instead of recomputing.
         """
         names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
-        rank, world = (self.accelerator.process_index, self.accelerator.num_processes) if self.accelerator else (0, 1)
-        settings = {
-            "model": self.model.fingerprint(),
-            "num_train": len(self.data),
-            "noise": keyed_random.NOISE,
-            "unlearn": asdict(self.cfg.unlearn),
-            "fisher": fingerprint_tensors(*(self.fisher[n] for n in names)) if self.fisher else "",
-        }
+        rank, world = rank_world(self.accelerator)
 
         def compute(query: Query) -> dict[str, torch.Tensor]:
             t0 = time.time()
@@ -176,11 +183,7 @@ class Unlearning(Method):
             seconds = torch.tensor(time.time() - t0, dtype=torch.float64)
             return {n: params[n].detach().clone() for n in names} | {"_seconds": seconds}
 
-        jobs = []
-        for query in queries:
-            identity = settings | {"query": query_fingerprint(query)}
-            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-            jobs.append((query, identity, self.cache_path(f"unlearned/{query.id}-{key}.safetensors")))
+        jobs = [(query, *self._unlearned_path(query, names)) for query in queries]
         out = {}
         for i, (query, identity, path) in enumerate(jobs):  # this process's share
             if path is None or i % world == rank:
@@ -196,6 +199,35 @@ class Unlearning(Method):
             for q, w in out.items()
         }
 
+    def after_losses(self, sets: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], Path | None]:
+        """Every training image's losses under each query's unlearned weights, and the pass folder used.
+
+        With a cache folder: one resumable loss pass shared by the processes, in a folder named by
+        what it computes (the weights and the loss settings), so a changed setting never meets a stale pass.
+        """
+        cfg = self.cfg
+        if self.cache_dir is None:
+            return {
+                qid: dataset_losses(self.model, self.data, cfg.loss, weights=w, precision=cfg.scoring.precision)
+                for qid, w in sets.items()
+            }, None
+        what = {qid: weights_fingerprint(w) for qid, w in sets.items()} | {
+            "": [cfg.loss.identity_dict(), cfg.scoring.precision]
+        }
+        folder = self.cache_dir / "scoring" / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        label = f"score {len(sets)} quer{'y' if len(sets) == 1 else 'ies'}"
+        after = loss_pass(
+            self.model,
+            self.data,
+            cfg.loss,
+            folder,
+            weight_sets=sets,
+            pass_cfg=cfg.scoring,
+            accelerator=self.accelerator,
+            progress=label,
+        )
+        return after, folder
+
     def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
         """Unlearn ``query_batch_size`` queries at a time, then score them together in one loss pass.
 
@@ -205,49 +237,34 @@ class Unlearning(Method):
         self.prepare()
         names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
         params = dict(self.model.unet.named_parameters())
-        start = {n: params[n].detach() for n in names}
+        start = {n: params[n].detach().clone() for n in names}
         size = self.cfg.scoring.query_batch_size
-        main = self.accelerator is None or self.accelerator.is_main_process
+        rank, _ = rank_world(self.accelerator)
         for g in range(0, len(queries), size):
             group = queries[g : g + size]
             weights = self.unlearned_weights(group)
             sets = {q.id: weights[q.id][0] for q in group}
             t0 = time.time()
-            folder = None
-            if self.cache_dir is None:
-                after = {
-                    qid: dataset_losses(self.model, self.data, self.cfg.loss, weights=w) for qid, w in sets.items()
-                }
-            else:
-                key = hashlib.sha256(",".join(q.id + query_fingerprint(q) for q in group).encode()).hexdigest()[:12]
-                folder = self.cache_dir / "scoring" / key
-                after = loss_pass(
-                    self.model,
-                    self.data,
-                    self.cfg.loss,
-                    folder,
-                    weight_sets=sets,
-                    pass_cfg=self.cfg.pass_config(),
-                    accelerator=self.accelerator,
-                    progress=f"score {len(group)} quer{'y' if len(group) == 1 else 'ies'}",
-                )
+            after, folder = self.after_losses(sets)
             seconds_score = (time.time() - t0) / len(group)
             for q in group:
                 yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score)
             if self.accelerator is not None:
                 self.accelerator.wait_for_everyone()
-            if folder is not None and main:  # the group's results are written: its intermediates can go
+            if folder is not None and rank == 0:  # the group's results are written: its intermediates can go
                 shutil.rmtree(folder, ignore_errors=True)
                 for q in group:
-                    for path in (self.cache_dir / "unlearned").glob(f"{q.id}-*.safetensors"):
-                        path.unlink()
+                    path = self._unlearned_path(q, names)[1]
+                    path.unlink(missing_ok=True)
 
     def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score) -> tuple[np.ndarray, dict]:
+        """Scores (N,) max over the flips, and the query's stats; keeps the per-timestep rises for analyses."""
+        precision = self.cfg.scoring.precision
         scores = loss_deviation(self.base, after)
         self.last_deltas = (after - self.base).float().numpy()
         relative, largest = update_size(start, weights)
-        q_before = float(query_losses(self.model, query, self.cfg.loss).mean())
-        q_after = float(query_losses(self.model, query, self.cfg.loss, weights).mean())
+        q_before = float(query_losses(self.model, query, self.cfg.loss, precision=precision).mean())
+        q_after = float(query_losses(self.model, query, self.cfg.loss, weights, precision).mean())
         stats = {
             "seconds_query": round(seconds_unlearn + seconds_score, 2),
             "relative_update": relative,
@@ -262,12 +279,18 @@ class Unlearning(Method):
         return scores.max(axis=1), stats
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
-        """Per-orientation scores of one query (the same path as :meth:`score_many`)."""
+        """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
         self.prepare()
         names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
         params = dict(self.model.unet.named_parameters())
+        start = {n: params[n].detach().clone() for n in names}
         weights, seconds = self.unlearned_weights([query])[query.id]
         t0 = time.time()
-        after = dataset_losses(self.model, self.data, self.cfg.loss, weights=weights)
-        _, stats = self._finish(query, weights, {n: params[n] for n in names}, after, seconds, time.time() - t0)
+        after, folder = self.after_losses({query.id: weights})
+        after = after[query.id]
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        if folder is not None and rank_world(self.accelerator)[0] == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        _, stats = self._finish(query, weights, start, after, seconds, time.time() - t0)
         return loss_deviation(self.base, after), stats

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from common import keyed_random
@@ -20,8 +19,8 @@ from common.cache import cached_tensors
 from common.data import ArrayTrainingSet
 from common.diffusion.gradients import per_sample_gradients
 from common.diffusion.selection import check_selection, select_parameters
-from common.errors import AttributionError, require, require_file
-from common.model import DiffusionModel
+from common.errors import AttributionError, require
+from common.model import DiffusionModel, read_pickle, read_safetensors
 
 
 @dataclass
@@ -135,16 +134,11 @@ def import_fisher(path: str | Path, model: DiffusionModel, selection: str, prefi
         AttributionError: missing or unreadable file; it lacks a selected weight or holds one of another
             shape; NaN, inf or negative entries.
     """
-    require_file(path, "Fisher file")
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "not a Fisher file"
-        raise AttributionError(f"{path} is not a readable Fisher file ({err.__class__.__name__})") from None
-    require(isinstance(raw, dict), f"{path} holds a {type(raw).__name__}, expected a mapping of weight names")
+    if path.suffix == ".safetensors":
+        raw = read_safetensors(path, "Fisher file")
+    else:
+        raw = read_pickle(path, "Fisher file")
     fisher = {k[len(prefix) :] if prefix and k.startswith(prefix) else k: v for k, v in raw.items()}
     names = select_parameters(model.unet, selection)
     params = dict(model.unet.named_parameters())

@@ -56,7 +56,7 @@ def query_draws(
     """Timesteps (distinct within the batch) and caption indices of one batch of query draws, on ``device``."""
     key = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc)[None]
     u = keyed_random.keyed_uniform(key, num_train_timesteps + cfg.batch_size, device)[0]
-    t = torch.argsort(u[:num_train_timesteps])[: cfg.batch_size]  # a keyed random permutation's prefix
+    t = torch.argsort(u[:num_train_timesteps], stable=True)[: cfg.batch_size]  # a keyed random permutation's prefix
     return t, keyed_random.below(u[num_train_timesteps:], query.text.shape[0])
 
 
@@ -140,10 +140,14 @@ def unlearn(
         with torch.no_grad():
             for k in names:
                 params[k].add_((scale * direction[k]).to(params[k]))  # ascent: the query's loss must rise
-    with torch.no_grad():
-        diff = [(params[k].double() - start[k].double()) for k in names]
-        num = sum(float(d.pow(2).sum()) for d in diff) ** 0.5
-        den = sum(float(start[k].double().pow(2).sum()) for k in names) ** 0.5
-        per = [float(d.norm() / start[k].double().norm().clamp_min(1e-30)) for d, k in zip(diff, names)]
     require(all(torch.isfinite(params[k]).all() for k in names), "NaN or inf after the unlearning update")
-    return UnlearnResult(unlearned, num / max(den, 1e-30), max(per))
+    return UnlearnResult(unlearned, *update_size(start, {k: params[k].detach() for k in names}))
+
+
+def update_size(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """‖θ − θ0‖ / ‖θ0‖ over all the named weights, and its largest value for one tensor."""
+    diff = {k: after[k].double() - before[k].double() for k in after}
+    total = sum(float(d.pow(2).sum()) for d in diff.values()) ** 0.5
+    norm = sum(float(before[k].double().pow(2).sum()) for k in after) ** 0.5
+    per = [float(d.norm() / before[k].double().norm().clamp_min(1e-30)) for k, d in diff.items()]
+    return total / max(norm, 1e-30), max(per)
