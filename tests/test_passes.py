@@ -65,6 +65,7 @@ WORKER = textwrap.dedent(
     from common.data import ArrayTrainingSet
     from common.diffusion.losses import LossConfig
     from common.diffusion.passes import PassConfig, loss_pass
+    from common.unlearning.fisher import FisherConfig, estimate_fisher
 
     torch.manual_seed(0)
     model = TinyTextToImage(micro_config())
@@ -85,13 +86,15 @@ WORKER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # a real signal, midway
     losses = loss_pass(model, data, LossConfig(num_timesteps=4, batch_size=16), folder,
                        pass_cfg=PassConfig(chunk_images=2), accelerator=accelerator, on_chunk=stop)[""]
+    fisher = estimate_fisher(model, data, FisherConfig(num_samples=14, batch_size=4), False, accelerator)
     if accelerator is None or accelerator.is_main_process:
         torch.save(losses, folder + f"/result-{{mode}}.pt")
+        torch.save(fisher, folder + f"/fisher-{{mode}}.pt")
     """
 )
 
 
-def test_a_killed_pass_resumes_and_two_processes_agree(tmp_path):
+def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
     py = [sys.executable, str(script)]
@@ -106,3 +109,7 @@ def test_a_killed_pass_resumes_and_two_processes_agree(tmp_path):
     whole = torch.load(tmp_path / "whole" / "result-one.pt")
     assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)
     assert torch.equal(torch.load(tmp_path / "two" / "result-two.pt"), whole)
+    one, two = (torch.load(tmp_path / d / f"fisher-{m}.pt") for d, m in (("whole", "one"), ("two", "two")))
+    assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())
+    for name in one:  # 4 batches split 2 + 2 over the processes, summed across them: the same Fisher
+        torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0)

@@ -142,14 +142,9 @@ class Unlearning(Method):
         if self.cfg.unlearn.method == "newton" and self.fisher is None:
             if self.cfg.fisher.file:
                 self.fisher = import_fisher(self.cfg.fisher.file, self.model, self.cfg.fisher.selection)
-            else:
+            else:  # estimated by every process together, each taking its share of the batches
                 path = self.cache_path("fisher.safetensors")
-                rank, world = rank_world(self.accelerator)
-                if world > 1 and path is not None:  # one process computes the cached Fisher, the others read it
-                    if rank == 0:
-                        cached_fisher(self.model, self.data, self.cfg.fisher, path)
-                    self.accelerator.wait_for_everyone()
-                self.fisher = cached_fisher(self.model, self.data, self.cfg.fisher, path)
+                self.fisher = cached_fisher(self.model, self.data, self.cfg.fisher, path, accelerator=self.accelerator)
         if self.base is None:
             self.base = base_losses(self)
 

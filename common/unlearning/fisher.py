@@ -60,18 +60,25 @@ def estimate_fisher(
     data: ArrayTrainingSet,
     cfg: FisherConfig,
     progress: bool = True,
+    accelerator=None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the selected weights; flips are drawn only for models trained with them.
 
+    With an ``accelerate.Accelerator`` of several processes, process r takes batches r, r + W, ...
+    and the sums are added up across processes: the same Fisher, up to summation order.
+
     Returns:
-        name -> mean squared per-sample gradient, float64, shaped like the parameter.
+        name -> mean squared per-sample gradient, float64, shaped like the parameter (on every process).
     """
     names = select_parameters(model.unet, cfg.selection)
     ref = next(model.unet.parameters())
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
-    bar = tqdm(total=cfg.num_samples, desc="fisher", unit="grad", disable=not progress, leave=False)
-    for j0 in range(0, cfg.num_samples, cfg.batch_size):
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    starts = list(range(0, cfg.num_samples, cfg.batch_size))[rank::world]
+    mine = sum(min(cfg.batch_size, cfg.num_samples - j0) for j0 in starts)
+    bar = tqdm(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
+    for j0 in starts:
         j1 = min(j0 + cfg.batch_size, cfg.num_samples)
         idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
         keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
@@ -83,6 +90,8 @@ def estimate_fisher(
             total[n] += grads[n].double().pow(2).sum(0)
         bar.update(j1 - j0)
     bar.close()
+    if world > 1:
+        total = {n: accelerator.reduce(v, reduction="sum") for n, v in total.items()}
     return {n: (v / cfg.num_samples).cpu() for n, v in total.items()}
 
 
@@ -99,15 +108,25 @@ def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherCo
 
 
 def cached_fisher(
-    model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, path: str | Path | None, progress: bool = True
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: FisherConfig,
+    path: str | Path | None,
+    progress: bool = True,
+    accelerator=None,
 ) -> dict[str, torch.Tensor]:
     """The Fisher at ``path`` if it was made from this model, training set and settings; else estimate and save it.
+
+    With several processes every one must call it: they estimate it together (:func:`estimate_fisher`).
 
     Raises:
         AttributionError: the file was made from another model, training set or settings, or is damaged.
     """
     fisher = cached_tensors(
-        path, fisher_identity(model, data, cfg), lambda: estimate_fisher(model, data, cfg, progress), "Fisher file"
+        path,
+        fisher_identity(model, data, cfg),
+        lambda: estimate_fisher(model, data, cfg, progress, accelerator),
+        "Fisher file",
     )
     check_fisher(fisher, select_parameters(model.unet, cfg.selection), path)
     return fisher
