@@ -78,20 +78,19 @@ def original_fisher(model: MscocoModel, latents, text, num_samples: int, batch_s
     params = {k: v.detach() for k, v in unet.named_parameters()}
     alphas = model.scheduler.alphas_cumprod.to(device)
 
-    def loss(p, x, c, t, e):
-        a = alphas[t]
+    def loss(p, x, c, t, a, e):
         x_t = a.sqrt() * x[None] + (1 - a).sqrt() * e[None]
         pred = functional_call(unet, p, (x_t, t[None]), {"encoder_hidden_states": c[None]}).sample
         return ((pred - e[None]) ** 2).mean()
 
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0), randomness="different")
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0), randomness="different")
     for start in range(0, num_samples, batch_size):
         idx = torch.arange(start, min(start + batch_size, num_samples)) % len(latents)
         x = latents[idx].to(device)
         c = text[idx, np.random.randint(text.shape[1])].to(device)  # one caption per batch, as the original
         t = torch.randint(0, model.num_train_timesteps, (len(idx),), device=device)
-        grads = per_sample(params, x, c, t, torch.randn_like(x))
+        grads = per_sample(params, x, c, t, alphas[t], torch.randn_like(x))
         for k in total:
             total[k] += grads[k].double().pow(2).mean(0)
 
