@@ -273,6 +273,7 @@ def attribute_flags(tmp_path):
     return flags + ["--fisher.file", str(tmp_path / "data" / release.FISHER)]
 
 
+@pytest.mark.slow  # 50 s: the library path it drives runs by default in the unlearning test above
 def test_attribute_script_scores_the_release_resumes_and_refuses_a_partial_fisher(tmp_path):
     flags = attribute_flags(tmp_path)
     run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
@@ -370,6 +371,7 @@ def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_
     assert (tmp_path / "data" / release.SAMPLE_CAPTIONS).exists()  # the complete archives before it stay
 
 
+@pytest.mark.slow  # 25 s
 def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
     write_release(tmp_path / "data", text_dtype=np.float32)
     write_model_files(tmp_path / "data", tmp_path / "sd2")
@@ -388,6 +390,7 @@ def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().endswith("missing prompts file: " + str(tmp_path / "none.txt"))
 
 
+@pytest.mark.slow  # 55 s
 def test_bench_times_both_loops_and_compares_precisions(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--images", "2", "--images-per-batch", "2", "--fisher-samples", "4"]
