@@ -77,7 +77,7 @@ def cached_tensors(
             ) from None
     tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
         str(tmp),

@@ -123,6 +123,11 @@ class ArrayTrainingSet:
         )
 
 
+def query_key(query_id: str) -> int:
+    """The 56-bit integer that keys a query's noise, derived from its id."""
+    return int.from_bytes(hashlib.sha256(query_id.encode()).digest()[:7], "little")
+
+
 @dataclass
 class Query:
     """A synthesized image to attribute.
@@ -154,7 +159,7 @@ class Query:
     @property
     def key(self) -> int:
         """A stable integer for keyed noise, derived from the id."""
-        return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:7], "little")
+        return query_key(self.id)
 
     def as_training_set(self) -> ArrayTrainingSet:
         return ArrayTrainingSet(self.image[None], self.text[None], [[self.prompt]], [self.image_path])

@@ -26,6 +26,12 @@ def require_file(path: Any, what: str = "file") -> None:
         raise AttributionError(f"missing {what}: {path}")
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
+
+
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a script's ``main`` so input errors print one line and exit with status 2."""
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import copy
 import json
+import zipfile
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
 from common.data import fingerprint_tensors
-from common.errors import AttributionError, require, require_file
+from common.errors import AttributionError, first_line, require, require_file
 
 
 class DiffusionModel(abc.ABC):
@@ -44,6 +45,14 @@ class DiffusionModel(abc.ABC):
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (C,H,W) of one model input (pixels or latents), from the UNet's config."""
+        config = self.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(config.in_channels), int(height), int(width))
 
     @property
     def device(self) -> torch.device:
@@ -125,3 +134,19 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: st
     except RuntimeError as err:
         first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)[:120]
         raise AttributionError(f"{path} does not fit this architecture ({first})") from None
+
+
+def read_pickle(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A state dict saved with ``torch.save``, read with ``weights_only=True`` (no code runs); damage is one line."""
+    require_file(path, what)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise AttributionError(f"{path} is damaged or incomplete ({first_line(err)}); download it again") from None
+    except Exception as err:  # noqa: BLE001 - the weights-only unpickler refuses anything but tensors
+        raise AttributionError(f"{path} is not a plain tensor file ({first_line(err)})") from None
+    require(
+        isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
+        f"{path} is not a state dict of tensors",
+    )
+    return state

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import Query
+from common import keyed_random
+from common.data import Query, query_key
 from common.errors import AttributionError, require_file
+from common.model import DiffusionModel
 from common.outputs import write_json
 
 
@@ -70,3 +72,42 @@ def load_queries(root: str | Path, ids: list[str] | None = None) -> list[Query]:
     if not names:
         raise AttributionError(f"no query folders in {root}")
     return [load_query(root / name) for name in names]
+
+
+def generate_queries(
+    model: DiffusionModel,
+    prompts: list[tuple[str, dict]],
+    out: str | Path,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    num_steps: int = 1000,
+    prefix: str = "q",
+    guidance_scale: float = 1.0,
+    batch_size: int = 64,
+) -> list[Path]:
+    """Sample one image per prompt from keyed initial noise and save each as a query folder ``<prefix><i>``.
+
+    Each folder keeps the model input, the decoded image, the text embedding and the initial noise,
+    so the query can be regenerated (leave-K-out regeneration) from the same noise and seed.
+    """
+    from common.data import as_numpy_uint8
+    from common.diffusion.sampling import sample
+
+    ids = [f"{prefix}{i:03d}" for i in range(len(prompts))]
+    folders = []
+    for start in range(0, len(prompts), batch_size):
+        batch, names = prompts[start : start + batch_size], ids[start : start + batch_size]
+        keys = [query_key(i) for i in names]
+        noise = keyed_random.keyed_normal([(seed, keyed_random.SAMPLE, k) for k in keys], model.input_shape)
+        text = model.encode_text([p for p, _ in batch])
+        device, dtype = model.device, model.dtype
+        images = sample(
+            model, text.to(device, dtype), noise.to(device, dtype), keys, seed, sampler, num_steps, guidance_scale
+        ).cpu()
+        pixels = model.decode(images)
+        for qid, (prompt, attrs), img, pix, emb, eps in zip(names, batch, images, pixels, text, noise):
+            query = Query(qid, img, emb[None], prompt)
+            info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
+            info["attributes"] = attrs
+            folders.append(save_query(out, query, eps, as_numpy_uint8(pix), info))
+    return folders

@@ -11,7 +11,7 @@ from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from common.methods.unlearning import query_losses
 from common.unlearning.fisher import FisherConfig, _draws, cached_fisher, estimate_fisher, import_fisher
-from common.unlearning.unlearn import UnlearnConfig, newton_direction, query_gradient, unlearn
+from common.unlearning.unlearn import UnlearnConfig, newton_direction, query_draws, query_gradient, unlearn
 
 KV = "cross-attn-kv"
 
@@ -118,7 +118,7 @@ def test_nan_and_damaged_fisher_files_are_refused(model, data, tmp_path):
     with pytest.raises(AttributionError, match="NaN"):
         import_fisher(tmp_path / "nan.safetensors", model, KV)
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "nan.safetensors").read_bytes()[:50])
-    with pytest.raises(AttributionError, match="not a readable Fisher file"):
+    with pytest.raises(AttributionError, match="is damaged or incomplete"):
         import_fisher(tmp_path / "cut.safetensors", model, KV)
     with pytest.raises(AttributionError, match="missing Fisher file"):
         import_fisher(tmp_path / "absent.pt", model, KV)
@@ -146,8 +146,12 @@ def test_damping_keeps_zero_entries_finite():
     d = newton_direction(g, f, damping=0.5)["w"]
     assert torch.isfinite(d).all()
     torch.testing.assert_close(d, torch.tensor([1 / 0.5, 2 / 1.5, 3 / 2.5], dtype=torch.float64))
-    with pytest.raises(AttributionError, match="undefined"):
+    with pytest.raises(AttributionError, match="3 zero entries and damping is 0"):
         newton_direction(g, {"w": torch.zeros(3, dtype=torch.float64)}, damping=0.0)
+    with pytest.raises(AttributionError, match="1 zero entries"):
+        newton_direction(g, f, damping=0.0)
+    undamped = newton_direction(g, {"w": torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)}, damping=0.0)["w"]
+    torch.testing.assert_close(undamped, torch.tensor([0.25, 2.0, 1.5], dtype=torch.float64))  # the original's F^-1 g
 
 
 def _fisher(model, data):
@@ -160,9 +164,8 @@ def test_query_gradient_is_the_mean_over_every_accumulation_and_draw(model, quer
     got = query_gradient(model, names, query, cfg, step=1)
     total = {n: 0.0 for n in names}
     for acc in range(2):
-        g = keyed_random.generator(5, keyed_random.QUERY, query.key, 1, acc)
-        t = torch.randperm(1000, generator=g)[:3]
-        cap = torch.randint(query.text.shape[0], (3,), generator=g)
+        t, cap = query_draws(query, cfg, 1, acc, 1000)
+        assert len(set(t.tolist())) == 3  # distinct timesteps within a batch
         for j in range(3):
             noise = keyed_random.keyed_normal([(5, keyed_random.QUERY, query.key, 1, acc, j)], query.image.shape,
                                               torch.float64)  # fmt: skip

@@ -17,6 +17,58 @@ def test_keyed_noise_is_stable_and_distinct():
     assert keyed_random.key_seed(1, 2) != keyed_random.key_seed(2, 1)
 
 
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [  # Random123's known-answer vectors for philox4x32-10 (tests/kat_vectors of its distribution)
+        ("00000000 00000000 00000000 00000000", "00000000 00000000", "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+        ("ffffffff ffffffff ffffffff ffffffff", "ffffffff ffffffff", "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+        ("243f6a88 85a308d3 13198a2e 03707344", "a4093822 299f31d0", "d16cfe09 94fdcceb 5001e420 24126ea1"),
+    ],
+)
+def test_philox_matches_the_reference_known_answers(counter, key, expected):
+    def words(text):
+        return [torch.tensor([int(w, 16)]) for w in text.split()]
+
+    out = keyed_random.philox4x32(words(counter), words(key))
+    assert " ".join(f"{int(w):08x}" for w in out) == expected
+
+
+def test_keyed_noise_is_the_same_in_any_batch():
+    keys = keyed_random.key_rows(3, keyed_random.SCORE, torch.arange(64) * 7919, 1, 2, torch.arange(64) % 20)
+    whole = keyed_random.keyed_normal(keys, (4, 16, 16))
+    for size in (1, 7, 64):
+        parts = torch.cat([keyed_random.keyed_normal(keys[i : i + size], (4, 16, 16)) for i in range(0, 64, size)])
+        assert torch.equal(parts, whole)
+    as_list = keyed_random.keyed_normal([tuple(k) for k in keys.tolist()], (4, 16, 16), torch.float64)
+    torch.testing.assert_close(as_list.float(), whole, rtol=0, atol=0)  # list keys = tensor keys, float64 cast
+    odd = keyed_random.keyed_normal(keys[:5], (3, 5))  # an odd count per row is the prefix of a longer draw
+    assert torch.equal(odd.flatten(1), keyed_random.keyed_normal(keys[:5], (16,))[:, :15])
+
+
+def test_keyed_noise_is_standard_normal_and_uncorrelated():
+    z = keyed_random.keyed_normal(keyed_random.key_rows(0, 1, torch.arange(400)), (1024,), torch.float64)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01  # 409,600 draws: SE 0.0016, 0.0011
+    assert abs((z**4).mean().item() - 3) < 0.05  # kurtosis (SE about 0.015)
+    corr = torch.corrcoef(z)[~torch.eye(400, dtype=torch.bool)]  # neighbouring keys: 1024 pairs each
+    assert abs(corr.mean().item()) < 1e-3 and abs(corr.std().item() - 1 / 32) < 1e-3  # as for independent rows
+    assert corr.abs().max() < 0.2  # 6.4 standard errors
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(9, torch.arange(1000)), 8)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    counts = torch.bincount(keyed_random.below(u.flatten(), 5), minlength=5)
+    assert counts.min() > 1500 and counts.max() < 1700  # 8,000 draws into 5 bins: 1,600 ± 36
+
+
+def test_key_rows_follow_the_ids_device_and_empty_draws_work():
+    keys = keyed_random.key_rows(3, keyed_random.SCORE, torch.arange(4, device="meta"), 1)
+    assert keys.device.type == "meta" and keys.shape == (4, 4)  # scalars join the tensors' device (CUDA alike)
+    assert keyed_random.keyed_normal(torch.zeros(0, 3, dtype=torch.long), (2, 3)).shape == (0, 2, 3)
+
+
+def test_keyed_noise_refuses_negative_ids():
+    with pytest.raises(ValueError, match="non-negative"):
+        keyed_random.keyed_normal([(0, -1)], (2,))
+
+
 def test_strided_timesteps_match_the_paper():
     assert strided_timesteps(20) == list(range(0, 1000, 50))
     assert strided_timesteps(10, first=50) == list(range(50, 1000, 100))

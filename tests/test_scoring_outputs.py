@@ -9,7 +9,7 @@ import torch
 from common.diffusion.losses import LossConfig
 from common.errors import AttributionError
 from common.methods.base import run_method
-from common.methods.unlearning import Unlearning, UnlearningConfig, cached_base_losses, loss_deviation
+from common.methods.unlearning import Unlearning, UnlearningConfig, base_losses, loss_deviation
 from common.outputs import build_ranking, prepare_run_dir, read_ranking, write_ranking
 from common.unlearning.fisher import FisherConfig
 from common.unlearning.unlearn import UnlearnConfig
@@ -22,19 +22,23 @@ def test_score_is_timestep_mean_rise_per_orientation():
 
 
 def test_base_loss_cache_is_reused_and_mismatches_refused(model, data, tmp_path):
-    path = tmp_path / "base.safetensors"
+    def base(loss: LossConfig, training=data):
+        cfg = UnlearningConfig(loss=loss)
+        return base_losses(Unlearning(cfg, model, training, cache_dir=tmp_path))
+
     cfg = LossConfig(num_timesteps=2)
-    first = cached_base_losses(model, data, cfg, path)
-    again = cached_base_losses(model, data, LossConfig(num_timesteps=2, batch_size=3), path)
+    first = base(cfg)
+    again = base(LossConfig(num_timesteps=2, batch_size=3))
     torch.testing.assert_close(first, again)
+    assert (tmp_path / "base_losses" / "pass.json").exists()
     with pytest.raises(AttributionError, match="another settings"):
-        cached_base_losses(model, data, LossConfig(num_timesteps=4), path)
+        base(LossConfig(num_timesteps=4))
     with pytest.raises(AttributionError, match="another training set"):
-        cached_base_losses(model, data.subset(range(5)), cfg, path)
+        base(cfg, data.subset(range(5)))
     with torch.no_grad():
         next(model.unet.parameters()).add_(1.0)
     with pytest.raises(AttributionError, match="another model"):
-        cached_base_losses(model, data, cfg, path)
+        base(cfg)
 
 
 def test_ranking_round_trip_and_schema(data, tmp_path):
@@ -73,7 +77,7 @@ def test_run_dir_refuses_other_configs_and_foreign_folders(tmp_path):
 def _unlearning(model, data, cache, step_size=1e-3):
     cfg = UnlearningConfig(
         FisherConfig(num_samples=24),
-        LossConfig(num_timesteps=2),
+        LossConfig(num_timesteps=20),  # enough timesteps for the query's loss rise to show through the noise
         UnlearnConfig(step_size=step_size, batch_size=8, accumulations=2),
     )
     return Unlearning(cfg, model, data, cache)
@@ -87,7 +91,9 @@ def test_run_method_writes_outputs_and_resumes(model, data, query, tmp_path, cap
     assert ranking["stats"]["query_loss_rise"] > 0 and ranking["model_fingerprint"] == model.fingerprint()
     config = json.loads((folder / "config.json").read_text())
     assert config["settings"]["unlearn"]["step_size"] == 1e-3 and "batch_size" not in config["settings"]["unlearn"]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["base_losses.safetensors", "fisher.safetensors"]
+    cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cache == ["base_losses", "fisher.safetensors", "scoring", "unlearned"]
+    assert not [*(tmp_path / "cache" / "unlearned").iterdir(), *(tmp_path / "cache" / "scoring").iterdir()]
     run_method(method, [query], tmp_path / "out")
     assert "already attributed" in capsys.readouterr().out
     with pytest.raises(AttributionError, match="different config"):

@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from common import keyed_random
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
@@ -116,6 +117,7 @@ def main() -> None:
     if not clip.available:
         print(f"CLIP similarity off: {clip.reason}")
     recipe_info = {"train": asdict(recipe), "model": asdict(model_cfg), "data": run.data.fingerprint}
+    recipe_info["noise"] = keyed_random.NOISE
     recipe_id = hashlib.sha256(json.dumps(recipe_info, sort_keys=True).encode()).hexdigest()[:12]
     # One folder, one recipe and ΔL/regeneration setting: metrics of another mode are never reused.
     identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}

@@ -27,9 +27,9 @@ from common.data import Query
 from common.errors import AttributionError, cli, require
 from common.methods.base import run_method
 from common.outputs import prepare_run_dir
-from common.queries import load_queries
+from common.queries import generate_queries, load_queries
 from tiny.data import count_duplicates
-from tiny.pipeline import TinyRun, generate_queries, load_model, load_run, shape_prompts
+from tiny.pipeline import TinyRun, load_model, load_run, shape_prompts
 from tiny.shapes import ATTRIBUTES
 
 

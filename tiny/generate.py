@@ -13,8 +13,9 @@ from pathlib import Path
 
 from common.diffusion.sampling import SAMPLERS
 from common.errors import AttributionError, cli
+from common.queries import generate_queries
 from tiny.model import TinyTextToImage
-from tiny.pipeline import generate_queries, set_threads, shape_prompts
+from tiny.pipeline import set_threads, shape_prompts
 
 
 @cli

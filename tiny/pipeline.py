@@ -8,11 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import keyed_random
 from common.config import resolve_device
-from common.data import ArrayTrainingSet, Query, as_numpy_uint8
-from common.diffusion.sampling import sample
-from common.queries import save_query
+from common.data import ArrayTrainingSet
 from tiny import shapes
 from tiny.data import ImageFolder, load_image_folder
 from tiny.model import TinyTextToImage
@@ -67,31 +64,3 @@ def shape_prompts(num: int, seed: int) -> list[tuple[str, dict]]:
         spec = shapes.sample_spec(rng)
         out.append((spec.caption(), spec.attributes()))
     return out
-
-
-def generate_queries(
-    model: TinyTextToImage,
-    prompts: list[tuple[str, dict]],
-    out: str | Path,
-    seed: int = 0,
-    sampler: str = "ddpm",
-    num_steps: int = 1000,
-    prefix: str = "q",
-    guidance_scale: float = 1.0,
-) -> list[Path]:
-    """Sample one image per prompt and save each as a query folder ``<prefix><i>``."""
-    cfg = model.cfg
-    ids = [f"{prefix}{i:03d}" for i in range(len(prompts))]
-    keys = [Query(i, torch.zeros(1, 1, 1), torch.zeros(1, 1)).key for i in ids]
-    noise = keyed_random.keyed_normal(
-        [(seed, keyed_random.SAMPLE, k) for k in keys], (3, cfg.resolution, cfg.resolution)
-    )
-    text = model.encode_text([p for p, _ in prompts])
-    images = sample(model, text, noise, keys, seed, sampler, num_steps, guidance_scale)
-    folders = []
-    for qid, (prompt, attrs), img, emb, eps in zip(ids, prompts, images, text, noise):
-        query = Query(qid, img, emb[None], prompt)
-        info = {"seed": seed, "sampler": sampler, "num_steps": num_steps, "guidance_scale": guidance_scale}
-        info["attributes"] = attrs
-        folders.append(save_query(out, query, eps, as_numpy_uint8(img), info))
-    return folders

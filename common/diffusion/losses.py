@@ -7,7 +7,8 @@ Each (image, flip, caption, timestep) gets noise from a generator keyed by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,6 +48,104 @@ class LossConfig:
         return {k: v for k, v in asdict(self).items() if k != "batch_size"}
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+@contextmanager
+def swapped_weights(unet: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, ``unet`` uses ``weights`` (name -> tensor) in place of its own; restored on exit.
+
+    Copies in place (cheap for a selection such as cross-attention K/V), so a forward pass runs at
+    the plain module's speed, unlike ``torch.func.functional_call``.
+    """
+    if not weights:
+        yield
+        return
+    params = dict(unet.named_parameters())
+    missing = [n for n in weights if n not in params]
+    require(not missing, f"the weights name {len(missing)} tensors the model lacks, e.g. {missing[:1]}")
+    saved = {n: params[n].detach().clone() for n in weights}
+    try:
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+
+
+@torch.no_grad()
+def image_losses(
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    positions: torch.Tensor,
+    ids: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+    purpose: int = keyed_random.SCORE,
+    flips: bool = True,
+    precision: str = "fp32",
+    bar: tqdm | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-timestep losses of the images at ``positions``, averaged over captions, under each weight set.
+
+    Each group of images is read once and scored under every weight set (e.g. the unlearned weights
+    of several queries); noise is drawn on the model's device, keyed by ``ids``; losses stay there.
+
+    Args:
+        positions: indices into ``data`` (n,).
+        ids: each image's id in the noise keys (n,) (its global training index).
+        weight_sets: name -> weights replacing the model's (None: its own); default ``{"": None}``.
+        flips: score the flipped images too.
+        precision: fp32, or bf16 (autocast; losses computed and kept in float32 or wider).
+        bar: a progress bar advanced by the loss rows done.
+    Returns:
+        name -> float64 losses (n, F, T) on the model's device.
+    """
+    require(precision in PRECISIONS, f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    weight_sets = {"": None} if weight_sets is None else weight_sets
+    device, dtype = model.device, model.dtype
+    steps = torch.tensor(cfg.timesteps(model.num_train_timesteps), device=device)
+    flip_values = (0, 1) if flips else (0,)
+    n, n_f, n_c, n_t = len(positions), len(flip_values), data.num_captions, len(steps)
+    per_image = n_f * n_c * n_t
+    group = max(1, cfg.batch_size // per_image)  # images whose rows fit one forward pass
+    denoise = unet_denoiser(model.unet)
+    out = {name: torch.empty(n, n_f, n_c, n_t, dtype=torch.float64, device=device) for name in weight_sets}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    ids = torch.as_tensor(ids, dtype=torch.int64).to(device)
+    flip_t = torch.tensor(flip_values, device=device)
+    for g0 in range(0, n, group):
+        pos = torch.as_tensor(positions[g0 : g0 + group], dtype=torch.long)
+        m = len(pos)
+        images = torch.stack([data.images(pos, bool(f)) for f in flip_values], 1).to(device=device, dtype=dtype)
+        caps = torch.arange(n_c).repeat(m)
+        text = data.text(pos.repeat_interleave(n_c), caps).to(device=device, dtype=dtype)
+        text = text.view(m, n_c, *text.shape[1:])
+        # One row per (image, flip, caption, timestep), in that order; forward passes take slices of it.
+        grid = torch.cartesian_prod(*(torch.arange(k, device=device) for k in (m, n_f, n_c, n_t))).view(-1, 4)
+        for r0 in range(0, len(grid), cfg.batch_size):
+            p, f, c, s = grid[r0 : r0 + cfg.batch_size].unbind(1)
+            keys = keyed_random.key_rows(cfg.seed, purpose, ids[g0 + p], flip_t[f], c, steps[s])
+            noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=dtype, device=device)
+            x0, cond, t = images[p, f], text[p, c], steps[s]
+            for name, weights in weight_sets.items():
+                with swapped_weights(model.unet, weights), autocast:
+                    loss = per_sample_loss(denoise, x0, cond, t, noise, model.alphas_cumprod)
+                out[name][g0 + p, f, c, s] = loss.double()
+            if bar is not None:
+                bar.update(len(p))
+    return {name: v.mean(2) for name, v in out.items()}
+
+
+def check_finite(losses: torch.Tensor) -> None:
+    if not torch.isfinite(losses).all():
+        raise AttributionError("NaN or inf in the losses: the model weights are broken (step size too large?)")
+
+
 @torch.no_grad()
 def dataset_losses(
     model: DiffusionModel,
@@ -57,8 +156,10 @@ def dataset_losses(
     purpose: int = keyed_random.SCORE,
     flips: bool | None = None,
     progress: str | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Per-timestep losses of every sample, averaged over captions, on the model's device and dtype.
+    """Per-timestep losses of every sample, averaged over captions (in memory; :mod:`passes` for large sets).
 
     Args:
         model: the model.
@@ -70,39 +171,28 @@ def dataset_losses(
         flips: score the flipped images too; default ``cfg.flips and model.flips`` (a model trained
             without flips is scored without them).
         progress: a tqdm label, or None for no bar.
+        weights: weights (name -> tensor) used in place of the model's (e.g. unlearned ones).
+        precision: fp32, or bf16 (autocast).
     Returns:
-        float64 losses (N, F, T), F = 2 with flips (original, flipped) else 1, T = cfg.num_timesteps.
+        float64 losses (N, F, T) on the CPU, F = 2 with flips (original, flipped) else 1, T = cfg.num_timesteps.
     """
     ids = list(range(len(data))) if sample_ids is None else [int(i) for i in sample_ids]
     if len(ids) != len(data):
         raise AttributionError(f"got {len(ids)} sample ids for {len(data)} samples")
     use_flips = cfg.flips and model.flips if flips is None else flips
-    flips_ = (0, 1) if use_flips else (0,)
-    steps = cfg.timesteps(model.num_train_timesteps)
-    device, dtype, denoise = model.device, model.dtype, unet_denoiser(model.unet)
-    n_cap = data.num_captions
-    # One row per (sample, flip, caption, timestep slot); batches are slices of this list.
-    grid = torch.cartesian_prod(
-        torch.arange(len(data)), torch.tensor(flips_), torch.arange(n_cap), torch.arange(len(steps))
-    ).view(-1, 4)
-    out = torch.zeros(len(data), len(flips_), len(steps), dtype=torch.float64)
-    t_all = torch.tensor(steps)
-    bar = tqdm(total=len(grid), desc=progress, disable=progress is None, unit="loss", leave=False)
-    for start in range(0, len(grid), cfg.batch_size):
-        rows = grid[start : start + cfg.batch_size]
-        pos, flip, cap, slot = rows.unbind(1)
-        t = t_all[slot]
-        keys = [
-            (cfg.seed, purpose, ids[p], f, c, s)
-            for p, f, c, s in zip(pos.tolist(), flip.tolist(), cap.tolist(), t.tolist())
-        ]
-        noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=dtype, device=device)
-        x0 = data.images(pos, flip.bool()).to(device=device, dtype=dtype)
-        text = data.text(pos, cap).to(device=device, dtype=dtype)
-        loss = per_sample_loss(denoise, x0, text, t.to(device), noise, model.alphas_cumprod).double().cpu()
-        if not torch.isfinite(loss).all():
-            raise AttributionError("NaN or inf in the losses: the model weights are broken (step size too large?)")
-        out.index_put_((pos, flip if len(flips_) == 2 else torch.zeros_like(flip), slot), loss / n_cap, accumulate=True)
-        bar.update(len(rows))
-    bar.close()
-    return out
+    rows = len(data) * (2 if use_flips else 1) * data.num_captions * cfg.num_timesteps
+    with tqdm(total=rows, desc=progress, disable=progress is None, unit="loss", leave=False) as bar:
+        losses = image_losses(
+            model,
+            data,
+            torch.arange(len(data)),
+            torch.tensor(ids),
+            cfg,
+            weight_sets={"": weights},
+            purpose=purpose,
+            flips=use_flips,
+            precision=precision,
+            bar=bar,
+        )[""]
+    check_finite(losses)
+    return losses.cpu()

@@ -47,7 +47,8 @@ def sample(
         trajectory: when a list, each step appends ``(t, x_t)``: the timestep and the samples (B,C,H,W)
             it started from (JourneyTRAK attributes along this path).
     Returns:
-        Samples (B,C,H,W), clamped to [-1, 1].
+        Samples (B,C,H,W) as the sampler leaves them: with the schedulers' default ``clip_sample`` the
+        last step returns the clipped x0 prediction; nothing else clamps them (latents have their own range).
     """
     train_scheduler = model.scheduler
     denoise = unet_denoiser(model.unet)
@@ -76,4 +77,4 @@ def sample(
             cond, uncond = both.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(eps, t, x, **extra).prev_sample
-    return x.clamp(-1, 1)
+    return x

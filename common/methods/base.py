@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from common import keyed_random
 from common.data import ArrayTrainingSet, Query, as_numpy_uint8, fingerprint_tensors
 from common.errors import require
 from common.model import DiffusionModel
@@ -34,10 +35,13 @@ class Method(abc.ABC):
         data: its training set.
         cache_dir: where prepared artifacts are cached (None: computed in memory each time).
         load_model: loads another model of the same benchmark from a folder (TRAK's ensemble).
+        accelerator: an ``accelerate.Accelerator`` whose processes share long passes (None: one process).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    uses_noise: ClassVar[bool] = True  # scores depend on keyed noise (recorded with its generator)
+    shares_passes: ClassVar[bool] = False  # prepare() and scoring split their work over the processes
 
     def __init__(
         self,
@@ -46,6 +50,7 @@ class Method(abc.ABC):
         data: ArrayTrainingSet,
         cache_dir: str | Path | None = None,
         load_model: Callable[[str], DiffusionModel] | None = None,
+        accelerator=None,
     ) -> None:
         require(isinstance(cfg, self.Config), f"{self.name} expects a {self.Config.__name__}")
         self.cfg = cfg
@@ -53,6 +58,7 @@ class Method(abc.ABC):
         self.data = data
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.load_model = load_model
+        self.accelerator = accelerator
         self.flips = bool(model.flips)
 
     def identity(self) -> dict:
@@ -89,6 +95,13 @@ class Method(abc.ABC):
         want = (len(self.data), len(self.flip_states()))
         require(scores.shape == want, f"{self.name} returned scores of shape {scores.shape}, expected {want}")
         return scores.max(axis=1), stats
+
+    def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
+        """(query, scores (N,), stats) for each query in order; methods that share work across queries override it."""
+        for query in queries:
+            t0 = time.time()
+            scores, stats = self.score(query)
+            yield query, scores, {"seconds_query": round(time.time() - t0, 3)} | stats
 
 
 def without_batch_sizes(settings: dict) -> dict:
@@ -130,22 +143,34 @@ def run_method(
         "data": method.data.fingerprint,
         "flips": method.flips,
     }  # not top_k: it lists more or fewer of the same scores (scores.npy holds them all)
-    folders, prepared = [], False
-    for query in queries:
-        config = base | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
-        folder = prepare_run_dir(Path(out_dir) / query.id, config, overwrite)
-        folders.append(folder)
-        if (folder / "ranking.json").exists():
-            print(f"{query.id}: already attributed with {method.name}, skipping")
-            continue
-        if not prepared:
-            t0 = time.time()
-            method.prepare()
-            print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
-            prepared = True
+    if method.uses_noise:
+        base["noise"] = keyed_random.NOISE
+    main = method.accelerator is None or method.accelerator.is_main_process
+    folders = {q.id: Path(out_dir) / q.id for q in queries}
+    if main:  # one process checks and creates the folders; the others wait for it
+        for query in queries:
+            config = base | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
+            prepare_run_dir(folders[query.id], config, overwrite)
+    if method.accelerator is not None:
+        method.accelerator.wait_for_everyone()
+    pending = [q for q in queries if not (folders[q.id] / "ranking.json").exists()]
+    if main:
+        for query in queries:
+            if (folders[query.id] / "ranking.json").exists():
+                print(f"{query.id}: already attributed with {method.name}, skipping")
+    if pending:
         t0 = time.time()
-        scores, stats = method.score(query)
-        stats = {"seconds_query": round(time.time() - t0, 3)} | stats
+        if method.accelerator is not None and not method.shares_passes:
+            if main:  # a method that does not split its work: one process fills the caches, the others read them
+                method.prepare()
+            method.accelerator.wait_for_everyone()
+        method.prepare()
+        if main:
+            print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
+    for query, scores, stats in method.score_many(pending):
+        if not main:  # every process scored (the passes are shared); one writes
+            continue
+        folder = folders[query.id]
         info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
         ranking = build_ranking(info, method.name, scores, method.data, top_k, stats, fingerprint)
         write_ranking(folder, ranking, scores)
@@ -155,7 +180,7 @@ def run_method(
             on_scores(folder, query, stats)
         top = ranking["top_k"][0]
         print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
-    return folders
+    return list(folders.values())
 
 
 def plot_ranking(path: Path, method: Method, query: Query, ranking: dict) -> None:

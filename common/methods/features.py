@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.cache import cached_array
 from common.data import Query, fingerprint_tensors
-from common.errors import AttributionError, require
+from common.errors import AttributionError, first_line, require
 from common.methods.base import Method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,11 +142,6 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{err.__class__.__name__}: {text[0][:200]}" if text else err.__class__.__name__
-
-
 def unavailable(what: str, weights: str, flag: str, how: str) -> AttributionError:
     return AttributionError(f"{what} weights {weights!r} unavailable (offline?): pass {flag} PATH to {how}")
 
@@ -224,6 +219,8 @@ class FeatureMethod(Method):
     and :meth:`columns`; a method that maps features before the cosine (AbC) overrides
     :meth:`train_map` and :meth:`query_map`. Configs have ``weights`` and ``batch_size`` fields.
     """
+
+    uses_noise = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

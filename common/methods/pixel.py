@@ -46,6 +46,7 @@ class Pixel(Method):
 
     name = "pixel"
     Config = PixelConfig
+    uses_noise = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

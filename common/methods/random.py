@@ -32,6 +32,7 @@ class Random(Method):
 
     name = "random"
     Config = RandomConfig
+    uses_noise = False
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         key = query.key if self.cfg.per_query else 0

@@ -330,7 +330,13 @@ class Trak(Method):
             "dtype": cfg.feature_dtype,
             "projection": projection.identity(),
         }
-        return {"model": fingerprint, "data": self.data.fingerprint, "flips": self.flips, "features": settings}
+        return {
+            "model": fingerprint,
+            "data": self.data.fingerprint,
+            "flips": self.flips,
+            "noise": keyed_random.NOISE,
+            "features": settings,
+        }
 
     def prepare_member(self, model: DiffusionModel) -> Member:
         """Load or compute one model's training features and kernels (cached per model fingerprint)."""

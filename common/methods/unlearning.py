@@ -8,34 +8,61 @@ the same keyed noise as the cached pretrained losses, and score by the loss incr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import keyed_random
 from common.cache import cached_tensors
-from common.data import Query
+from common.data import Query, fingerprint_tensors
 from common.diffusion.losses import LossConfig, dataset_losses
+from common.diffusion.passes import PassConfig, loss_pass, rank_world, weights_fingerprint
+from common.diffusion.selection import select_parameters
 from common.errors import require
 from common.methods import register
-from common.methods.base import Method
+from common.methods.base import Method, query_fingerprint
 from common.model import DiffusionModel
 from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
-from common.unlearning.unlearn import UnlearnConfig, unlearn
+from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
+
+
+@dataclass
+class ScoringConfig(PassConfig):
+    """How the loss passes run (none of it changes scores but the precision)."""
+
+    query_batch_size: int = field(
+        default=1, metadata={"help": "queries scored together in one pass over the training set (each batch read once)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.query_batch_size >= 1, f"query_batch_size must be positive, got {self.query_batch_size}")
 
 
 @dataclass
 class UnlearningConfig:
-    """Fisher, scoring loss and unlearning update (each a stage of flags: --fisher.*, --loss.*, --unlearn.*)."""
+    """Fisher, scoring loss, unlearning update and passes (each a stage of flags: --fisher.*, --loss.*, ...)."""
 
     fisher: FisherConfig = field(default_factory=FisherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("fisher", FisherConfig), ("loss", LossConfig), ("unlearn", UnlearnConfig)):
+        stages = (
+            ("fisher", FisherConfig),
+            ("loss", LossConfig),
+            ("unlearn", UnlearnConfig),
+            ("scoring", ScoringConfig),
+        )
+        for name, cls in stages:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         require(
@@ -51,23 +78,42 @@ def loss_deviation(base: torch.Tensor, unlearned: torch.Tensor) -> np.ndarray:
     return (unlearned.mean(-1) - base.mean(-1)).numpy()
 
 
-def query_losses(model: DiffusionModel, query: Query, cfg: LossConfig) -> torch.Tensor:
+def query_losses(
+    model: DiffusionModel,
+    query: Query,
+    cfg: LossConfig,
+    weights: dict[str, torch.Tensor] | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """The query's own per-timestep losses (1,1,T) on the scoring timesteps, keyed by its id."""
     return dataset_losses(
-        model, query.as_training_set(), cfg, sample_ids=[query.key], purpose=keyed_random.EVAL, flips=False
+        model,
+        query.as_training_set(),
+        cfg,
+        sample_ids=[query.key],
+        purpose=keyed_random.EVAL,
+        flips=False,
+        weights=weights,
+        precision=precision,
     )
 
 
-def cached_base_losses(model: DiffusionModel, data, cfg: LossConfig, path) -> torch.Tensor:
-    """The pretrained model's losses (N,F,T), computed once and cached at ``path`` (None: not cached)."""
-    identity = {
-        "model": model.fingerprint(),
-        "data": data.fingerprint,
-        "flips": bool(cfg.flips and model.flips),
-        "settings": cfg.identity_dict(),
-    }
-    compute = lambda: {"losses": dataset_losses(model, data, cfg, progress="pretrained losses")}  # noqa: E731
-    return cached_tensors(path, identity, compute, "loss cache")["losses"]
+def base_losses(method: Unlearning) -> torch.Tensor:
+    """The pretrained model's losses (N,F,T): a resumable, shared loss pass cached in ``cache_dir/base_losses``."""
+    cfg = method.cfg
+    if method.cache_dir is None:
+        return dataset_losses(
+            method.model, method.data, cfg.loss, progress="pretrained losses", precision=cfg.scoring.precision
+        )
+    return loss_pass(
+        method.model,
+        method.data,
+        cfg.loss,
+        method.cache_dir / "base_losses",
+        pass_cfg=cfg.scoring,
+        accelerator=method.accelerator,
+        progress="pretrained losses",
+    )[""]
 
 
 @register
@@ -76,6 +122,7 @@ class Unlearning(Method):
 
     name = "unlearning"
     Config = UnlearningConfig
+    shares_passes = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -86,6 +133,7 @@ class Unlearning(Method):
 
     def identity(self) -> dict:
         settings = super().identity()
+        settings["scoring"].pop("chunk_images")  # how a pass is cut up, not what it computes
         if self.cfg.unlearn.method == "sgd":
             settings.pop("fisher")  # SGD needs no Fisher
         return settings
@@ -94,34 +142,150 @@ class Unlearning(Method):
         if self.cfg.unlearn.method == "newton" and self.fisher is None:
             if self.cfg.fisher.file:
                 self.fisher = import_fisher(self.cfg.fisher.file, self.model, self.cfg.fisher.selection)
-            else:
-                self.fisher = cached_fisher(
-                    self.model, self.data, self.cfg.fisher, self.cache_path("fisher.safetensors")
-                )
+            else:  # estimated by every process together, each taking its share of the batches
+                path = self.cache_path("fisher.safetensors")
+                self.fisher = cached_fisher(self.model, self.data, self.cfg.fisher, path, accelerator=self.accelerator)
         if self.base is None:
-            self.base = cached_base_losses(
-                self.model, self.data, self.cfg.loss, self.cache_path("base_losses.safetensors")
-            )
+            self.base = base_losses(self)
 
-    def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
+    def _unlearned_path(self, query: Query, names: list[str]) -> tuple[dict, Path | None]:
+        """What makes a query's unlearned weights, and where they are cached (None without a cache folder)."""
+        identity = {
+            "model": self.model.fingerprint(),
+            "num_train": len(self.data),
+            "noise": keyed_random.NOISE,
+            "unlearn": asdict(self.cfg.unlearn),
+            "fisher": fingerprint_tensors(*(self.fisher[n] for n in names)) if self.fisher else "",
+            "query": query_fingerprint(query),
+        }
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        return identity, self.cache_path(f"unlearned/{query.id}-{key}.safetensors")
+
+    def unlearned_weights(self, queries: Sequence[Query]) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+        """Each query's unlearned weights and the seconds they took (queries split over the processes).
+
+        With a cache folder they are stored per query in ``cache_dir/unlearned/`` under everything that
+        makes them (model, training-set size, Fisher, settings, the query's content), so the other
+        processes and a resumed run read them instead of recomputing.
+        """
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        rank, world = rank_world(self.accelerator)
+
+        def compute(query: Query) -> dict[str, torch.Tensor]:
+            t0 = time.time()
+            result = unlearn(self.model, query, self.cfg.unlearn, self.fisher, num_train=len(self.data))
+            params = dict(result.model.unet.named_parameters())
+            seconds = torch.tensor(time.time() - t0, dtype=torch.float64)
+            return {n: params[n].detach().clone() for n in names} | {"_seconds": seconds}
+
+        jobs = [(query, *self._unlearned_path(query, names)) for query in queries]
+        out = {}
+        for i, (query, identity, path) in enumerate(jobs):  # this process's share
+            if path is None or i % world == rank:
+                out[query.id] = cached_tensors(path, identity, lambda q=query: compute(q), "unlearned weights")
+        if world > 1:
+            self.accelerator.wait_for_everyone()
+            for query, identity, path in jobs:  # the other processes' share, from their files
+                if query.id not in out:
+                    out[query.id] = cached_tensors(path, identity, lambda q=query: compute(q), "unlearned weights")
+        device = self.model.device
+        return {
+            q: ({n: v.to(device) for n, v in w.items() if n != "_seconds"}, float(w["_seconds"]))
+            for q, w in out.items()
+        }
+
+    def after_losses(self, sets: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], Path | None]:
+        """Every training image's losses under each query's unlearned weights, and the pass folder used.
+
+        With a cache folder: one resumable loss pass shared by the processes, in a folder named by
+        what it computes (the weights and the loss settings), so a changed setting never meets a stale pass.
+        """
+        cfg = self.cfg
+        if self.cache_dir is None:
+            return {
+                qid: dataset_losses(self.model, self.data, cfg.loss, weights=w, precision=cfg.scoring.precision)
+                for qid, w in sets.items()
+            }, None
+        what = {qid: weights_fingerprint(w) for qid, w in sets.items()} | {
+            "": [cfg.loss.identity_dict(), cfg.scoring.precision]
+        }
+        folder = self.cache_dir / "scoring" / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        label = f"score {len(sets)} quer{'y' if len(sets) == 1 else 'ies'}"
+        after = loss_pass(
+            self.model,
+            self.data,
+            cfg.loss,
+            folder,
+            weight_sets=sets,
+            pass_cfg=cfg.scoring,
+            accelerator=self.accelerator,
+            progress=label,
+        )
+        return after, folder
+
+    def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
+        """Unlearn ``query_batch_size`` queries at a time, then score them together in one loss pass.
+
+        With a cache folder the pass is resumable and shared by the processes; its chunks and the
+        group's unlearned weights are deleted once every query of the group has its results.
+        """
         self.prepare()
-        t0 = time.time()
-        result = unlearn(self.model, query, self.cfg.unlearn, self.fisher, num_train=len(self.data))
-        t1 = time.time()
-        after = dataset_losses(result.model, self.data, self.cfg.loss, progress=f"score {query.id}")
-        t2 = time.time()
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        params = dict(self.model.unet.named_parameters())
+        start = {n: params[n].detach().clone() for n in names}
+        size = self.cfg.scoring.query_batch_size
+        rank, _ = rank_world(self.accelerator)
+        for g in range(0, len(queries), size):
+            group = queries[g : g + size]
+            weights = self.unlearned_weights(group)
+            sets = {q.id: weights[q.id][0] for q in group}
+            t0 = time.time()
+            after, folder = self.after_losses(sets)
+            seconds_score = (time.time() - t0) / len(group)
+            for q in group:
+                yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score)
+            if self.accelerator is not None:
+                self.accelerator.wait_for_everyone()
+            if folder is not None and rank == 0:  # the group's results are written: its intermediates can go
+                shutil.rmtree(folder, ignore_errors=True)
+                for q in group:
+                    path = self._unlearned_path(q, names)[1]
+                    path.unlink(missing_ok=True)
+
+    def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score) -> tuple[np.ndarray, dict]:
+        """Scores (N,) max over the flips, and the query's stats; keeps the per-timestep rises for analyses."""
+        precision = self.cfg.scoring.precision
         scores = loss_deviation(self.base, after)
         self.last_deltas = (after - self.base).float().numpy()
-        q_before = float(query_losses(self.model, query, self.cfg.loss).mean())
-        q_after = float(query_losses(result.model, query, self.cfg.loss).mean())
+        relative, largest = update_size(start, weights)
+        q_before = float(query_losses(self.model, query, self.cfg.loss, precision=precision).mean())
+        q_after = float(query_losses(self.model, query, self.cfg.loss, weights, precision).mean())
         stats = {
-            "relative_update": result.relative_update,
-            "max_tensor_relative_update": result.max_tensor_relative_update,
+            "seconds_query": round(seconds_unlearn + seconds_score, 2),
+            "relative_update": relative,
+            "max_tensor_relative_update": largest,
             "query_loss_before": q_before,
             "query_loss_after": q_after,
             "query_loss_rise": q_after - q_before,
             "median_train_loss_rise": float(np.median(self.last_deltas.mean((1, 2)))),
-            "seconds_unlearn": round(t1 - t0, 2),
-            "seconds_score": round(t2 - t1, 2),
+            "seconds_unlearn": round(seconds_unlearn, 2),
+            "seconds_score": round(seconds_score, 2),
         }
-        return scores, stats
+        return scores.max(axis=1), stats
+
+    def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
+        """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
+        self.prepare()
+        names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
+        params = dict(self.model.unet.named_parameters())
+        start = {n: params[n].detach().clone() for n in names}
+        weights, seconds = self.unlearned_weights([query])[query.id]
+        t0 = time.time()
+        after, folder = self.after_losses({query.id: weights})
+        after = after[query.id]
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        if folder is not None and rank_world(self.accelerator)[0] == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        _, stats = self._finish(query, weights, start, after, seconds, time.time() - t0)
+        return loss_deviation(self.base, after), stats

@@ -138,22 +138,19 @@ def _draw(
     null_text: torch.Tensor | None,
     num_train_timesteps: int,
 ):
-    flips, caps, ts, keys, drop = [], [], [], [], []
-    for epoch, i in visits:
-        g = keyed_random.generator(cfg.seed, keyed_random.TRAIN, 1, epoch, i)
-        drawn = int(torch.randint(2, (), generator=g))  # drawn either way: the other draws stay the same
-        flips.append(drawn if cfg.flips else 0)
-        caps.append(int(torch.randint(data.num_captions, (), generator=g)))
-        ts.append(int(torch.randint(num_train_timesteps, (), generator=g)))
-        drop.append(bool(torch.rand((), generator=g) < cfg.cond_dropout))
-        keys.append((cfg.seed, keyed_random.TRAIN, 2, epoch, i))
-    idx = torch.tensor([i for _, i in visits])
-    x0 = data.images(idx, torch.tensor(flips, dtype=torch.bool)).to(ref)
-    text = data.text(idx, torch.tensor(caps)).to(ref)
+    epoch, idx = torch.tensor(visits).unbind(1)
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.TRAIN, 1, epoch, idx), 4)
+    flips = (u[:, 0] < 0.5) & cfg.flips  # drawn either way: the other draws stay the same
+    caps = keyed_random.below(u[:, 1], data.num_captions)
+    ts = keyed_random.below(u[:, 2], num_train_timesteps)
+    drop = u[:, 3] < cfg.cond_dropout
+    keys = keyed_random.key_rows(cfg.seed, keyed_random.TRAIN, 2, epoch, idx)
+    x0 = data.images(idx, flips).to(ref)
+    text = data.text(idx, caps).to(ref)
     if cfg.cond_dropout > 0:
-        text[torch.tensor(drop)] = null_text.to(ref)
+        text[drop] = null_text.to(ref)
     noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
-    return x0, text, torch.tensor(ts, device=ref.device), noise
+    return x0, text, ts.to(ref.device), noise
 
 
 def train(
@@ -235,4 +232,5 @@ def train(
         "final_loss": sum(recent) / max(1, len(recent)),
         "seconds": round(seconds, 1),
         "steps_per_second": round((cfg.steps - start) / max(seconds, 1e-9), 3),
+        "processes": world,
     }

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from common import keyed_random
@@ -20,8 +19,8 @@ from common.cache import cached_tensors
 from common.data import ArrayTrainingSet
 from common.diffusion.gradients import per_sample_gradients
 from common.diffusion.selection import check_selection, select_parameters
-from common.errors import AttributionError, require, require_file
-from common.model import DiffusionModel
+from common.errors import AttributionError, require
+from common.model import DiffusionModel, read_pickle, read_safetensors
 
 
 @dataclass
@@ -44,20 +43,16 @@ class FisherConfig:
 
 
 def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_timesteps: int, flips: bool):
-    """Image index, flip, caption and timestep of Fisher samples j0..j1-1."""
-    idx, flip, cap, t = [], [], [], []
-    perms: dict[int, torch.Tensor] = {}
-    for j in range(j0, j1):
-        epoch = j // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
-        idx.append(int(perms[epoch][j % n]))
-        g = keyed_random.generator(cfg.seed, keyed_random.FISHER, 1, j)
-        drawn = int(torch.randint(2, (), generator=g))  # drawn either way: the other draws stay the same
-        flip.append(drawn if flips else 0)
-        cap.append(int(torch.randint(n_cap, (), generator=g)))
-        t.append(int(torch.randint(num_train_timesteps, (), generator=g)))
-    return torch.tensor(idx), torch.tensor(flip, dtype=torch.bool), torch.tensor(cap), torch.tensor(t)
+    """Image index, flip, caption and timestep of Fisher samples j0..j1-1 (keyed by the sample number j)."""
+    j = torch.arange(j0, j1)
+    epochs = j // n
+    idx = torch.empty_like(j)
+    for epoch in epochs.unique().tolist():  # each epoch visits the images in its own seeded order
+        perm = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
+        idx[epochs == epoch] = perm[j[epochs == epoch] % n]
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 1, j), 3)
+    flip = (u[:, 0] < 0.5) & flips  # drawn either way: the other draws stay the same
+    return idx, flip, keyed_random.below(u[:, 1], n_cap), keyed_random.below(u[:, 2], num_train_timesteps)
 
 
 def estimate_fisher(
@@ -65,21 +60,28 @@ def estimate_fisher(
     data: ArrayTrainingSet,
     cfg: FisherConfig,
     progress: bool = True,
+    accelerator=None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the selected weights; flips are drawn only for models trained with them.
 
+    With an ``accelerate.Accelerator`` of several processes, process r takes batches r, r + W, ...
+    and the sums are added up across processes: the same Fisher, up to summation order.
+
     Returns:
-        name -> mean squared per-sample gradient, float64, shaped like the parameter.
+        name -> mean squared per-sample gradient, float64, shaped like the parameter (on every process).
     """
     names = select_parameters(model.unet, cfg.selection)
     ref = next(model.unet.parameters())
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
-    bar = tqdm(total=cfg.num_samples, desc="fisher", unit="grad", disable=not progress, leave=False)
-    for j0 in range(0, cfg.num_samples, cfg.batch_size):
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    starts = list(range(0, cfg.num_samples, cfg.batch_size))[rank::world]
+    mine = sum(min(cfg.batch_size, cfg.num_samples - j0) for j0 in starts)
+    bar = tqdm(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
+    for j0 in starts:
         j1 = min(j0 + cfg.batch_size, cfg.num_samples)
         idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
-        keys = [(cfg.seed, keyed_random.FISHER, 2, j) for j in range(j0, j1)]
+        keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
         noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
         x0 = data.images(idx, flip).to(ref)
         text = data.text(idx, cap).to(ref)
@@ -88,25 +90,43 @@ def estimate_fisher(
             total[n] += grads[n].double().pow(2).sum(0)
         bar.update(j1 - j0)
     bar.close()
+    if world > 1:
+        total = {n: accelerator.reduce(v, reduction="sum") for n, v in total.items()}
     return {n: (v / cfg.num_samples).cpu() for n, v in total.items()}
 
 
 def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig) -> dict:
     """What a Fisher depends on: the model, the training set, the flips and the settings (not the batch size)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "file")}
-    return {"model": model.fingerprint(), "data": data.fingerprint, "flips": model.flips, "settings": settings}
+    return {
+        "model": model.fingerprint(),
+        "data": data.fingerprint,
+        "flips": model.flips,
+        "noise": keyed_random.NOISE,
+        "settings": settings,
+    }
 
 
 def cached_fisher(
-    model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, path: str | Path | None, progress: bool = True
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: FisherConfig,
+    path: str | Path | None,
+    progress: bool = True,
+    accelerator=None,
 ) -> dict[str, torch.Tensor]:
     """The Fisher at ``path`` if it was made from this model, training set and settings; else estimate and save it.
+
+    With several processes every one must call it: they estimate it together (:func:`estimate_fisher`).
 
     Raises:
         AttributionError: the file was made from another model, training set or settings, or is damaged.
     """
     fisher = cached_tensors(
-        path, fisher_identity(model, data, cfg), lambda: estimate_fisher(model, data, cfg, progress), "Fisher file"
+        path,
+        fisher_identity(model, data, cfg),
+        lambda: estimate_fisher(model, data, cfg, progress, accelerator),
+        "Fisher file",
     )
     check_fisher(fisher, select_parameters(model.unet, cfg.selection), path)
     return fisher
@@ -133,16 +153,11 @@ def import_fisher(path: str | Path, model: DiffusionModel, selection: str, prefi
         AttributionError: missing or unreadable file; it lacks a selected weight or holds one of another
             shape; NaN, inf or negative entries.
     """
-    require_file(path, "Fisher file")
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "not a Fisher file"
-        raise AttributionError(f"{path} is not a readable Fisher file ({err.__class__.__name__})") from None
-    require(isinstance(raw, dict), f"{path} holds a {type(raw).__name__}, expected a mapping of weight names")
+    if path.suffix == ".safetensors":
+        raw = read_safetensors(path, "Fisher file")
+    else:
+        raw = read_pickle(path, "Fisher file")
     fisher = {k[len(prefix) :] if prefix and k.startswith(prefix) else k: v for k, v in raw.items()}
     names = select_parameters(model.unet, selection)
     params = dict(model.unet.named_parameters())

@@ -50,6 +50,16 @@ class UnlearnConfig:
         require(self.damping >= 0 and self.num_train >= 0, "damping and num_train must be non-negative")
 
 
+def query_draws(
+    query: Query, cfg: UnlearnConfig, step: int, acc: int, num_train_timesteps: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (distinct within the batch) and caption indices of one batch of query draws, on ``device``."""
+    key = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc)[None]
+    u = keyed_random.keyed_uniform(key, num_train_timesteps + cfg.batch_size, device)[0]
+    t = torch.argsort(u[:num_train_timesteps], stable=True)[: cfg.batch_size]  # a keyed random permutation's prefix
+    return t, keyed_random.below(u[num_train_timesteps:], query.text.shape[0])
+
+
 def query_gradient(
     model: DiffusionModel, names: list[str], query: Query, cfg: UnlearnConfig, step: int
 ) -> dict[str, torch.Tensor]:
@@ -58,14 +68,13 @@ def query_gradient(
     ref = next(model.unet.parameters())
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    text = query.text.to(ref)
     for acc in range(cfg.accumulations):
-        g = keyed_random.generator(cfg.seed, keyed_random.QUERY, query.key, step, acc)
-        t = torch.randperm(model.num_train_timesteps, generator=g)[: cfg.batch_size]
-        cap = torch.randint(query.text.shape[0], (cfg.batch_size,), generator=g)
-        keys = [(cfg.seed, keyed_random.QUERY, query.key, step, acc, j) for j in range(cfg.batch_size)]
+        t, cap = query_draws(query, cfg, step, acc, model.num_train_timesteps, ref.device)
+        keys = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc, torch.arange(cfg.batch_size))
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=ref.dtype, device=ref.device)
         x0 = query.image[None].expand(cfg.batch_size, *query.image.shape).to(ref)
-        grads = mean_gradient(model, names, x0, query.text[cap].to(ref), t.to(ref.device), noise)
+        grads = mean_gradient(model, names, x0, text[cap], t, noise)
         for n in names:
             total[n] += grads[n].double()
     return {n: v / cfg.accumulations for n, v in total.items()}
@@ -81,7 +90,9 @@ def newton_direction(
     count = sum(fisher[n].numel() for n in grads)
     mean = sum(float(fisher[n].double().sum()) for n in grads) / count
     floor = damping * mean if mean > 0 else damping
-    require(floor > 0, "the Fisher is all zeros and damping is 0: the Newton step is undefined")
+    if floor == 0:  # undamped, as the original release: every entry must be positive
+        zeros = sum(int((fisher[n] <= 0).sum()) for n in grads)
+        require(zeros == 0, f"the Fisher has {zeros} zero entries and damping is 0: set unlearn.damping > 0")
     return {n: g / (fisher[n].to(g) + floor) for n, g in grads.items()}
 
 
@@ -129,10 +140,14 @@ def unlearn(
         with torch.no_grad():
             for k in names:
                 params[k].add_((scale * direction[k]).to(params[k]))  # ascent: the query's loss must rise
-    with torch.no_grad():
-        diff = [(params[k].double() - start[k].double()) for k in names]
-        num = sum(float(d.pow(2).sum()) for d in diff) ** 0.5
-        den = sum(float(start[k].double().pow(2).sum()) for k in names) ** 0.5
-        per = [float(d.norm() / start[k].double().norm().clamp_min(1e-30)) for d, k in zip(diff, names)]
     require(all(torch.isfinite(params[k]).all() for k in names), "NaN or inf after the unlearning update")
-    return UnlearnResult(unlearned, num / max(den, 1e-30), max(per))
+    return UnlearnResult(unlearned, *update_size(start, {k: params[k].detach() for k in names}))
+
+
+def update_size(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """‖θ − θ0‖ / ‖θ0‖ over all the named weights, and its largest value for one tensor."""
+    diff = {k: after[k].double() - before[k].double() for k in after}
+    total = sum(float(d.pow(2).sum()) for d in diff.values()) ** 0.5
+    norm = sum(float(before[k].double().pow(2).sum()) for k in after) ** 0.5
+    per = [float(d.norm() / before[k].double().norm().clamp_min(1e-30)) for k, d in diff.items()]
+    return total / max(norm, 1e-30), max(per)

@@ -1,0 +1,172 @@
+"""Loss passes over large training sets: sharded over processes, saved in chunks, resumable.
+
+A pass computes every training image's per-timestep losses (N, F, T) under one or several weight
+sets (the pretrained model; each query's unlearned weights: each batch of images is read once and
+scored under all of them). The images are cut into chunks of ``chunk_images``; process r of W takes
+chunks r, r + W, ...; each finished chunk is written atomically (``chunks/{c:06d}.safetensors``) into
+a folder whose ``pass.json`` records what makes the values. A run killed at any point continues
+from its finished chunks, and because every loss is keyed by the image's training index, the
+result is the same for any number of processes, batch size or interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from common import keyed_random
+from common.cache import canonical, differing
+from common.data import ArrayTrainingSet, fingerprint_tensors
+from common.diffusion.losses import PRECISIONS, LossConfig, check_finite, image_losses
+from common.errors import AttributionError, require
+from common.model import DiffusionModel
+
+
+@dataclass
+class PassConfig:
+    """How a loss pass is cut up and computed (the chunk size is part of a folder's identity)."""
+
+    chunk_images: int = field(default=2048, metadata={"help": "training images per saved chunk (resume unit)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; losses in float32+)"})
+
+    def __post_init__(self) -> None:
+        require(self.chunk_images >= 1, f"chunk_images must be positive, got {self.chunk_images}")
+        require(
+            self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
+
+
+def weights_fingerprint(weights: Mapping[str, torch.Tensor] | None) -> str:
+    """Identifies a weight set (names and values); '' for the model's own weights."""
+    if not weights:
+        return ""
+    names = sorted(weights)
+    values = fingerprint_tensors(*(weights[n] for n in names))
+    return hashlib.sha256(("\n".join(names) + values).encode()).hexdigest()[:16]
+
+
+def rank_world(accelerator) -> tuple[int, int]:
+    """This process's index and the process count (0, 1 without an accelerator)."""
+    return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def _open_folder(folder: Path, identity: dict, rank: int, accelerator) -> None:
+    """Check ``pass.json`` against ``identity`` (every process), write it if absent (main), then sync."""
+    saved = folder / "pass.json"
+    if saved.exists():
+        try:
+            old = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            raise AttributionError(f"{saved} is damaged; delete the folder to recompute") from None
+        diff = differing(old, identity)
+        if diff:
+            raise AttributionError(
+                f"loss pass {folder} was made with another {', '.join(diff)}; delete it to recompute"
+            )
+    elif rank == 0:
+        shutil.rmtree(folder / "chunks", ignore_errors=True)  # chunks without their identity are never trusted
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_name("pass.json.tmp")
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, saved)
+    if rank == 0:
+        (folder / "chunks").mkdir(exist_ok=True)
+    _barrier(accelerator)
+
+
+def _chunk_path(folder: Path, c: int) -> Path:
+    return folder / "chunks" / f"{c:06d}.safetensors"
+
+
+def loss_pass(
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: LossConfig,
+    folder: str | Path,
+    *,
+    weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+    pass_cfg: PassConfig | None = None,
+    accelerator=None,
+    purpose: int = keyed_random.SCORE,
+    progress: str | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every training image's losses under each weight set, computed in resumable chunks across processes.
+
+    Args:
+        model: the model (its own weights are the ``None`` weight set).
+        data: the training set (memory-mapped is fine: chunks are read in index order).
+        cfg: scoring timesteps, flips and noise seed (as :func:`common.diffusion.losses.dataset_losses`).
+        folder: where the chunks and ``pass.json`` live; a finished chunk is never recomputed.
+        weight_sets: name -> replacement weights (e.g. a query's unlearned K/V); default the model's own as "".
+        accelerator: an ``accelerate.Accelerator`` to split the chunks over its processes (None: one).
+        on_chunk: called with a chunk's number once it is saved.
+    Returns:
+        name -> float64 losses (N, F, T) on the CPU, on every process.
+    Raises:
+        AttributionError: the folder was made for another model, training set, settings or weight sets.
+    """
+    pass_cfg = pass_cfg or PassConfig()
+    weight_sets = {"": None} if weight_sets is None else dict(weight_sets)
+    require(bool(weight_sets), "no weight sets to score")
+    flips = bool(cfg.flips and model.flips)
+    identity = canonical(
+        {
+            "model": model.fingerprint(),
+            "data": data.fingerprint,
+            "flips": flips,
+            "noise": keyed_random.NOISE,
+            "purpose": purpose,
+            "loss": cfg.identity_dict(),
+            "precision": pass_cfg.precision,
+            "chunk_images": pass_cfg.chunk_images,
+            "weights": {name: weights_fingerprint(w) for name, w in weight_sets.items()},
+        }
+    )
+    folder = Path(folder)
+    rank, world = rank_world(accelerator)
+    _open_folder(folder, identity, rank, accelerator)
+    n, chunk = len(data), pass_cfg.chunk_images
+    chunks = list(range((n + chunk - 1) // chunk))
+    todo = [c for c in chunks[rank::world] if not _chunk_path(folder, c).exists()]
+    rows = sum(min(chunk, n - c * chunk) for c in todo) * (2 if flips else 1) * data.num_captions * cfg.num_timesteps
+    with tqdm(total=rows, desc=progress, disable=progress is None or rank != 0, unit="loss", leave=False) as bar:
+        for c in todo:
+            positions = torch.arange(c * chunk, min(n, (c + 1) * chunk))
+            losses = image_losses(
+                model,
+                data,
+                positions,
+                positions,
+                cfg,
+                weight_sets=weight_sets,
+                purpose=purpose,
+                flips=flips,
+                precision=pass_cfg.precision,
+                bar=bar,
+            )
+            for v in losses.values():
+                check_finite(v)
+            path = _chunk_path(folder, c)
+            tmp = path.with_name(path.name + f".tmp{rank}")
+            save_file({f"w:{k}": v.cpu().contiguous() for k, v in losses.items()}, str(tmp))
+            os.replace(tmp, path)  # a killed run leaves no partial chunk
+            if on_chunk is not None:
+                on_chunk(c)
+    _barrier(accelerator)
+    parts = [load_file(str(_chunk_path(folder, c))) for c in chunks]
+    return {name: torch.cat([p[f"w:{name}"] for p in parts]) for name in weight_sets}

@@ -1,0 +1,65 @@
+"""Attribute MSCOCO queries with any registered method, on one process or many (``accelerate launch``).
+
+    python -m mscoco.attribute --data DATA --out OUT [--queries release:0-9] [--method unlearning] \\
+        [--config mscoco/configs/mscoco.yaml --preset paper] [--fisher.file DATA/fisher_info.pt]
+    accelerate launch -m mscoco.attribute ...     (the passes split over every process)
+
+Prepares the method once (Fisher or the released one, pretrained losses; cached in
+``OUT/cache/<method>/``, resumable) and writes ``OUT/<method>/<query id>/{ranking.json, scores.npy,
+config.json, top10.png}`` per query. Finished queries with the same settings are skipped; an
+interrupted run continues from its last finished chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.config import add_method_arguments, load_preset, method_from_args
+from common.errors import cli
+from common.methods.base import run_method
+from mscoco.model import DEFAULT_COMPONENTS
+from mscoco.pipeline import load_query_spec, load_run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="the release folder (mscoco/download.sh)")
+    parser.add_argument(
+        "--unet", default=None, help="UNet weights, diffusers folder or hub id (default DATA/model.bin)"
+    )
+    parser.add_argument(
+        "--components", default=DEFAULT_COMPONENTS, help="hub id or folder with SD2's vae/, text_encoder/, tokenizer/"
+    )
+    parser.add_argument(
+        "--queries", default="release", help="release, release:0-9,15 or a folder of query folders (default all 110)"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--config", default=None, help="YAML file of presets (mscoco/configs/mscoco.yaml)")
+    parser.add_argument("--preset", default="default", help="preset name in --config")
+    parser.add_argument("--top-k", type=int, default=100, help="images listed in ranking.json")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under accelerate: its device)")
+    parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
+    parser.add_argument("--no-plot", action="store_true", help="skip top10.png (it decodes through the VAE)")
+    add_method_arguments(parser)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    args = load_preset(build_parser(), argv=argv)
+    cls, cfg = method_from_args(args)
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    run = load_run(args.data, args.unet, args.components, accelerator.device)
+    queries = load_query_spec(args.queries, args.data)
+    out = Path(args.out)
+    method = cls(cfg, run.model, run.data, out / "cache" / cls.name, accelerator=accelerator)
+    run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
+    if accelerator.is_main_process:
+        print(f"rankings in {out / cls.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The authors' MSCOCO release, read as their code reads it, memory-mapped.
+
+Files in the data folder (``sywang/AttributeByUnlearning``, folder ``mscoco/``, after extraction):
+
+- ``coco17_train_latents.npy``: (2N, 4, 16, 16), N = 118,287: VAE latents (scaled by 0.18215) of the
+  training images, then of their horizontal flips, in the same image order;
+- ``coco17_train_text_embeddings.npy``: (N, 5, 77, 1024): SD2 text embeddings of each image's first
+  five captions (~93 GB in float16: never read whole);
+- ``coco17_sample_latents.npy`` (Q, 4, 16, 16), ``coco17_sample_text_embeddings.npy`` (Q, 1, 77, 1024),
+  ``sample_caption.txt`` (Q lines) and ``sample/{i}.png``: the Q = 110 released queries;
+- ``model.bin`` (the UNet) and ``fisher_info.pt`` (its diagonal Fisher, every weight).
+
+Optional, for captions and image paths in the outputs: COCO's ``annotations/captions_train2017.json``
+and ``train2017/`` (image order: the annotation file's ``images`` list, as the authors').
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.data import ArrayTrainingSet, Query
+from common.errors import AttributionError, require, require_file
+
+TRAIN_LATENTS = "coco17_train_latents.npy"
+TRAIN_TEXT = "coco17_train_text_embeddings.npy"
+SAMPLE_LATENTS = "coco17_sample_latents.npy"
+SAMPLE_TEXT = "coco17_sample_text_embeddings.npy"
+SAMPLE_CAPTIONS = "sample_caption.txt"
+MODEL = "model.bin"
+FISHER = "fisher_info.pt"
+ANNOTATIONS = "annotations/captions_train2017.json"
+NUM_TRAIN = 118_287
+LATENT_SHAPE = (4, 16, 16)
+TEXT_SHAPE = (77, 1024)
+
+
+def open_array(path: str | Path, what: str) -> np.ndarray:
+    """A ``.npy`` file memory-mapped read-only; a missing or truncated file is one line naming it."""
+    require_file(path, what)
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise AttributionError(f"{path} is damaged or incomplete ({str(err)[:100]}); download it again") from None
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only memory map (no copy; nothing writes through it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+def sampled_fingerprint(*arrays: np.ndarray, blocks: int = 64, block_bytes: int = 1 << 20) -> str:
+    """A sha256 of each array's shape, dtype and ``blocks`` evenly spaced byte blocks (all of it if smaller).
+
+    Hashing 93 GB would take longer than many scoring runs. Shapes, dtypes and 64 MiB spread over
+    each file tell apart different releases, subsets and re-encodings, but not a change confined to
+    bytes between the sampled blocks.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.shape}{a.dtype}".encode())
+        require(a.flags.c_contiguous, f"an array of shape {a.shape} is not stored in C order (np.save writes C order)")
+        flat = a.reshape(-1).view(np.uint8)
+        if flat.size <= blocks * block_bytes:
+            h.update(flat.tobytes())
+            continue
+        for start in np.linspace(0, flat.size - block_bytes, blocks).astype(np.int64):
+            h.update(flat[start : start + block_bytes].tobytes())
+    return h.hexdigest()[:16]
+
+
+class MemmapTrainingSet(ArrayTrainingSet):
+    """A training set whose arrays stay on disk (memory-mapped); rows are read when indexed.
+
+    The fingerprint hashes sampled blocks (:func:`sampled_fingerprint`), not every byte.
+    """
+
+    def __init__(self, latents: np.ndarray, text: np.ndarray, **kwargs) -> None:
+        self._arrays = (latents, text)
+        n = len(latents) // 2
+        super().__init__(as_tensor(latents[:n]), as_tensor(text), flipped=as_tensor(latents[n:]), **kwargs)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = sampled_fingerprint(*self._arrays)
+        return self._fingerprint
+
+
+def check_train_arrays(latents: np.ndarray, text: np.ndarray, latents_path: Path, text_path: Path) -> None:
+    """Refuse arrays that do not have the released layout, naming the file and what is wrong."""
+    require(
+        latents.ndim == 4 and latents.shape[1:] == LATENT_SHAPE,
+        f"{latents_path}: expected latents (2N, 4, 16, 16), got shape {latents.shape}",
+    )
+    require(
+        text.ndim == 4 and text.shape[2:] == TEXT_SHAPE,
+        f"{text_path}: expected text embeddings (N, captions, 77, 1024), got shape {text.shape}",
+    )
+    require(
+        len(latents) == 2 * len(text),
+        f"{latents_path} holds {len(latents)} latents, not 2 x {len(text)} (originals then flips) "
+        f"as {text_path.name} has {len(text)} images; the two files come from different releases or one is partial",
+    )
+
+
+def read_captions(data_dir: Path, n: int) -> tuple[list[list[str]] | None, list[str | None] | None]:
+    """Each training image's first five captions and its path, in the authors' order (None without COCO)."""
+    path = data_dir / ANNOTATIONS
+    if not path.exists():
+        return None, None
+    try:
+        ann = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AttributionError(f"{path} is damaged (not valid JSON); download it again") from None
+    images = ann["images"]
+    require(len(images) == n, f"{path} lists {len(images)} images, the arrays {n}")
+    by_image: dict[int, list[str]] = {}
+    for a in ann["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["caption"].strip())
+    captions = [by_image.get(im["id"], [])[:5] for im in images]
+    paths = [str(data_dir / "train2017" / im["file_name"]) for im in images]
+    return captions, paths
+
+
+def load_training_set(data_dir: str | Path) -> MemmapTrainingSet:
+    """The released training latents and text embeddings, memory-mapped, checked against each other."""
+    data_dir = Path(data_dir)
+    latents_path, text_path = data_dir / TRAIN_LATENTS, data_dir / TRAIN_TEXT
+    latents = open_array(latents_path, "training latents")
+    text = open_array(text_path, "training text embeddings")
+    check_train_arrays(latents, text, latents_path, text_path)
+    captions, paths = read_captions(data_dir, len(text))
+    return MemmapTrainingSet(latents, text, captions=captions, image_paths=paths)
+
+
+def load_release_queries(data_dir: str | Path, indices: list[int] | None = None) -> list[Query]:
+    """The released query samples (``sample{i:03d}``): latent, text embedding, caption and image."""
+    data_dir = Path(data_dir)
+    latents = open_array(data_dir / SAMPLE_LATENTS, "query latents")
+    text = open_array(data_dir / SAMPLE_TEXT, "query text embeddings")
+    require(
+        latents.ndim == 4 and latents.shape[1:] == LATENT_SHAPE,
+        f"{data_dir / SAMPLE_LATENTS}: expected (Q, 4, 16, 16), got shape {latents.shape}",
+    )
+    if text.ndim == 3:
+        text = text[:, None]
+    require(
+        text.ndim == 4 and text.shape[2:] == TEXT_SHAPE and len(text) == len(latents),
+        f"{data_dir / SAMPLE_TEXT}: expected ({len(latents)}, 1, 77, 1024), got shape {text.shape}",
+    )
+    captions_path = data_dir / SAMPLE_CAPTIONS
+    require_file(captions_path, "query captions")
+    captions = captions_path.read_text().splitlines()
+    require(
+        len(captions) >= len(latents),
+        f"{captions_path} has {len(captions)} lines for {len(latents)} queries",
+    )
+    indices = list(range(len(latents))) if indices is None else indices
+    for i in indices:
+        require(0 <= i < len(latents), f"query {i} is not among the {len(latents)} released samples")
+    queries = []
+    for i in indices:
+        png = data_dir / "sample" / f"{i}.png"
+        queries.append(
+            Query(
+                f"sample{i:03d}",
+                torch.from_numpy(np.array(latents[i], dtype=np.float32)),
+                torch.from_numpy(np.array(text[i], dtype=np.float32)),
+                captions[i].strip(),
+                str(png) if png.exists() else None,
+                {"release_index": i},
+            )
+        )
+    return queries
+
+
+def file_report(data_dir: str | Path) -> list[tuple[str, str]]:
+    """(file, state) for every released file: its shape and dtype, size, or 'missing'."""
+    data_dir = Path(data_dir)
+    rows = []
+    for name in (TRAIN_LATENTS, TRAIN_TEXT, SAMPLE_LATENTS, SAMPLE_TEXT):
+        path = data_dir / name
+        if not path.exists():
+            rows.append((name, "missing"))
+            continue
+        try:
+            a = np.load(path, mmap_mode="r")
+            rows.append((name, f"{a.shape} {a.dtype}"))
+        except (ValueError, OSError, EOFError):
+            rows.append((name, f"damaged or incomplete ({os.path.getsize(path):,} bytes)"))
+    for name in (SAMPLE_CAPTIONS, MODEL, FISHER):
+        path = data_dir / name
+        rows.append((name, f"{os.path.getsize(path):,} bytes" if path.exists() else "missing"))
+    samples = data_dir / "sample"
+    rows.append(("sample/", f"{len(list(samples.glob('*.png')))} images" if samples.is_dir() else "missing"))
+    return rows

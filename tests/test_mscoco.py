@@ -1,0 +1,403 @@
+"""The MSCOCO benchmark on data in the exact released layout (small N) and UNets of the real block types."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.diffusion.selection import select_parameters
+from common.errors import AttributionError
+from mscoco import release
+from mscoco.model import MscocoModel, build_unet, load_unet
+from tests.conftest import ROOT
+
+SMALL = {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8}  # the real block types, small widths
+
+
+def small_unet(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = build_unet(**SMALL)
+    with torch.no_grad():  # random-init UNets zero their output layer
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet.eval()
+
+
+def write_release(folder, n: int = 6, queries: int = 3, seed: int = 0, text_dtype=np.float16):
+    """Arrays, captions and images in the released layout and file names (small N)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / release.TRAIN_LATENTS, rng.normal(size=(2 * n, 4, 16, 16)).astype(np.float32))
+    np.save(folder / release.TRAIN_TEXT, rng.normal(size=(n, 5, 77, 1024)).astype(text_dtype))
+    np.save(folder / release.SAMPLE_LATENTS, rng.normal(size=(queries, 4, 16, 16)).astype(np.float32))
+    np.save(folder / release.SAMPLE_TEXT, rng.normal(size=(queries, 1, 77, 1024)).astype(np.float32))
+    (folder / release.SAMPLE_CAPTIONS).write_text("".join(f"a photo of thing {i}\n" for i in range(queries)))
+    (folder / "sample").mkdir(exist_ok=True)
+    for i in range(queries):
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(folder / "sample" / f"{i}.png")
+    ids = [int(v) for v in rng.permutation(1000)[:n]]  # the annotation file's order, not sorted by id
+    annotations = [
+        {"image_id": image_id, "id": 10 * k + j, "caption": f" caption {j} of image {image_id} "}
+        for k, image_id in enumerate(ids)
+        for j in range(5 + k % 3)  # some COCO images have 6 or 7 captions: the first 5 are kept
+    ]
+    (folder / "annotations").mkdir(exist_ok=True)
+    (folder / release.ANNOTATIONS).write_text(
+        json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids], "annotations": annotations})
+    )
+    return ids
+
+
+def test_the_real_unet_has_the_papers_size_and_selection():
+    unet = build_unet()
+    params = dict(unet.named_parameters())
+    assert len(params) == 684 and sum(p.numel() for p in params.values()) == 57_373_316
+    kv = select_parameters(unet, "cross-attn-kv")
+    assert len(kv) == 32 and sum(params[n].numel() for n in kv) == 7_077_888
+    assert all(params[n].shape[1] == 1024 for n in kv)
+
+
+def test_release_loads_memory_mapped_in_the_authors_order(tmp_path):
+    ids = write_release(tmp_path)
+    data = release.load_training_set(tmp_path)
+    latents = np.load(tmp_path / release.TRAIN_LATENTS)
+    text = np.load(tmp_path / release.TRAIN_TEXT)
+    assert len(data) == 6 and data.num_captions == 5 and data.image_shape == (4, 16, 16)
+    idx = torch.tensor([4, 1])
+    assert torch.equal(data.images(idx), torch.from_numpy(latents[[4, 1]]))
+    assert torch.equal(data.images(idx, True), torch.from_numpy(latents[[10, 7]]))  # the flips follow the originals
+    assert torch.equal(data.text(idx, torch.tensor([3, 0])).float(), torch.from_numpy(text[[4, 1], [3, 0]]).float())
+    assert isinstance(data._arrays[1], np.memmap)  # nothing copied into memory
+    assert data.captions[2] == [f"caption {j} of image {ids[2]}" for j in range(5)]  # first five, stripped
+    assert data.image_paths[0].endswith(f"train2017/{ids[0]:012d}.jpg")
+    assert data.fingerprint == release.load_training_set(tmp_path).fingerprint
+    text[3, 2, 10, 5] += 1  # one value inside the (small, fully hashed) array changes the fingerprint
+    np.save(tmp_path / release.TRAIN_TEXT, text)
+    assert release.load_training_set(tmp_path).fingerprint != data.fingerprint
+
+
+def test_sampled_fingerprint_reads_blocks_of_large_arrays():
+    a = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB: 8 blocks of 4 KiB are hashed
+    b = a.copy()
+    b[-1] = 1  # inside the last block
+    c = a.copy()
+    c[100] = 1  # between the first and second block
+    small = {"blocks": 8, "block_bytes": 4096}
+    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(b, **small)
+    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(a.reshape(2, -1), **small)
+    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(c, **small)  # 400 B < 4 KiB in
+    d = a.copy()
+    d[(1 << 16) // 16] = 1  # byte 16 KiB: between blocks 0 (0-4 KiB) and 1 (~36 KiB): not sampled, as stated
+    assert release.sampled_fingerprint(a, **small) == release.sampled_fingerprint(d, **small)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("odd", "holds 11 latents, not 2 x 6"),
+        ("truncated", "is damaged or incomplete"),
+        ("missing", "missing training text embeddings"),
+        ("shape", "expected text embeddings (N, captions, 77, 1024)"),
+    ],
+)
+def test_release_refuses_inconsistent_or_partial_files(tmp_path, damage, message):
+    write_release(tmp_path)
+    latents_path, text_path = tmp_path / release.TRAIN_LATENTS, tmp_path / release.TRAIN_TEXT
+    if damage == "odd":
+        np.save(latents_path, np.zeros((11, 4, 16, 16), np.float32))
+    elif damage == "truncated":
+        text_path.write_bytes(text_path.read_bytes()[:50_000])
+    elif damage == "missing":
+        text_path.unlink()
+    else:
+        np.save(text_path, np.zeros((6, 5, 77, 768), np.float16))
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(AttributionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        release.load_training_set(tmp_path)
+    assert before == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}  # nothing written
+
+
+def test_release_queries_and_file_report(tmp_path):
+    write_release(tmp_path)
+    queries = release.load_release_queries(tmp_path, [2, 0])
+    assert [q.id for q in queries] == ["sample002", "sample000"]
+    assert queries[0].image.shape == (4, 16, 16) and queries[0].text.shape == (1, 77, 1024)
+    assert queries[0].prompt == "a photo of thing 2" and queries[0].image_path.endswith("sample/2.png")
+    with pytest.raises(AttributionError, match="query 5 is not among the 3 released samples"):
+        release.load_release_queries(tmp_path, [5])
+    report = dict(release.file_report(tmp_path))
+    assert report[release.TRAIN_TEXT] == "(6, 5, 77, 1024) float16"
+    assert report[release.MODEL] == "missing" and report["sample/"] == "3 images"
+
+
+def test_unet_weights_load_from_model_bin_with_weights_only(tmp_path):
+    unet = small_unet()
+    (tmp_path / "config.json").write_text(json.dumps(dict(unet.config)))
+    torch.save(unet.state_dict(), tmp_path / "model.bin")
+    loaded = load_unet(tmp_path / "model.bin")
+    for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    unet.save_pretrained(tmp_path / "folder")  # a diffusers folder loads too
+    assert torch.equal(load_unet(tmp_path / "folder").conv_in.weight, unet.conv_in.weight)
+
+
+def test_unet_loading_refuses_damaged_foreign_or_executable_files(tmp_path):
+    unet = small_unet()
+    (tmp_path / "config.json").write_text(json.dumps(dict(unet.config)))
+    torch.save(unet.state_dict(), tmp_path / "model.bin")
+    data = (tmp_path / "model.bin").read_bytes()
+    (tmp_path / "model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AttributionError, match="is damaged or incomplete"):
+        load_unet(tmp_path / "model.bin")
+    torch.save({"conv_in.weight": torch.zeros(3)}, tmp_path / "model.bin")
+    with pytest.raises(AttributionError, match="does not fit this architecture"):
+        load_unet(tmp_path / "model.bin")
+    torch.save({"weights": print}, tmp_path / "model.bin")  # a pickle that names a callable
+    with pytest.raises(AttributionError, match="is not a plain tensor file"):
+        load_unet(tmp_path / "model.bin")
+    with pytest.raises(AttributionError, match="missing UNet weights"):
+        load_unet(tmp_path / "absent.bin")
+    with pytest.raises(AttributionError, match="missing UNet folder"):
+        load_unet(tmp_path / "no" / "such" / "folder")
+
+
+def write_components(folder):
+    """A VAE, CLIP text encoder and tokenizer of SD2's interface at tiny widths, saved as a pipeline's folders."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.18215,
+    ).save_pretrained(folder / "vae")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)} | {c + "</w>": 26 + i for i, c in enumerate(letters)}
+    vocab |= {"!": 52, "<|startoftext|>": 53, "<|endoftext|>": 54}  # SD2 pads with "!"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "raw" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "raw" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "raw" / "vocab.json"), str(folder / "raw" / "merges.txt"), pad_token="!")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    config = CLIPTextConfig(
+        vocab_size=55,
+        hidden_size=1024,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=53,
+        eos_token_id=54,
+        pad_token_id=52,
+    )
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+
+
+def test_model_contract_encodes_and_decodes_through_local_components(tmp_path):
+    write_components(tmp_path / "sd2")
+    model = MscocoModel(small_unet(), tmp_path / "sd2")
+    assert model.num_train_timesteps == 1000 and model.scheduler.config.clip_sample
+    text = model.encode_text(["a cat", "", "a dog on a mat"])
+    assert text.shape == (3, 77, 1024) and text.dtype == torch.float32 and torch.isfinite(text).all()
+    assert torch.equal(model.null_text(), text[1])
+    pixels = model.decode(torch.randn(2, 4, 16, 16))
+    assert pixels.shape == (2, 3, 128, 128) and pixels.abs().max() <= 1
+    missing = MscocoModel(small_unet(), tmp_path / "elsewhere")
+    with pytest.raises(AttributionError, match="missing components folder"):
+        missing.decode(torch.zeros(1, 4, 16, 16))
+
+
+def test_unlearning_attributes_a_released_query_over_the_memory_mapped_set(tmp_path):
+    from common.methods import get_method
+    from common.methods.base import run_method
+
+    write_release(tmp_path / "data", text_dtype=np.float32)
+    write_components(tmp_path / "sd2")
+    model = MscocoModel(small_unet(), tmp_path / "sd2").prepare_for_gradients()
+    data = release.load_training_set(tmp_path / "data")
+    query = release.load_release_queries(tmp_path / "data", [1])
+    method_cls = get_method("unlearning")
+    cfg = method_cls.Config(
+        fisher={"num_samples": 8, "batch_size": 4},
+        loss={"num_timesteps": 2},
+        unlearn={"step_size": 1e-3, "batch_size": 4, "accumulations": 1},
+    )
+    method = method_cls(cfg, model, data, cache_dir=tmp_path / "cache")
+    (folder,) = run_method(method, query, tmp_path / "out")
+    scores = np.load(folder / "scores.npy")
+    assert scores.shape == (6,) and np.isfinite(scores).all() and np.ptp(scores) > 0
+    ranking = json.loads((folder / "ranking.json").read_text())
+    assert ranking["top_k"][0]["caption"].startswith("caption 0 of image")
+    assert (folder / "top10.png").exists()  # decoded through the VAE
+
+
+def write_model_files(data_dir, components):
+    """The release's model.bin (a small UNet; its diffusers config beside it) and fisher_info.pt over every weight."""
+    unet = small_unet()
+    (data_dir / "config.json").write_text(json.dumps(dict(unet.config)))
+    torch.save(unet.state_dict(), data_dir / release.MODEL)
+    g = torch.Generator().manual_seed(3)
+    fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.1 for n, p in unet.named_parameters()}
+    torch.save(fisher, data_dir / release.FISHER)  # like the authors': all 684 tensors of the real UNet, float64
+    write_components(components)
+
+
+def run_module(*args, check=True, launcher=(sys.executable, "-m")):
+    # The same threads per process in every run (torchrun would set 1): float32 sums then add up in the same order.
+    env = os.environ | {"OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def attribute_flags(tmp_path):
+    write_release(tmp_path / "data", text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--queries", "release:0-2"]
+    flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu"]
+    return flags + ["--fisher.file", str(tmp_path / "data" / release.FISHER)]
+
+
+@pytest.mark.slow  # 50 s: the library path it drives runs by default in the unlearning test above
+def test_attribute_script_scores_the_release_resumes_and_refuses_a_partial_fisher(tmp_path):
+    flags = attribute_flags(tmp_path)
+    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    for q in ("sample000", "sample001", "sample002"):
+        scores = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
+        assert scores.shape == (6,) and np.isfinite(scores).all() and np.ptp(scores) > 0, q
+    assert (tmp_path / "one" / "unlearning" / "sample000" / "top10.png").exists()
+    again = run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    assert again.stdout.count("already attributed") == 3
+    fisher = torch.load(tmp_path / "data" / release.FISHER)
+    torch.save({n: v for n, v in fisher.items() if "attn2.to_v" not in n}, tmp_path / "partial.pt")
+    partial = [*flags[:-1], str(tmp_path / "partial.pt"), "--out", str(tmp_path / "three")]
+    proc = run_module("mscoco.attribute", *partial, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "lacks" in proc.stderr.strip().splitlines()[-1] and "attn2.to_v" in proc.stderr
+
+
+@pytest.mark.slow
+def test_attribute_script_gives_the_same_scores_on_two_processes(tmp_path):
+    """The whole script under torchrun (the pass-level test in test_passes.py runs by default)."""
+    flags = attribute_flags(tmp_path)
+    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"), "--no-plot")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519")
+    run_module("-m", "mscoco.attribute", *flags, "--out", str(tmp_path / "two"), "--no-plot", launcher=torchrun)
+    for q in ("sample000", "sample001", "sample002"):
+        one = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
+        two = np.load(tmp_path / "two" / "unlearning" / q / "scores.npy")
+        assert np.isfinite(one).all() and np.array_equal(one, two), q
+
+
+def make_archives(files_dir, archives_dir):
+    """The release's three archives from a folder of extracted files; the large one split into .001, .002, ..."""
+    import multivolumefile
+    import py7zr
+
+    def pack(archive, names, volume=None):
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        target = multivolumefile.open(archive, mode="wb", volume=volume) if volume else archive
+        with py7zr.SevenZipFile(target, "w") as z:
+            for name in names:
+                z.writeall(files_dir / name, name) if (files_dir / name).is_dir() else z.write(files_dir / name, name)
+        if volume:
+            target.close()
+            for part in sorted(archive.parent.glob(archive.name + ".0*")):  # 7-zip's names: .001, not .0001
+                part.rename(part.with_suffix(f".{int(part.suffix[1:]):03d}"))
+
+    root = archives_dir / "mscoco"
+    pack(root / "model_fisher.7z", [release.MODEL, release.FISHER, "config.json"])
+    pack(root / "sample.7z", [release.SAMPLE_LATENTS, release.SAMPLE_TEXT, release.SAMPLE_CAPTIONS, "sample"])
+    big = root / "latents_text_embeddings" / "latents_text_embeddings.7z"
+    pack(big, [release.TRAIN_LATENTS, release.TRAIN_TEXT], volume=200_000)
+    return big
+
+
+def test_download_extracts_split_archives_reports_and_skips_what_is_complete(tmp_path):
+    from mscoco import download
+
+    write_release(tmp_path / "files")
+    torch.save(small_unet().state_dict(), tmp_path / "files" / release.MODEL)
+    (tmp_path / "files" / "config.json").write_text("{}")
+    torch.save({}, tmp_path / "files" / release.FISHER)
+    big = make_archives(tmp_path / "files", tmp_path / "archives")
+    parts = sorted(big.parent.iterdir())
+    assert len(parts) > 3 and parts[0].name.endswith(".7z.001")
+    out = tmp_path / "data"
+    args = ["--out", str(out), "--parts", "release", "--archives", str(tmp_path / "archives")]
+    download.main(args)
+    for name in (release.TRAIN_LATENTS, release.TRAIN_TEXT, release.SAMPLE_TEXT):
+        assert (out / name).read_bytes() == (tmp_path / "files" / name).read_bytes()
+    assert len(list((out / "sample").glob("*.png"))) == 3 and not (out / ".partial").exists()
+    stamp = (out / release.TRAIN_TEXT).stat().st_mtime_ns
+    download.main(args)  # complete: nothing extracted again
+    assert (out / release.TRAIN_TEXT).stat().st_mtime_ns == stamp
+
+
+def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_path):
+    from mscoco import download
+
+    write_release(tmp_path / "files")
+    for name in (release.MODEL, release.FISHER, "config.json"):
+        (tmp_path / "files" / name).write_bytes(b"x")
+    big = make_archives(tmp_path / "files", tmp_path / "archives")
+    parts = sorted(big.parent.iterdir())
+    damaged = bytearray(parts[-1].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the last volume
+    parts[-1].write_bytes(bytes(damaged))
+    with pytest.raises(AttributionError, match="latents_text_embeddings.7z is damaged or incomplete"):
+        download.get_release(tmp_path / "data", tmp_path / "archives")
+    parts[1].unlink()  # a volume lost in the download
+    args = ["--out", str(tmp_path / "data"), "--parts", "release", "--archives", str(tmp_path / "archives")]
+    with pytest.raises(SystemExit) as exit_:
+        download.main(args)
+    assert exit_.value.code == 2
+    assert not (tmp_path / "data" / release.TRAIN_LATENTS).exists()  # nothing half-extracted in place
+    assert (tmp_path / "data" / release.SAMPLE_CAPTIONS).exists()  # the complete archives before it stay
+
+
+@pytest.mark.slow  # 25 s
+def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
+    write_release(tmp_path / "data", text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    (tmp_path / "prompts.txt").write_text("a cat on a mat\n\na dog\n")
+    flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--device", "cpu"]
+    run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "q"),
+               "--num-steps", "4")  # fmt: skip
+    from common.queries import load_queries
+
+    queries = load_queries(tmp_path / "q")
+    assert [q.id for q in queries] == ["coco000", "coco001"] and queries[1].prompt == "a dog"
+    assert queries[0].image.shape == (4, 16, 16) and queries[0].text.shape == (1, 77, 1024)
+    assert queries[0].noise.shape == (4, 16, 16) and (tmp_path / "q" / "coco000" / "image.png").exists()
+    assert json.loads((tmp_path / "q" / "coco000" / "query.json").read_text())["guidance_scale"] == 7.5
+    proc = run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "none.txt"), "--out", "x", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("missing prompts file: " + str(tmp_path / "none.txt"))
+
+
+@pytest.mark.slow  # 55 s
+def test_bench_times_both_loops_and_compares_precisions(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--images", "2", "--images-per-batch", "2", "--fisher-samples", "4"]
+    run_module("mscoco.bench", *args, "--widths", "16,32,32,32", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["rows"] == 200 and result["device"] == "cpu"
+    rates = [*result["scoring_forwards_per_s"].values(), *result["fisher_grads_per_s"].values()]
+    assert len(rates) == 5 and all(r > 0 for r in rates)
+    assert result["scoring_speedup"]["fp32"] > 0 and result["fisher_speedup"] > 0
+    assert result["bf16_top_k_overlap"]["k"] == 1 and 0 <= result["bf16_top_k_overlap"]["overlap"] <= 1

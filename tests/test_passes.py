@@ -1,0 +1,115 @@
+"""Resumable, sharded loss passes: equal to the in-memory pass, across kills, processes and weight sets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from common.diffusion.losses import LossConfig, dataset_losses
+from common.diffusion.passes import PassConfig, loss_pass
+from common.errors import AttributionError
+from tests.conftest import ROOT
+
+CFG = LossConfig(num_timesteps=4, batch_size=24)
+
+
+def test_pass_equals_the_in_memory_losses_for_any_chunking(model, data, tmp_path):
+    ref = dataset_losses(model, data, CFG)
+    for chunk in (1, 5, 12):
+        got = loss_pass(model, data, CFG, tmp_path / f"c{chunk}", pass_cfg=PassConfig(chunk_images=chunk))[""]
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert len(list((tmp_path / "c5" / "chunks").glob("*.safetensors"))) == 3
+
+
+def test_weight_sets_score_like_separate_models(model, data, tmp_path):
+    import copy
+
+    names = [n for n, _ in model.unet.named_parameters() if "attn2.to_k" in n]
+    other = copy.deepcopy(model.unet)
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if n in names:
+                p.mul_(1.5)
+    weights = {n: p.detach() for n, p in other.named_parameters() if n in names}
+    before = model.fingerprint()
+    got = loss_pass(model, data, CFG, tmp_path / "pass", weight_sets={"base": None, "q": weights})
+    assert model.fingerprint() == before  # the swapped weights are restored
+    torch.testing.assert_close(got["base"], dataset_losses(model, data, CFG), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got["q"], dataset_losses(model.with_unet(other), data, CFG), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got["q"], got["base"])
+
+
+def test_pass_refuses_a_folder_made_otherwise_and_keeps_it(model, data, tmp_path):
+    loss_pass(model, data, CFG, tmp_path / "pass", pass_cfg=PassConfig(chunk_images=4))
+    before = sorted(p.name for p in (tmp_path / "pass" / "chunks").iterdir())
+    with pytest.raises(AttributionError, match=r"made with another settings \(loss\)"):
+        loss_pass(model, data, LossConfig(num_timesteps=2), tmp_path / "pass", pass_cfg=PassConfig(chunk_images=4))
+    with pytest.raises(AttributionError, match="chunk_images"):
+        loss_pass(model, data, CFG, tmp_path / "pass", pass_cfg=PassConfig(chunk_images=3))
+    with pytest.raises(AttributionError, match="training set"):
+        loss_pass(model, data.subset(range(6)), CFG, tmp_path / "pass", pass_cfg=PassConfig(chunk_images=4))
+    assert sorted(p.name for p in (tmp_path / "pass" / "chunks").iterdir()) == before
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, {root!r})
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage
+    from common.data import ArrayTrainingSet
+    from common.diffusion.losses import LossConfig
+    from common.diffusion.passes import PassConfig, loss_pass
+    from common.unlearning.fisher import FisherConfig, estimate_fisher
+
+    torch.manual_seed(0)
+    model = TinyTextToImage(micro_config())
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.prepare_for_gradients()
+    g = torch.Generator().manual_seed(1)
+    data = ArrayTrainingSet(torch.rand(10, 3, 8, 8, generator=g) * 2 - 1, torch.randn(10, 2, 8, 8, generator=g))
+    folder, mode = sys.argv[1], sys.argv[2]
+    accelerator = None
+    if mode == "two":
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+        assert accelerator.num_processes == 2
+    def stop(c):
+        if mode == "kill" and c == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real signal, midway
+    losses = loss_pass(model, data, LossConfig(num_timesteps=4, batch_size=16), folder,
+                       pass_cfg=PassConfig(chunk_images=2), accelerator=accelerator, on_chunk=stop)[""]
+    fisher = estimate_fisher(model, data, FisherConfig(num_samples=14, batch_size=4), False, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        torch.save(losses, folder + f"/result-{{mode}}.pt")
+        torch.save(fisher, folder + f"/fisher-{{mode}}.pt")
+    """
+)
+
+
+def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    py = [sys.executable, str(script)]
+    subprocess.run([*py, str(tmp_path / "whole"), "one"], check=True, cwd=ROOT)
+    killed = subprocess.run([*py, str(tmp_path / "resumed"), "kill"], cwd=ROOT)
+    assert killed.returncode == -9
+    assert len(list((tmp_path / "resumed" / "chunks").glob("*.safetensors"))) == 3  # chunks 0-2 of 5, nothing partial
+    assert not list((tmp_path / "resumed" / "chunks").glob("*.tmp*"))
+    subprocess.run([*py, str(tmp_path / "resumed"), "one"], check=True, cwd=ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
+    whole = torch.load(tmp_path / "whole" / "result-one.pt")
+    assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)
+    assert torch.equal(torch.load(tmp_path / "two" / "result-two.pt"), whole)
+    one, two = (torch.load(tmp_path / d / f"fisher-{m}.pt") for d, m in (("whole", "one"), ("two", "two")))
+    assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())
+    for name in one:  # 4 batches split 2 + 2 over the processes, summed across them: the same Fisher
+        torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0)
