@@ -56,6 +56,17 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: list[type] | 
                 added.add(stage)
 
 
+def add_attribution_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML file of presets") -> None:
+    """The flags every attribution script shares: output, presets, top-k, device, overwrite, and the methods'."""
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("--preset", default="default", help="preset name in --config")
+    parser.add_argument("--top-k", type=int, default=100, help="images listed in ranking.json")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (under accelerate: its device)")
+    parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
+    add_method_arguments(parser)
+
+
 def method_from_args(args: argparse.Namespace) -> tuple[type, object]:
     """The method class named by ``--method`` and its config built from the flags."""
     from common.methods import get_method

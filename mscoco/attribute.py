@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.config import add_method_arguments, load_preset, method_from_args
+from common.config import add_attribution_arguments, load_preset, method_from_args
 from common.errors import cli
 from common.methods.base import run_method
 from mscoco.model import DEFAULT_COMPONENTS
@@ -34,14 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--queries", default="release", help="release, release:0-9,15 or a folder of query folders (default all 110)"
     )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--config", default=None, help="YAML file of presets (mscoco/configs/mscoco.yaml)")
-    parser.add_argument("--preset", default="default", help="preset name in --config")
-    parser.add_argument("--top-k", type=int, default=100, help="images listed in ranking.json")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under accelerate: its device)")
-    parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png (it decodes through the VAE)")
-    add_method_arguments(parser)
+    add_attribution_arguments(parser, "YAML file of presets (mscoco/configs/mscoco.yaml)")
     return parser
 
 

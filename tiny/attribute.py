@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.config import add_method_arguments, load_preset, method_from_args
+from common.config import add_attribution_arguments, load_preset, method_from_args
 from common.errors import cli
 from common.methods.base import run_method
 from common.queries import load_queries
@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="the training image folder")
     parser.add_argument("--queries", required=True, help="queries folder")
     parser.add_argument("--query-ids", nargs="*", default=None, help="only these queries")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--config", default=None, help="YAML file of presets")
-    parser.add_argument("--preset", default="default", help="preset name in --config")
-    parser.add_argument("--top-k", type=int, default=100, help="images listed in ranking.json")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
-    add_method_arguments(parser)
+    add_attribution_arguments(parser)
     return parser
 
 
