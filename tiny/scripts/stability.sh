@@ -10,8 +10,8 @@
 #
 # Resumable (finished query folders are reused). Writes OUT/stability/stability.md. Environment: PARTS
 # (default "seeds draws timesteps average methods"), DEVICE (cpu), PRESET (leave_k_out), SWEEP_QUERIES
-# (queries of the draw and timestep parts, default 4: the first 2 training images and 2 generated; the
-# 1k-draw, 10-timestep seeds are compared on the same queries beside them).
+# (queries of the draw and timestep parts and of JourneyTRAK, default 4: the first 2 training images and
+# 2 generated; the 1k-draw, 10-timestep seeds are compared on the same queries beside them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
@@ -91,8 +91,10 @@ for PART in $PARTS; do
     methods)  # the other methods' seeds: TRAK's noise draws and projection
       for M in trak journey-trak d-trak; do
         F=${M//-/_}
+        SIZE=all
+        [ "$M" = journey-trak ] && SIZE=sweep  # 100-200 s per query (a pass per trajectory step)
         for S in 0 1; do
-          evaluate "$M-s$S" all --method "$M" "--$F.seed" "$S"
+          evaluate "$M-s$S" "$SIZE" --method "$M" "--$F.seed" "$S"
         done
         agree "$M-s0" "$M-s1" "$M"
       done
