@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common.data import ArrayTrainingSet, Query
+from common.diffusion.sampling import BatchStream
 from common.errors import AttributionError, require, require_file
 
 TRAIN_LATENTS = "coco17_train_latents.npy"
@@ -39,6 +40,11 @@ ANNOTATIONS = "annotations/captions_train2017.json"
 NUM_TRAIN = 118_287
 LATENT_SHAPE = (4, 16, 16)
 TEXT_SHAPE = (77, 1024)
+# How the authors sampled the released queries (AbU mscoco/generate_samples.py): all 110 captions in one
+# batch zero-padded to 500, one CPU generator seeded 0 drawing the initial and every step's noise for the
+# whole batch, DDPM over 1,000 steps, guidance 7.5 against the empty prompt.
+GENERATION = {"seed": 0, "sampler": "ddpm", "num_steps": 1000, "guidance_scale": 7.5}
+GENERATION_BATCH = 500
 
 
 def open_array(path: str | Path, what: str) -> np.ndarray:
@@ -143,7 +149,11 @@ def load_training_set(data_dir: str | Path) -> MemmapTrainingSet:
 
 
 def load_release_queries(data_dir: str | Path, indices: list[int] | None = None) -> list[Query]:
-    """The released query samples (``sample{i:03d}``): latent, text embedding, caption and image."""
+    """The released query samples (``sample{i:03d}``): latent, text embedding, caption and image.
+
+    Each carries how it was sampled (:data:`GENERATION`) and its row of the generation batch, so a
+    retrained model regenerates it from the same noise (:class:`common.diffusion.sampling.BatchStream`).
+    """
     data_dir = Path(data_dir)
     latents = open_array(data_dir / SAMPLE_LATENTS, "query latents")
     text = open_array(data_dir / SAMPLE_TEXT, "query text embeddings")
@@ -167,9 +177,15 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
     indices = list(range(len(latents))) if indices is None else indices
     for i in indices:
         require(0 <= i < len(latents), f"query {i} is not among the {len(latents)} released samples")
+    require(
+        len(latents) <= GENERATION_BATCH,
+        f"{data_dir / SAMPLE_LATENTS} holds {len(latents)} queries, more than the release's generation batch",
+    )
+    initial = BatchStream(GENERATION["seed"], GENERATION_BATCH, tuple(indices)).initial_noise(LATENT_SHAPE)
     queries = []
-    for i in indices:
+    for i, noise in zip(indices, initial):
         png = data_dir / "sample" / f"{i}.png"
+        stream = {"seed": GENERATION["seed"], "batch_size": GENERATION_BATCH, "row": i}
         queries.append(
             Query(
                 f"sample{i:03d}",
@@ -177,7 +193,8 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
                 torch.from_numpy(np.array(text[i], dtype=np.float32)),
                 captions[i].strip(),
                 str(png) if png.exists() else None,
-                {"release_index": i},
+                {"release_index": i, **GENERATION, "stream": stream},
+                noise,
             )
         )
     return queries

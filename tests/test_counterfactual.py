@@ -187,6 +187,9 @@ def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model,
 
     sources = [RankingSource("a", tmp_path / "a"), RankingSource("b", tmp_path / "b")]
     args = (model, len(data), data.fingerprint, [query, other], sources, [1, 2, 3], retrain, metrics, tmp_path / "o")
+    assert leave_k_out(*args, {"recipe": 1}, main=False) == ""  # another process: joins each retraining, writes nothing
+    assert len(trained) == 12 and not measured and not (tmp_path / "o").exists()
+    trained.clear()
     table = leave_k_out(*args, {"recipe": 1})
     assert len(measured) == 12 and "| a |" in table and "| b |" in table
     # K = 1, 2 give the same sets for both sources and queries; K = 3 differs between sources.

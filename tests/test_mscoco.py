@@ -138,6 +138,45 @@ def test_release_queries_and_file_report(tmp_path):
     assert report[release.MODEL] == "missing" and report["sample/"] == "3 images"
 
 
+def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(tmp_path):
+    """A pipeline that samples a batch of 6 the authors' way (one CPU generator for all its noise) against
+    the replay of rows 4 and 1 alone: same images; the released queries carry their stream."""
+    from diffusers import DDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from common.diffusion.sampling import BatchStream, sample
+    from common.evaluation.counterfactual import regenerate
+
+    write_components(tmp_path / "sd2")
+    model = MscocoModel(small_unet(), tmp_path / "sd2")
+    text = torch.randn(6, 77, 1024, generator=torch.Generator().manual_seed(1))
+    uncond = model.null_text().expand_as(text)
+    g = torch.Generator().manual_seed(0)
+    latents = randn_tensor((6, 4, 16, 16), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(5)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, text])).sample
+            eps_uncond, eps_text = eps.chunk(2)
+            latents = scheduler.step(eps_uncond + 7.5 * (eps_text - eps_uncond), t, latents, generator=g).prev_sample
+    stream = BatchStream(0, 6, (4, 1))
+    replayed = sample(model, text[[4, 1]], None, [0, 0], num_steps=5, guidance_scale=7.5, stream=stream)
+    assert torch.allclose(replayed, latents[[4, 1]], atol=1e-5)
+    keyed = sample(model, text[[4, 1]], stream.initial_noise((4, 16, 16)), [0, 1], num_steps=5, guidance_scale=7.5)
+    assert not torch.allclose(keyed, replayed, atol=1e-3)  # the keyed step noise is another stream
+
+    write_release(tmp_path / "data", queries=3)
+    (query,) = release.load_release_queries(tmp_path / "data", [2])
+    assert query.extra["stream"] == {"seed": 0, "batch_size": 500, "row": 2} and query.extra["guidance_scale"] == 7.5
+    assert torch.equal(query.noise, BatchStream(0, 500, (2,)).initial_noise((4, 16, 16))[0])
+    query.extra["num_steps"] = 5
+    expected = sample(model, query.text, None, [0], num_steps=5, guidance_scale=7.5, stream=BatchStream(0, 500, (2,)))
+    assert torch.equal(regenerate(model, query), expected[0])
+    with pytest.raises(AttributionError, match="rows must be distinct"):
+        BatchStream(0, 6, (1, 1))
+
+
 def test_unet_weights_load_from_model_bin_with_weights_only(tmp_path):
     unet = small_unet()
     (tmp_path / "config.json").write_text(json.dumps(dict(unet.config)))
@@ -401,3 +440,115 @@ def test_bench_times_both_loops_and_compares_precisions(tmp_path):
     assert len(rates) == 5 and all(r > 0 for r in rates)
     assert result["scoring_speedup"]["fp32"] > 0 and result["fisher_speedup"] > 0
     assert result["bf16_top_k_overlap"]["k"] == 1 and 0 <= result["bf16_top_k_overlap"]["overlap"] <= 1
+
+
+def test_paper_table_puts_ours_beside_the_papers_numbers(tmp_path):
+    from mscoco.paper import gather_tables
+
+    values = {"random": (3.0, 4.0), "unlearning": (6.0, 5.0), "sgd-1": (2.0, 3.0)}
+    for method, pair in values.items():
+        for query, value in zip(("sample000", "sample001"), pair):
+            folder = tmp_path / "metrics" / method / query
+            folder.mkdir(parents=True)
+            record = {"method": method, "query": query, "k": 500, "seed": None, "delta_loss": value * 1e-3}
+            (folder / "k500.json").write_text(json.dumps(record | {"mse": 0.05, "clip": None}))
+    text = gather_tables(tmp_path)
+    paper = (tmp_path / "paper.md").read_text().splitlines()
+    rows = [line for line in paper if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| random", "| unlearning", "| sgd-1"]  # the paper's order first
+    assert rows[0] == "| random | 3.50±0.50 (3.5) | 5.00±0.00 (4.1) |"
+    assert rows[1].startswith("| unlearning | 5.50±0.50 (5.6; 5.57) |")  # the paper's, then its follow-up's
+    assert rows[2].startswith("| sgd-1 | 2.50±0.50 (–) |")  # Table 2's values are not in our source
+    assert "| unlearning | 5.50±0.50 |" in text and (tmp_path / "table.md").exists()
+    with pytest.raises(AttributionError, match="holds no leave-K-out metrics"):
+        gather_tables(tmp_path / "empty")
+
+
+def test_train_script_writes_a_loadable_model_reuses_it_and_refuses_another_recipe(tmp_path, capsys):
+    from mscoco import train
+
+    write_release(tmp_path / "data", n=4)
+    (tmp_path / "unet.json").write_text(json.dumps(SMALL))
+    flags = [
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "m"),
+        "--unet-config",
+        str(tmp_path / "unet.json"),
+    ]
+    flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--train.steps", "2"]
+    (tmp_path / "exclude.txt").write_text("3\n1\n")
+    train.main([*flags, "--exclude", str(tmp_path / "exclude.txt")])
+    info = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert info["recipe"]["exclude"] == [1, 3] and info["recipe"]["train"]["lr"] == 1e-3
+    assert info["model"]["block_out_channels"] == [16, 32, 32, 32] and info["summary"]["processes"] == 1
+    assert not (tmp_path / "m" / "checkpoint.safetensors").exists()
+    unet = load_unet(tmp_path / "m" / "model.safetensors")  # wherever a UNet is asked for
+    torch.manual_seed(0)
+    untrained = build_unet(**SMALL)
+    assert any(not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), untrained.state_dict().values()))
+    train.main([*flags, "--exclude", str(tmp_path / "exclude.txt")])
+    assert "reusing the trained model" in capsys.readouterr().out
+    with pytest.raises(AttributionError, match="another recipe"):
+        train.train_mscoco(tmp_path / "data", tmp_path / "m", train.TrainConfig(steps=2, batch_size=4), [1, 3],
+                           train.architecture(str(tmp_path / "unet.json")), None)  # fmt: skip
+
+
+def test_row_scripts_are_valid_bash_and_name_every_table_row():
+    scripts = sorted((ROOT / "mscoco" / "scripts").rglob("*.sh"))
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)
+    table1 = {p.stem.replace("_", "-") for p in (ROOT / "mscoco" / "scripts" / "table1").glob("*.sh")}
+    from mscoco.paper import paper_results
+
+    assert table1 == set(paper_results()["paper"])  # one script per row of the paper's Table 1
+    assert len(list((ROOT / "mscoco" / "scripts" / "table2").glob("*.sh"))) == 5  # + table1/unlearning.sh (K,V)
+
+
+def write_generated_queries(root, components, n: int = 2):
+    """Query folders as mscoco.generate writes them, sampled in 4 steps (regeneration replays those)."""
+    from common.data import Query, query_key
+    from common.diffusion.sampling import sample
+    from common.queries import save_query
+
+    model = MscocoModel(small_unet(), components)
+    for i in range(n):
+        qid = f"coco{i:03d}"
+        noise = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(i))
+        text = model.encode_text([f"a cat {i}"])
+        x = sample(model, text, noise[None], [query_key(qid)], 0, "ddpm", 4, 3.0, progress=False)[0]
+        info = {"seed": 0, "sampler": "ddpm", "num_steps": 4, "guidance_scale": 3.0}
+        save_query(root, Query(qid, x, text, f"a cat {i}"), noise, None, info)
+
+
+@pytest.mark.slow  # 3 min
+def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
+    write_release(tmp_path / "data", n=6, text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    write_generated_queries(tmp_path / "q", tmp_path / "sd2")
+    env = os.environ | {"OMP_NUM_THREADS": "2", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
+    env |= {"QUERIES": str(tmp_path / "q"), "KS": "2", "PRESET": "micro", "COMPONENTS": str(tmp_path / "sd2")}
+    env |= {"LAUNCH": sys.executable}
+
+    def row(script):
+        proc = subprocess.run(["bash", f"mscoco/scripts/{script}"], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    row("table1/random.sh")
+    row("table1/pixel.sh")
+    row("table2/sgd_1.sh")
+    out = tmp_path / "out" / "leave_k_out"
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["pixel", "random", "sgd-1"]
+    for method in ("pixel", "sgd-1"):
+        for q in ("coco000", "coco001"):
+            record = json.loads((out / "metrics" / method / q / "k2.json").read_text())
+            assert np.isfinite(record["delta_loss"]) and record["mse"] > 0 and record["clip"] is None
+    rows = [line.split(" | ")[0] for line in (out / "paper.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| random", "| pixel", "| sgd-1"]
+    models = list((out / "models").glob("*/*/model.json"))
+    assert 3 <= len(models) <= 7  # the full reference, 2 random sets, pixel's and sgd-1's sets (some shared)
+    again = row("table1/pixel.sh")
+    assert "trained in" not in again and "already attributed" in again

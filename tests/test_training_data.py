@@ -201,7 +201,7 @@ def test_loss_scale_by_hand():
 
 
 def test_exclusion_mode_matters_only_with_exclusions():
-    from tiny.train import same_recipe
+    from common.training.runs import same_recipe
 
     base = {"train": {"steps": 5, "exclusion_mode": "mask"}, "exclude": [], "data": "abc"}
     assert same_recipe(base, base | {"train": {"steps": 5, "exclusion_mode": "zero"}})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -26,11 +25,9 @@ from common import keyed_random
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
-from common.evaluation.exclusion import top_k_exclusion
-from common.evaluation.leave_k_out import RankingSource, leave_k_out
+from common.evaluation.leave_k_out import RankingSource, external_sources, leave_k_out, method_sources
 from common.evaluation.tables import seed_spread
 from common.methods import METHODS, get_method
-from common.methods.base import run_method
 from common.outputs import prepare_run_dir, write_json
 from common.queries import load_queries
 from common.training.train import TrainConfig
@@ -40,39 +37,19 @@ from tiny.train import recipe_of, train_tiny
 
 def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
     """One source per method (``random``: one per seed) and per ``--rankings`` item; missing rankings are made now."""
-    extra = []  # rankings made elsewhere: checked (model, training set, K) before any method runs
-    for item in args.rankings:
-        label, sep, folder = item.partition("=")
-        require(sep and label and folder, f"--rankings takes LABEL=FOLDER, got {item!r}")
-        require(
-            re.fullmatch(r"[A-Za-z0-9_.-]+", label) and label not in (".", ".."),
-            f"--rankings label {label!r}: use letters, digits, '_', '.' or '-'",
-        )
-        taken = set(METHODS) | {s.method for s in extra}
-        require(label not in taken, f"--rankings label {label!r} is a method's name or another row's")
-        require(Path(folder).is_dir(), f"--rankings {label}: no folder {folder}")
-        missing = [q.id for q in queries if not (Path(folder) / q.id / "ranking.json").exists()]
-        require(not missing, f"--rankings {label}: {folder} has no ranking for {', '.join(missing)}")
-        source = RankingSource(label, Path(folder))
-        for query in queries:
-            top_k_exclusion(
-                source.ranking(query), max(cfg.ks), len(run.data), run.data.fingerprint, run.model.fingerprint()
-            )
-        extra.append(source)
+    fingerprint = run.model.fingerprint()
+    extra = external_sources(
+        args.rankings, queries, set(METHODS), len(run.data), run.data.fingerprint, fingerprint, max(cfg.ks)
+    )
     root = Path(args.attribution or Path(args.out) / "attribution")
-    sources = []
-    for name in args.methods:
+
+    def make(name: str, seed: int | None):
         cls = get_method(name)
-        method_cfg = method_config(cls, args)
-        seeds = range(cfg.random_seeds) if name == "random" else [None]
-        for seed in seeds:
-            settings = method_cfg if seed is None else replace(method_cfg, seed=seed)
-            folder = root / (name if seed is None else f"{name}_s{seed}")
-            method = cls(settings, run.model, run.data, root / "cache" / name, lambda p: load_model(p, "cpu"))
-            run_method(method, queries, folder, plot=False)
-            sources.append(RankingSource(name, folder, seed))
-    sources += extra
-    return sources
+        settings = method_config(cls, args)
+        settings = settings if seed is None else replace(settings, seed=seed)
+        return cls(settings, run.model, run.data, root / "cache" / name, lambda p: load_model(p, "cpu"))
+
+    return method_sources(args.methods, queries, root, cfg.random_seeds, make) + extra
 
 
 @cli

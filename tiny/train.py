@@ -11,7 +11,6 @@ batch; the first one writes the model.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,36 +20,11 @@ from accelerate import Accelerator
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset, resolve_device
 from common.errors import AttributionError, cli, require
 from common.model import read_model_json
-from common.training.train import TrainConfig, train
+from common.training.runs import finished, read_exclusions, train_and_save
+from common.training.train import TrainConfig
 from tiny.data import load_image_folder
 from tiny.model import TinyModelConfig, TinyTextToImage
 from tiny.pipeline import training_set
-
-
-def read_exclusions(path: str | None) -> list[int]:
-    """Indices from a JSON list or a text file with one index per line."""
-    if not path:
-        return []
-    text = Path(path).read_text() if Path(path).exists() else None
-    if text is None:
-        raise AttributionError(f"missing exclusion file: {path}")
-    try:
-        values = json.loads(text) if text.lstrip().startswith("[") else [int(x) for x in text.split()]
-    except ValueError:
-        raise AttributionError(f"{path}: expected integers, one per line or a JSON list") from None
-    return sorted({int(v) for v in values})
-
-
-def same_recipe(a: dict | None, b: dict) -> bool:
-    """Recipes match; without exclusions the exclusion mode is irrelevant (every mode is the same run)."""
-    if a is None:
-        return False
-
-    def key(r: dict) -> dict:
-        train = {k: v for k, v in r["train"].items() if r["exclude"] or k != "exclusion_mode"}
-        return r | {"train": train}
-
-    return key(a) == key(b)
 
 
 def recipe_of(model_dir: str | Path) -> tuple[TinyModelConfig, TrainConfig, dict]:
@@ -83,23 +57,16 @@ def train_tiny(
     model = TinyTextToImage(model_cfg, flips=cfg.flips)
     data = training_set(model, folder)
     recipe = {"train": asdict(cfg), "exclude": exclude, "data": data.fingerprint}
-    if (out_dir / "model.json").exists():
-        info = read_model_json(out_dir / "model.json")
-        if same_recipe(info.get("recipe"), recipe) and info.get("model") == json.loads(json.dumps(asdict(model_cfg))):
-            print(f"reusing the trained model in {out_dir}")
-            return TinyTextToImage.load(out_dir)
-        raise AttributionError(f"{out_dir} holds a model trained with another recipe; choose another --out")
+    if finished(out_dir, recipe, asdict(model_cfg)):
+        return TinyTextToImage.load(out_dir)
     accelerator = Accelerator(cpu=resolve_device(device).type == "cpu")
     model.to(accelerator.device)
-    checkpoint = out_dir / "checkpoint.safetensors"
-    summary = train(model, data, cfg, exclude, checkpoint, progress, accelerator)
-    model.to("cpu")
-    if accelerator.is_main_process:
-        model.save(out_dir, {"recipe": recipe, "summary": summary})
-        checkpoint.unlink(missing_ok=True)
-        print(f"trained in {summary['seconds']} s, final loss {summary['final_loss']:.4f}: {out_dir}")
-    accelerator.wait_for_everyone()
-    return model
+
+    def save(summary: dict) -> None:
+        model.to("cpu").save(out_dir, {"recipe": recipe, "summary": summary})
+
+    train_and_save(model, data, cfg, exclude, out_dir, save, accelerator, progress)
+    return model.to("cpu")
 
 
 @cli

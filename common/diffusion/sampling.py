@@ -2,12 +2,16 @@
 
 The default is DDPM ancestral sampling over all training steps (the paper's MSCOCO sampler).
 Each image's step noise comes from its own generator keyed by ``(seed, image key)``, so an image
-regenerates identically in any batch.
+regenerates identically in any batch. Images made by a pipeline that drew all its noise for a whole
+batch from one torch generator (the original release's queries: one CPU generator, a batch of 500)
+are replayed exactly with a :class:`BatchStream`: the batch's noise is drawn whole, in the same
+order, and only the rows being regenerated go through the denoiser.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -15,16 +19,52 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.diffusion.loss import unet_denoiser
+from common.errors import require
 from common.model import DiffusionModel
 
 SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass(frozen=True)
+class BatchStream:
+    """The noise of a DDPM pipeline that drew it for a whole batch from one CPU ``torch.Generator``.
+
+    Such a pipeline draws the initial noise of shape (batch_size, C, H, W) first, then one tensor of
+    that shape per step with t > 0 (diffusers' ``DDPMScheduler.step``), all from the same generator;
+    an image's noise therefore depends on the batch it was made in. Replaying the stream draws each
+    tensor whole and keeps ``rows``.
+
+    Attributes:
+        seed: the generator's seed.
+        batch_size: the batch the pipeline sampled (padding rows included).
+        rows: the rows regenerated, one per image of :func:`sample`'s batch.
+    """
+
+    seed: int
+    batch_size: int
+    rows: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        rows = tuple(int(r) for r in self.rows)
+        require(len(set(rows)) == len(rows), f"batch stream rows must be distinct, got {rows}")
+        require(all(0 <= r < self.batch_size for r in rows), f"rows {rows} lie outside a batch of {self.batch_size}")
+        object.__setattr__(self, "rows", rows)
+
+    def start(self, shape: Sequence[int]) -> tuple[torch.Generator, torch.Tensor]:
+        """A fresh generator and the rows' initial noise (rows, *shape), drawn as the pipeline drew it."""
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((self.batch_size, *shape), generator=generator)
+        return generator, noise[list(self.rows)]
+
+    def initial_noise(self, shape: Sequence[int]) -> torch.Tensor:
+        return self.start(shape)[1]
 
 
 @torch.no_grad()
 def sample(
     model: DiffusionModel,
     text: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor | None,
     keys: Sequence[int],
     seed: int = 0,
     sampler: str = "ddpm",
@@ -32,6 +72,7 @@ def sample(
     guidance_scale: float = 1.0,
     progress: bool = True,
     trajectory: list | None = None,
+    stream: BatchStream | None = None,
 ) -> torch.Tensor:
     """Generate images (model inputs) from initial noise.
 
@@ -46,6 +87,8 @@ def sample(
         guidance_scale: classifier-free guidance weight w, eps = eps_u + w (eps_c - eps_u); 1 is none.
         trajectory: when a list, each step appends ``(t, x_t)``: the timestep and the samples (B,C,H,W)
             it started from (JourneyTRAK attributes along this path).
+        stream: replay a batch-drawn noise stream instead (DDPM only): ``noise`` must then be None
+            or equal the stream's initial rows, and ``keys`` and ``seed`` are unused.
     Returns:
         Samples (B,C,H,W) as the sampler leaves them: with the schedulers' default ``clip_sample`` the
         last step returns the clipped x0 prediction; nothing else clamps them (latents have their own range).
@@ -60,10 +103,18 @@ def sample(
         extra = {"eta": 0.0}
     elif sampler == "ddpm":
         scheduler = DDPMScheduler.from_config(train_scheduler.config)
-        gens = [keyed_random.generator(seed, keyed_random.SAMPLE, int(k)) for k in keys]
-        extra = {"generator": gens}
+        extra = {"generator": [keyed_random.generator(seed, keyed_random.SAMPLE, int(k)) for k in keys]}
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    if stream is not None:
+        require(sampler == "ddpm", f"a batch noise stream replays DDPM sampling, not {sampler}")
+        generator, initial = stream.start(model.input_shape)
+        require(len(initial) == len(text), f"{len(stream.rows)} stream rows for {len(text)} images")
+        require(
+            noise is None or torch.allclose(noise.float().cpu(), initial),
+            "the initial noise given differs from the stream's",
+        )
+        noise = initial.to(text.device, text.dtype)
     scheduler.set_timesteps(num_steps)
     x = noise
     for t in tqdm(scheduler.timesteps, desc=f"sample {len(x)}", leave=False, disable=not progress):
@@ -76,5 +127,11 @@ def sample(
             both = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, null_text.expand_as(text)]))
             cond, uncond = both.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
-        x = scheduler.step(eps, t, x, **extra).prev_sample
+        if stream is None:
+            x = scheduler.step(eps, t, x, **extra).prev_sample
+        else:  # the step on the whole batch, so the generator draws what the pipeline drew; other rows are zeros
+            rows = list(stream.rows)
+            whole_eps, whole_x = (x.new_zeros((stream.batch_size, *x.shape[1:])) for _ in range(2))
+            whole_eps[rows], whole_x[rows] = eps, x
+            x = scheduler.step(whole_eps, t, whole_x, generator=generator).prev_sample[rows]
     return x

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,66 @@ class RankingSource:
         return Path(self.folder) / query.id / "ranking.json"
 
 
+def external_sources(
+    items: Sequence[str],
+    queries: Sequence[Query],
+    taken: set[str],
+    num_train: int,
+    train_fingerprint: str,
+    model_fingerprint: str,
+    max_k: int,
+) -> list[RankingSource]:
+    """Rankings made elsewhere, ``LABEL=FOLDER`` each (e.g. a method variant): checked before anything runs.
+
+    Args:
+        taken: row labels already used (method names): a label may not repeat one.
+    """
+    sources: list[RankingSource] = []
+    for item in items:
+        label, sep, folder = item.partition("=")
+        require(bool(sep and label and folder), f"--rankings takes LABEL=FOLDER, got {item!r}")
+        require(
+            bool(re.fullmatch(r"[A-Za-z0-9_.-]+", label)) and label not in (".", ".."),
+            f"--rankings label {label!r}: use letters, digits, '_', '.' or '-'",
+        )
+        require(
+            label not in taken | {s.method for s in sources},
+            f"--rankings label {label!r} is a method's name or another row's",
+        )
+        require(Path(folder).is_dir(), f"--rankings {label}: no folder {folder}")
+        missing = [q.id for q in queries if not (Path(folder) / q.id / "ranking.json").exists()]
+        require(not missing, f"--rankings {label}: {folder} has no ranking for {', '.join(missing)}")
+        source = RankingSource(label, Path(folder))
+        for query in queries:
+            top_k_exclusion(source.ranking(query), max_k, num_train, train_fingerprint, model_fingerprint)
+        sources.append(source)
+    return sources
+
+
+def method_sources(
+    names: Sequence[str],
+    queries: Sequence[Query],
+    root: str | Path,
+    random_seeds: int,
+    make: Callable[[str, int | None], object],
+) -> list[RankingSource]:
+    """One source per registered method (``random``: one per seed), its rankings in ``root/<name>[_s<seed>]``.
+
+    Rankings already there are reused (:func:`common.methods.base.run_method` skips finished queries);
+    missing ones are made now by ``make(name, seed)``, a method with the run's settings (the seed
+    replaced for the random baseline's repeats).
+    """
+    from common.methods.base import run_method
+
+    sources = []
+    for name in names:
+        for seed in range(random_seeds) if name == "random" else [None]:
+            folder = Path(root) / (name if seed is None else f"{name}_s{seed}")
+            run_method(make(name, seed), queries, folder, plot=False)
+            sources.append(RankingSource(name, folder, seed))
+    return sources
+
+
 def ranking_id(path: Path) -> str:
     """Identifies a ranking's content (its config and scores), so a re-attributed query is noticed."""
     h = hashlib.sha256()
@@ -63,6 +124,7 @@ def leave_k_out(
     out: str | Path,
     identity: dict,
     overwrite: bool = False,
+    main: bool = True,
 ) -> str:
     """Run every (source, query, K), write ``out/metrics/...`` and the tables; return the Markdown table.
 
@@ -74,9 +136,12 @@ def leave_k_out(
         metrics: ``(original, retrained, query) -> {"delta_loss": ..., "mse": ..., ...}``.
         identity: what the retrained models and metrics depend on (recipe, metric settings); an
             output folder made under another identity is refused unless ``overwrite``.
+        main: False on all but one of several processes that retrain together (``accelerate launch``):
+            they join every retraining and leave the metrics and files to the main process.
     """
     out = Path(out)
-    prepare_run_dir(out, identity, overwrite)
+    if main:
+        prepare_run_dir(out, identity, overwrite)
     for k in ks:
         require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
     fingerprint = original.fingerprint()
@@ -100,11 +165,16 @@ def leave_k_out(
                 continue
             print(f"{path}: its ranking changed since it was measured; measuring again")
         label = f"{source.method} {query.id} K={k}" + (f" seed {source.seed}" if source.seed is not None else "")
-        print(f"[{i + 1}/{len(jobs)}] {label}")
+        if main:
+            print(f"[{i + 1}/{len(jobs)}] {label}")
         retrained = retrain(excluded, models / key)
+        if not main:
+            continue
         record = {"method": source.method, "query": query.id, "k": k, "seed": source.seed}
         record |= {"excluded": key, "ranking": rid} | metrics(original, retrained, query)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, record)
+    if not main:
+        return ""
     order = list(dict.fromkeys(s.method for s in sources))
     return build_tables(files, out, order)

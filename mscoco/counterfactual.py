@@ -1,0 +1,137 @@
+"""Leave-K-out on MSCOCO: remove each method's top-K, retrain with the paper's recipe, measure the query.
+
+    python -m mscoco.counterfactual --data DATA --attribution ATTR --out OUT --methods unlearning pixel random \\
+        [--queries release:0-9] [--rankings LABEL=FOLDER ...] --config mscoco/configs/mscoco.yaml --preset paper
+    accelerate launch -m mscoco.counterfactual ...     (each retraining spread over every GPU)
+
+Rankings come from ``ATTR/<method>/<query id>/`` (``mscoco.attribute --out ATTR``; missing ones are made
+here with the preset's settings, which for unlearning means a full scoring pass per query group), and
+``--rankings LABEL=FOLDER`` adds rankings made elsewhere as row LABEL (Table 2's variants). For each
+(method, query, K) the top-K images (both flips) are removed and the UNet is retrained from scratch
+with the ``train`` recipe and seed (``OUT/models/<recipe>/<excluded set>``, shared by every method and
+query that removes the same set; interrupted trainings resume). Then, against the reference model:
+ΔL over t = 0, 5, ..., 995 with the same noise, and the query regenerated from its noise (the released
+queries replay the authors' batch-500 generator) compared by MSE and CLIP ViT-B/32 similarity of the
+decoded images. Writes ``OUT/metrics/...``, ``OUT/table.md`` and ``OUT/paper.md`` (ours beside the paper's).
+
+The reference θ0 is, by default, the same recipe trained on every image (``--reference retrained``), so
+ΔL measures the removal alone; ``--reference released`` compares against the released UNet, as a
+reading of the paper allows, adding the difference between their training run and ours to every row.
+One retraining is about 16 A100-hours at the paper's recipe (PAPER.md); see mscoco/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from common import keyed_random
+from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
+from common.errors import cli, require
+from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
+from common.evaluation.leave_k_out import external_sources, leave_k_out, method_sources
+from common.methods import METHODS, get_method
+from common.outputs import prepare_run_dir
+from common.training.train import TrainConfig
+from mscoco.model import DEFAULT_COMPONENTS
+from mscoco.paper import gather_tables
+from mscoco.pipeline import load_query_spec, load_run
+from mscoco.train import architecture, train_mscoco, unet_arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="the release folder (mscoco/download.sh)")
+    parser.add_argument("--unet", default=None, help="the ranked UNet (default DATA/model.bin)")
+    parser.add_argument("--components", default=DEFAULT_COMPONENTS, help="hub id or folder with SD2's vae/, ...")
+    parser.add_argument("--queries", default="release", help="release, release:0-9,15 or a folder of query folders")
+    parser.add_argument("--attribution", default=None, help="mscoco.attribute output (default OUT/attribution)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--methods", nargs="*", default=["unlearning", "random"], choices=sorted(METHODS), help="registered methods"
+    )
+    parser.add_argument("--rankings", nargs="*", default=[], metavar="LABEL=FOLDER", help="rankings made elsewhere")
+    parser.add_argument(
+        "--reference", default="retrained", choices=["retrained", "released"], help="θ0 of ΔL and regeneration"
+    )
+    parser.add_argument(
+        "--unet-config", default=None, help="JSON of UNet arguments for retraining (default: the ranked UNet's)"
+    )
+    parser.add_argument("--config", default=None, help="YAML file of presets (mscoco/configs/mscoco.yaml)")
+    parser.add_argument("--preset", default="paper", help="preset name in --config")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (accelerate launch decides per process)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder made under another recipe")
+    add_dataclass_arguments(parser, EvalConfig, "eval")
+    add_dataclass_arguments(parser, TrainConfig, "train")
+    add_method_arguments(parser)
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = load_preset(build_parser(), argv=argv)
+    cfg = dataclass_from_args(EvalConfig, args, "eval")
+    recipe = dataclass_from_args(TrainConfig, args, "train")
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    run = load_run(args.data, args.unet, args.components, accelerator.device)
+    for k in cfg.ks:  # before any ranking or retraining
+        require(k <= len(run.data), f"K = {k} exceeds the training-set size {len(run.data)}")
+    queries = load_query_spec(args.queries, args.data)
+    for query in queries:  # regeneration needs each query's initial noise: fail now, not after retraining
+        require(query.noise is not None, f"query {query.id} has no saved noise, so it cannot be regenerated")
+    clip = ClipSimilarity(cfg.clip_model, cfg.clip_weights)
+    if not clip.available and accelerator.is_main_process:
+        print(f"CLIP similarity off: {clip.reason}")
+    unet_config = architecture(args.unet_config) if args.unet_config else unet_arguments(run.model.unet)
+    recipe_info = {"train": asdict(recipe), "unet": unet_config, "data": run.data.fingerprint}
+    recipe_info["noise"] = keyed_random.NOISE
+    recipe_id = hashlib.sha256(json.dumps(recipe_info, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(args.out)
+    reference_id = run.model.fingerprint() if args.reference == "released" else "retrained"
+    identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}
+    identity |= {"clip": [cfg.clip_model, cfg.clip_weights], "reference": reference_id}
+    models = out / "models" / recipe_id
+    if accelerator.is_main_process:  # before rankings or models are written into it
+        prepare_run_dir(out, identity, args.overwrite)
+    accelerator.wait_for_everyone()
+
+    def retrain(excluded: list[int], folder: Path):
+        model = train_mscoco(
+            args.data, models / folder.name, recipe, excluded, unet_config, args.components, accelerator
+        )
+        return model.prepare_for_gradients(accelerator.device)
+
+    fingerprint = run.model.fingerprint()
+    extra = external_sources(
+        args.rankings, queries, set(METHODS), len(run.data), run.data.fingerprint, fingerprint, max(cfg.ks)
+    )
+    root = Path(args.attribution or out / "attribution")
+
+    def make(name: str, seed: int | None):
+        cls = get_method(name)
+        settings = method_config(cls, args)
+        settings = settings if seed is None else replace(settings, seed=seed)
+        return cls(settings, run.model, run.data, root / "cache" / name, accelerator=accelerator)
+
+    sources = method_sources(args.methods, queries, root, cfg.random_seeds, make) + extra
+    reference = run.model if args.reference == "released" else retrain([], models / "full")
+
+    def metrics(original, retrained, query):
+        return counterfactual_metrics(reference, retrained, query, cfg, clip)
+
+    require(bool(sources), "nothing to evaluate: give --methods or --rankings")
+    leave_k_out(
+        run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
+        args.overwrite, accelerator.is_main_process,
+    )  # fmt: skip
+    if accelerator.is_main_process:  # every row measured in OUT so far, not only this call's
+        print(gather_tables(out))
+
+
+if __name__ == "__main__":
+    main()
