@@ -11,7 +11,8 @@ On the MSCOCO UNet architecture (random init) at the paper's shapes (4x16x16 lat
   generator seeded per batch, losses copied to the host per batch); fp32 and bf16;
 - Fisher: per-sample gradients per second of :func:`common.unlearning.fisher.estimate_fisher` on the
   cross-attention K/V against the original's ``vmap(grad)`` over all 684 weights, batch 32;
-- the top-100 overlap of bf16 scores with fp32 scores (an unlearning-sized change of the K/V weights).
+- the top-100 overlap of bf16 scores with fp32 scores (an unlearning-sized change of the K/V weights);
+- with ``--compile``, our fp32 scoring under ``torch.compile`` too (timed after its first, compiling call).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-batch", type=int, default=80, help="the original's 8000 rows / (5 x 20)")
     parser.add_argument("--fisher-samples", type=int, default=256, help="per-sample gradients timed")
     parser.add_argument("--widths", default="128,256,256,256", help="UNet block widths (the paper's by default)")
+    parser.add_argument("--compile", action="store_true", help="also time our scoring under torch.compile (fp32)")
     parser.add_argument("--out", default=None, help="write the numbers as JSON")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -123,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"}
     result |= {"widths": widths, "images": args.images, "rows": rows, "torch": torch.__version__}
 
-    def ours(precision: str, weights=None):
+    def ours(precision: str, weights=None, compile: bool = False):
         return image_losses(
-            model, data, positions, positions, cfg, flips=False, precision=precision, weight_sets={"": weights}
-        )[""]
+            model, data, positions, positions, cfg, flips=False, precision=precision, weight_sets={"": weights},
+            compile=compile,
+        )[""]  # fmt: skip
 
     original_scoring(model, latents[: args.images_per_batch], text[: args.images_per_batch], args.images_per_batch)
     ours("fp32")  # warm-up: kernels, allocator
@@ -139,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         "ours_bf16": rows / t_bf16,
     }
     result["scoring_speedup"] = {"fp32": t_orig / t_fp32, "bf16": t_orig / t_bf16}
+    if args.compile:
+        ours("fp32", compile=True)  # the first call compiles
+        t_compiled = timed(lambda: ours("fp32", compile=True), device)
+        result["scoring_forwards_per_s"]["ours_fp32_compile"] = rows / t_compiled
+        result["scoring_speedup"]["fp32_compile"] = t_orig / t_compiled
     # bf16 against fp32 on the ranking: a K/V change of the size one unlearning step makes (~1%)
     names = select_parameters(model.unet, "cross-attn-kv")
     params = dict(model.unet.named_parameters())

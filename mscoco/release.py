@@ -200,6 +200,19 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
     return queries
 
 
+def export_release_queries(data_dir: str | Path, out: str | Path, indices: list[int] | None = None) -> list[Path]:
+    """The released queries as query folders (``common.queries`` layout) under ``out``."""
+    from PIL import Image
+
+    from common.queries import save_query
+
+    folders = []
+    for query in load_release_queries(data_dir, indices):
+        image = np.asarray(Image.open(query.image_path).convert("RGB")) if query.image_path else None
+        folders.append(save_query(out, query, query.noise, image, dict(query.extra)))
+    return folders
+
+
 def file_report(data_dir: str | Path) -> list[tuple[str, str]]:
     """(file, state) for every released file: its shape and dtype, size, or 'missing'."""
     data_dir = Path(data_dir)

@@ -173,6 +173,17 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
     query.extra["num_steps"] = 5
     expected = sample(model, query.text, None, [0], num_steps=5, guidance_scale=7.5, stream=BatchStream(0, 500, (2,)))
     assert torch.equal(regenerate(model, query), expected[0])
+    from common.queries import load_queries
+    from mscoco.generate import main as generate
+
+    generate(["--data", str(tmp_path / "data"), "--release", "1-2", "--out", str(tmp_path / "q")])
+    exported = load_queries(tmp_path / "q")  # the released queries as folders, image included
+    assert [q.id for q in exported] == ["sample001", "sample002"] and (
+        tmp_path / "q" / "sample002" / "image.png"
+    ).exists()
+    assert torch.equal(exported[1].image, query.image) and exported[1].extra["stream"]["row"] == 2
+    exported[1].extra["num_steps"] = 5
+    assert torch.equal(regenerate(model, exported[1]), expected[0])
     with pytest.raises(AttributionError, match="rows must be distinct"):
         BatchStream(0, 6, (1, 1))
 

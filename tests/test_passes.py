@@ -25,6 +25,18 @@ def test_pass_equals_the_in_memory_losses_for_any_chunking(model, data, tmp_path
     assert len(list((tmp_path / "c5" / "chunks").glob("*.safetensors"))) == 3
 
 
+@pytest.mark.slow  # torch.compile builds its kernels on the first call
+def test_compiled_unet_scores_as_the_plain_one_under_swapped_weights(model, data, tmp_path):
+    names = [n for n, _ in model.unet.named_parameters() if "attn2.to_v" in n]
+    weights = {n: p.detach() * 1.5 for n, p in model.unet.named_parameters() if n in names}
+    sets = {"base": None, "q": weights}
+    plain = loss_pass(model, data, CFG, tmp_path / "plain", weight_sets=sets)
+    fast = loss_pass(model, data, CFG, tmp_path / "fast", weight_sets=sets, pass_cfg=PassConfig(compile=True))
+    for name in sets:  # the weights swapped in place reach the compiled graph
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(fast["q"], fast["base"])
+
+
 def test_weight_sets_score_like_separate_models(model, data, tmp_path):
     import copy
 

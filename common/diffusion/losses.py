@@ -7,6 +7,7 @@ Each (image, flip, caption, timestep) gets noise from a generator keyed by
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,16 @@ def swapped_weights(unet: torch.nn.Module, weights: Mapping[str, torch.Tensor] |
                 params[n].copy_(w)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(unet: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` of ``unet``, made once per module: weights swapped in place keep it valid."""
+    if unet not in _COMPILED:
+        _COMPILED[unet] = torch.compile(unet)
+    return _COMPILED[unet]
+
+
 @torch.no_grad()
 def image_losses(
     model: DiffusionModel,
@@ -89,6 +100,7 @@ def image_losses(
     flips: bool = True,
     precision: str = "fp32",
     bar: tqdm | None = None,
+    compile: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-timestep losses of the images at ``positions``, averaged over captions, under each weight set.
 
@@ -102,6 +114,7 @@ def image_losses(
         flips: score the flipped images too.
         precision: fp32, or bf16 (autocast; losses computed and kept in float32 or wider).
         bar: a progress bar advanced by the loss rows done.
+        compile: run the UNet through ``torch.compile`` (:func:`compiled`).
     Returns:
         name -> float64 losses (n, F, T) on the model's device.
     """
@@ -113,7 +126,7 @@ def image_losses(
     n, n_f, n_c, n_t = len(positions), len(flip_values), data.num_captions, len(steps)
     per_image = n_f * n_c * n_t
     group = max(1, cfg.batch_size // per_image)  # images whose rows fit one forward pass
-    denoise = unet_denoiser(model.unet)
+    denoise = unet_denoiser(compiled(model.unet) if compile else model.unet)
     out = {name: torch.empty(n, n_f, n_c, n_t, dtype=torch.float64, device=device) for name in weight_sets}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     ids = torch.as_tensor(ids, dtype=torch.int64).to(device)

@@ -37,6 +37,10 @@ class PassConfig:
 
     chunk_images: int = field(default=2048, metadata={"help": "training images per saved chunk (resume unit)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; losses in float32+)"})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the UNet (slower first batches; results equal up to float rounding)"},
+    )
 
     def __post_init__(self) -> None:
         require(self.chunk_images >= 1, f"chunk_images must be positive, got {self.chunk_images}")
@@ -158,6 +162,7 @@ def loss_pass(
                 flips=flips,
                 precision=pass_cfg.precision,
                 bar=bar,
+                compile=pass_cfg.compile,
             )
             for v in losses.values():
                 check_finite(v)

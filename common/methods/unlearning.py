@@ -133,7 +133,8 @@ class Unlearning(Method):
 
     def identity(self) -> dict:
         settings = super().identity()
-        settings["scoring"].pop("chunk_images")  # how a pass is cut up, not what it computes
+        for name in ("chunk_images", "compile"):  # how a pass is cut up and run, not what it computes
+            settings["scoring"].pop(name)
         if self.cfg.unlearn.method == "sgd":
             settings.pop("fisher")  # SGD needs no Fisher
         return settings
