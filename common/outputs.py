@@ -41,6 +41,12 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def config_matches(path: str | Path, config: dict) -> bool:
+    """Whether ``path`` holds a ``config.json`` equal to ``config`` (as JSON)."""
+    saved = Path(path) / "config.json"
+    return saved.exists() and not _differences(json.loads(saved.read_text()), json.loads(json.dumps(config)))
+
+
 def prepare_run_dir(path: str | Path, config: dict, overwrite: bool = False) -> Path:
     """Create ``path`` with ``config.json``, or accept it if it was made under the same config.
 

@@ -25,18 +25,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
+import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from common import keyed_random
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
+from common.data import fingerprint_tensors
+from common.diffusion.sampling import query_stream, resample
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
 from common.evaluation.leave_k_out import external_sources, leave_k_out, method_sources
 from common.methods import METHODS, get_method
-from common.outputs import prepare_run_dir
+from common.outputs import config_matches, prepare_run_dir
 from common.training.train import TrainConfig
 from mscoco.model import DEFAULT_COMPONENTS
 from mscoco.paper import gather_tables
@@ -72,32 +79,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference_image(reference, query, folder: Path) -> torch.Tensor:
+    """The reference model's own regeneration of ``query`` (C,H,W), made once and kept in ``folder``."""
+    path = folder / f"{query.id}.npy"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, resample(reference, query).float().cpu().numpy())
+        os.replace(tmp, path)  # processes measuring the same query write the same values
+    return torch.from_numpy(np.load(path))
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = load_preset(build_parser(), argv=argv)
     cfg = dataclass_from_args(EvalConfig, args, "eval")
     recipe = dataclass_from_args(TrainConfig, args, "train")
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    require(bool(args.methods or args.rankings), "nothing to evaluate: give --methods or --rankings")
+    # Process i measures every world-th model while the others start the next retraining: a long wait
+    # in a collective is normal here (the default NCCL timeout is 10 minutes).
+    wait = InitProcessGroupKwargs(timeout=timedelta(hours=12))
+    accelerator = Accelerator(cpu=args.device == "cpu", kwargs_handlers=[wait])
     run = load_run(args.data, args.unet, args.components, accelerator.device)
     for k in cfg.ks:  # before any ranking or retraining
         require(k <= len(run.data), f"K = {k} exceeds the training-set size {len(run.data)}")
     queries = load_query_spec(args.queries, args.data)
     for query in queries:  # regeneration needs each query's initial noise: fail now, not after retraining
-        require(query.noise is not None, f"query {query.id} has no saved noise, so it cannot be regenerated")
+        require(
+            query.noise is not None or query_stream(query) is not None,
+            f"query {query.id} has no saved noise, so it cannot be regenerated",
+        )
     clip = ClipSimilarity(cfg.clip_model, cfg.clip_weights)
     if not clip.available and accelerator.is_main_process:
         print(f"CLIP similarity off: {clip.reason}")
     unet_config = architecture(args.unet_config) if args.unet_config else unet_arguments(run.model.unet)
     recipe_info = {"train": asdict(recipe), "unet": unet_config, "data": run.data.fingerprint}
     recipe_info["noise"] = keyed_random.NOISE
+    recipe_info["train"].pop("checkpoint_every")  # how often a training saves changes no model
     recipe_id = hashlib.sha256(json.dumps(recipe_info, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(args.out)
     reference_id = run.model.fingerprint() if args.reference == "released" else "retrained"
     identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}
     identity |= {"clip": [cfg.clip_model, cfg.clip_weights], "reference": reference_id}
+    identity["decoder"] = fingerprint_tensors(*run.model.vae.state_dict().values())  # MSE and CLIP see its pixels
     models = out / "models" / recipe_id
-    if accelerator.is_main_process:  # before rankings or models are written into it
-        prepare_run_dir(out, identity, args.overwrite)
+    if accelerator.is_main_process:  # before rankings or models are written into it; only another config is wiped
+        prepare_run_dir(out, identity, args.overwrite and not config_matches(out, identity))
     accelerator.wait_for_everyone()
 
     def retrain(excluded: list[int], folder: Path):
@@ -119,15 +146,18 @@ def main(argv: list[str] | None = None) -> None:
         return cls(settings, run.model, run.data, root / "cache" / name, accelerator=accelerator)
 
     sources = method_sources(args.methods, queries, root, cfg.random_seeds, make) + extra
-    reference = run.model if args.reference == "released" else retrain([], models / "full")
+    if args.reference == "released":  # the queries are its own samples
+        reference, targets = run.model, None
+    else:  # our full run: regenerations are compared with its own, so only the removal differs
+        reference, targets = retrain([], models / "full"), models / "full" / "regenerated"
 
     def metrics(original, retrained, query):
-        return counterfactual_metrics(reference, retrained, query, cfg, clip)
+        target = reference_image(reference, query, targets) if targets is not None else None
+        return counterfactual_metrics(reference, retrained, query, cfg, clip, target)
 
-    require(bool(sources), "nothing to evaluate: give --methods or --rankings")
     leave_k_out(
         run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
-        args.overwrite, accelerator.is_main_process,
+        rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
     )  # fmt: skip
     if accelerator.is_main_process:  # every row measured in OUT so far, not only this call's
         print(gather_tables(out))

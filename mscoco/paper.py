@@ -32,6 +32,7 @@ def compare_with_paper(out: str | Path) -> str:
         rows = list(csv.DictReader(f))
     ref = paper_results()
     ours = {(r["method"], int(r["k"]), r["metric"]): (float(r["mean"]), float(r["se"])) for r in rows}
+    counts = {(r["method"], int(r["k"])): int(r["n"]) for r in rows if r["metric"] == "delta_loss"}
     ks = sorted({k for _, k, _ in ours})
     methods = [m for m in ref["paper"] if any(r["method"] == m for r in rows)]  # the paper's order, then the rest
     methods += [m for m in dict.fromkeys(r["method"] for r in rows) if m not in methods]
@@ -44,8 +45,8 @@ def compare_with_paper(out: str | Path) -> str:
     lines = [
         f"K = {' / '.join(str(k) for k in ks)}; ours mean±se over queries (the paper's Table 1; its follow-up)",
         "",
-        "| method | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
-        "|---" * (len(metrics) + 1) + "|",
+        "| method | queries | " + " | ".join(METRICS[m][0] for m in metrics) + " |",
+        "|---" * (len(metrics) + 2) + "|",
     ]
     for method in methods:
         cols = []
@@ -58,7 +59,8 @@ def compare_with_paper(out: str | Path) -> str:
                 paper, followup = reported("paper", method, metric, k), reported("followup", method, metric, k)
                 parts.append(f"{mine} ({paper}" + (f"; {followup})" if followup != "–" else ")"))
             cols.append(" / ".join(parts))
-        lines.append(f"| {method} | " + " | ".join(cols) + " |")
+        queries = " / ".join(dict.fromkeys(str(counts.get((method, k), "–")) for k in ks))  # one number if all alike
+        lines.append(f"| {method} | {queries} | " + " | ".join(cols) + " |")
     text = "\n".join(lines)
     (out / "paper.md").write_text(text + "\n")
     return text

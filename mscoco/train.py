@@ -34,6 +34,21 @@ from mscoco.model import DEFAULT_COMPONENTS, UNET_CONFIG, MscocoModel, load_unet
 WEIGHTS = "model.safetensors"
 
 
+def canonical_architecture(arguments: dict) -> dict:
+    """UNet constructor arguments without those equal to diffusers' defaults (as JSON), so the same
+    architecture is recorded alike whether it came from a config file or a loaded UNet's config."""
+    import inspect
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    plain = json.loads(json.dumps(arguments))
+    default = json.loads(json.dumps({k: defaults[k] for k in plain if k in defaults}))
+    return {k: v for k, v in sorted(plain.items()) if k in defaults and default.get(k) != v}
+
+
 def architecture(config_file: str | None = None) -> dict:
     """The UNet's constructor arguments: the paper's, with those of a JSON file (e.g. smaller widths) on top."""
     overrides = {}
@@ -43,12 +58,12 @@ def architecture(config_file: str | None = None) -> dict:
             overrides = json.loads(Path(config_file).read_text())
         except json.JSONDecodeError:
             raise AttributionError(f"{config_file} is not valid JSON") from None
-    return json.loads(json.dumps(UNET_CONFIG | overrides))
+    return canonical_architecture(UNET_CONFIG | overrides)
 
 
 def unet_arguments(unet: UNet2DConditionModel) -> dict:
-    """The constructor arguments of a UNet (its diffusers config), to train another of the same architecture."""
-    return json.loads(json.dumps({k: v for k, v in unet.config.items() if not k.startswith("_")}))
+    """The architecture of a UNet (:func:`canonical_architecture` of its config), to train another like it."""
+    return canonical_architecture(dict(unet.config))
 
 
 def train_mscoco(

@@ -187,18 +187,21 @@ def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model,
 
     sources = [RankingSource("a", tmp_path / "a"), RankingSource("b", tmp_path / "b")]
     args = (model, len(data), data.fingerprint, [query, other], sources, [1, 2, 3], retrain, metrics, tmp_path / "o")
-    assert leave_k_out(*args, {"recipe": 1}, main=False) == ""  # another process: joins each retraining, writes nothing
-    assert len(trained) == 12 and not measured and not (tmp_path / "o").exists()
+    (tmp_path / "o").mkdir()  # as the main process (rank 0) makes it
+    (tmp_path / "o" / "config.json").write_text(json.dumps({"recipe": 1}))
+    assert leave_k_out(*args, {"recipe": 1}, rank=1, world=4) == ""  # joins every retraining, measures jobs 1, 5, 9
+    assert len(trained) == 12 and len(measured) == 3 and len(list((tmp_path / "o" / "metrics").rglob("*.json"))) == 3
+    measured.clear()
     trained.clear()
     table = leave_k_out(*args, {"recipe": 1})
-    assert len(measured) == 12 and "| a |" in table and "| b |" in table
+    assert len(measured) == 9 and "| a |" in table and "| b |" in table  # the 3 measured by rank 1 are reused
     # K = 1, 2 give the same sets for both sources and queries; K = 3 differs between sources.
     assert sorted(set(trained)) == sorted({(s, exclusion_key(s)) for s in [(4,), (2, 4), (2, 4, 7), (2, 4, 9)]})
     leave_k_out(*args, {"recipe": 1})
-    assert len(measured) == 12  # nothing redone
+    assert len(measured) == 9  # nothing redone
     _write_rankings(tmp_path / "b", data, [query], [5, 2, 9], fp)  # query q0 attributed again
     leave_k_out(*args, {"recipe": 1})
-    assert len(measured) == 15  # its three K, not the stale rows
+    assert len(measured) == 12  # its three K, not the stale rows
     with pytest.raises(AttributionError, match="different config"):
         leave_k_out(*args, {"recipe": 2})
     _write_rankings(tmp_path / "b", data, [query], [5, 2, 9], "another model")

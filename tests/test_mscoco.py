@@ -188,6 +188,22 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
         BatchStream(0, 6, (1, 1))
 
 
+def test_journey_trak_follows_a_released_querys_own_trajectory(tmp_path):
+    from common.diffusion.sampling import BatchStream
+    from common.methods.base import query_fingerprint
+    from common.methods.journey_trak import trajectory_states
+
+    write_release(tmp_path, queries=3)
+    (query,) = release.load_release_queries(tmp_path, [1])
+    query.extra["num_steps"], query.extra["guidance_scale"] = 5, 1.0
+    model = MscocoModel(small_unet(), None)
+    states, stats = trajectory_states(model, query, [999, 0], seed=0)
+    assert stats["trajectory"] == "regenerated" and [t for t, _ in states] == [800, 0]  # 5 DDPM steps: 800, ..., 0
+    assert torch.equal(states[0][1], BatchStream(0, 500, (1,)).initial_noise((4, 16, 16))[0])  # the stream's start
+    plain = type(query)(query.id, query.image, query.text)
+    assert query_fingerprint(plain) != query_fingerprint(query)  # the stream is part of what a ranking was made of
+
+
 def test_unet_weights_load_from_model_bin_with_weights_only(tmp_path):
     unet = small_unet()
     (tmp_path / "config.json").write_text(json.dumps(dict(unet.config)))
@@ -467,9 +483,9 @@ def test_paper_table_puts_ours_beside_the_papers_numbers(tmp_path):
     paper = (tmp_path / "paper.md").read_text().splitlines()
     rows = [line for line in paper if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| random", "| unlearning", "| sgd-1"]  # the paper's order first
-    assert rows[0] == "| random | 3.50±0.50 (3.5) | 5.00±0.00 (4.1) |"
-    assert rows[1].startswith("| unlearning | 5.50±0.50 (5.6; 5.57) |")  # the paper's, then its follow-up's
-    assert rows[2].startswith("| sgd-1 | 2.50±0.50 (–) |")  # Table 2's values are not in our source
+    assert rows[0] == "| random | 2 | 3.50±0.50 (3.5) | 5.00±0.00 (4.1) |"
+    assert rows[1].startswith("| unlearning | 2 | 5.50±0.50 (5.6; 5.57) |")  # the paper's, then its follow-up's
+    assert rows[2].startswith("| sgd-1 | 2 | 2.50±0.50 (–) |")  # Table 2's values are not in our source
     assert "| unlearning | 5.50±0.50 |" in text and (tmp_path / "table.md").exists()
     with pytest.raises(AttributionError, match="holds no leave-K-out metrics"):
         gather_tables(tmp_path / "empty")
@@ -563,3 +579,46 @@ def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
     assert 3 <= len(models) <= 7  # the full reference, 2 random sets, pixel's and sgd-1's sets (some shared)
     again = row("table1/pixel.sh")
     assert "trained in" not in again and "already attributed" in again
+    full = next((out / "models").glob("*/full"))
+    assert sorted(p.name for p in (full / "regenerated").iterdir()) == ["coco000.npy", "coco001.npy"]
+    env["EVAL_FLAGS"] = "--overwrite"  # the same settings: nothing is wiped or measured again
+    again = row("table1/random.sh")
+    assert "trained in" not in again and (full / "model.json").exists() and (out / "metrics" / "pixel").exists()
+    env["EVAL_FLAGS"] = "--reference released"
+    proc = subprocess.run(
+        ["bash", "mscoco/scripts/table1/random.sh"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 2 and "made under a different config (reference differ)" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow  # 3 min
+def test_counterfactual_on_two_processes_measures_what_one_does(tmp_path):
+    write_release(tmp_path / "data", n=6, text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    write_generated_queries(tmp_path / "q", tmp_path / "sd2", n=3)
+    flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--queries", str(tmp_path / "q")]
+    flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--methods", "random"]
+    flags += ["--eval.random_seeds", "1"]
+    run_module("mscoco.counterfactual", *flags, "--out", str(tmp_path / "one"))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523")
+    run_module("-m", "mscoco.counterfactual", *flags, "--out", str(tmp_path / "two"), launcher=torchrun)
+    for q in ("coco000", "coco001", "coco002"):  # jobs 0 and 2 measured by process 0, job 1 by process 1
+        one = json.loads((tmp_path / "one" / "metrics" / "random" / q / "k2_s0.json").read_text())
+        two = json.loads((tmp_path / "two" / "metrics" / "random" / q / "k2_s0.json").read_text())
+        assert one["excluded"] == two["excluded"]
+        assert two["delta_loss"] == pytest.approx(one["delta_loss"], rel=1e-3, abs=1e-7)
+        assert two["mse"] == pytest.approx(one["mse"], rel=1e-3)
+    assert (tmp_path / "two" / "table.md").read_text().count("| random |") == 1
+
+
+@pytest.mark.slow  # 3 min: two scoring runs in child processes
+def test_memory_script_reports_peaks_at_each_size(tmp_path):
+    out = tmp_path / "memory.json"
+    run_module(
+        "mscoco.memory", "--sizes", "4", "8", "--chunk-images", "4", "--scratch", str(tmp_path), "--out", str(out)
+    )
+    result = json.loads(out.read_text())
+    assert [r["n"] for r in result["rows"]] == [4, 8]
+    for row in result["rows"]:
+        assert 0 < row["peak_RssAnon_mib"] <= row["peak_VmRSS_mib"] and row["peak_RssFile_mib"] > 0
+    assert not list(tmp_path.glob("n*"))  # the scratch arrays are removed after each size

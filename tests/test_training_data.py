@@ -200,7 +200,7 @@ def test_loss_scale_by_hand():
     assert loss_scale("remove", 32, 32, 11, 3) == 33 / 32
 
 
-def test_exclusion_mode_matters_only_with_exclusions():
+def test_exclusion_mode_matters_only_with_exclusions_and_checkpointing_never():
     from common.training.runs import same_recipe
 
     base = {"train": {"steps": 5, "exclusion_mode": "mask"}, "exclude": [], "data": "abc"}
@@ -209,6 +209,7 @@ def test_exclusion_mode_matters_only_with_exclusions():
     excluded = base | {"exclude": [3]}
     assert not same_recipe(excluded, excluded | {"train": {"steps": 5, "exclusion_mode": "zero"}})
     assert not same_recipe(None, base)
+    assert same_recipe(base, base | {"train": {"steps": 5, "exclusion_mode": "mask", "checkpoint_every": 7}})
 
 
 def test_training_without_flips_never_flips_and_is_recorded(tmp_path):

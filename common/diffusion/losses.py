@@ -7,7 +7,6 @@ Each (image, flip, caption, timestep) gets noise from a generator keyed by
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -77,14 +76,15 @@ def swapped_weights(unet: torch.nn.Module, weights: Mapping[str, torch.Tensor] |
                 params[n].copy_(w)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled(unet: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` of ``unet``, made once per module: weights swapped in place keep it valid."""
-    if unet not in _COMPILED:
-        _COMPILED[unet] = torch.compile(unet)
-    return _COMPILED[unet]
+    """``torch.compile`` of ``unet``, made once per module: weights swapped in place keep it valid.
+
+    Kept in the module's ``__dict__`` (not as a submodule: its state dict stays the UNet's), so it
+    goes with the module.
+    """
+    if "_compiled" not in unet.__dict__:
+        unet.__dict__["_compiled"] = torch.compile(unet)
+    return unet.__dict__["_compiled"]
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from common import keyed_random
+from common.data import Query
 from common.diffusion.loss import unet_denoiser
 from common.errors import require
 from common.model import DiffusionModel
@@ -129,9 +130,36 @@ def sample(
             eps = uncond + guidance_scale * (cond - uncond)
         if stream is None:
             x = scheduler.step(eps, t, x, **extra).prev_sample
-        else:  # the step on the whole batch, so the generator draws what the pipeline drew; other rows are zeros
+        else:  # the step on the whole float32 batch, so the generator draws what the pipeline drew; other rows zeros
             rows = list(stream.rows)
-            whole_eps, whole_x = (x.new_zeros((stream.batch_size, *x.shape[1:])) for _ in range(2))
-            whole_eps[rows], whole_x[rows] = eps, x
-            x = scheduler.step(whole_eps, t, whole_x, generator=generator).prev_sample[rows]
+            whole_eps, whole_x = (x.new_zeros((stream.batch_size, *x.shape[1:]), dtype=torch.float32) for _ in "ex")
+            whole_eps[rows], whole_x[rows] = eps.float(), x.float()
+            x = scheduler.step(whole_eps, t, whole_x, generator=generator).prev_sample[rows].to(x.dtype)
     return x
+
+
+SAMPLER_DEFAULTS = {"seed": 0, "sampler": "ddpm", "num_steps": 1000, "guidance_scale": 1.0}
+
+
+def query_stream(query: Query) -> BatchStream | None:
+    """The batch noise stream a query was sampled in (``extra["stream"]``: seed, batch_size, row), if any."""
+    stream = query.extra.get("stream")
+    return BatchStream(stream["seed"], stream["batch_size"], (stream["row"],)) if stream else None
+
+
+def resample(model: DiffusionModel, query: Query, trajectory: list | None = None) -> torch.Tensor:
+    """The query sampled again by ``model`` (C,H,W): its initial noise, prompt and sampler settings
+    (``query.extra``: seed, sampler, num_steps, guidance_scale), replaying its batch stream when it has one."""
+    stream = query_stream(query)
+    require(stream is not None or query.noise is not None, f"query {query.id} has no saved initial noise (noise.npy)")
+    settings = {k: query.extra.get(k, default) for k, default in SAMPLER_DEFAULTS.items()}
+    return sample(
+        model,
+        query.text[:1].to(model.device, model.dtype),
+        None if stream else query.noise[None].to(model.device, model.dtype),
+        [query.key],
+        **settings,
+        progress=False,
+        trajectory=trajectory,
+        stream=stream,
+    )[0]

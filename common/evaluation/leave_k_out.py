@@ -124,7 +124,9 @@ def leave_k_out(
     out: str | Path,
     identity: dict,
     overwrite: bool = False,
-    main: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> str:
     """Run every (source, query, K), write ``out/metrics/...`` and the tables; return the Markdown table.
 
@@ -136,12 +138,16 @@ def leave_k_out(
         metrics: ``(original, retrained, query) -> {"delta_loss": ..., "mse": ..., ...}``.
         identity: what the retrained models and metrics depend on (recipe, metric settings); an
             output folder made under another identity is refused unless ``overwrite``.
-        main: False on all but one of several processes that retrain together (``accelerate launch``):
-            they join every retraining and leave the metrics and files to the main process.
+        rank, world, barrier: several processes that retrain together (``accelerate launch``): every
+            process joins every retraining; job i's metrics are measured and written by process i mod
+            ``world``; the main process (rank 0) prepares the folder and, after ``barrier()``, the tables.
     """
     out = Path(out)
+    main = rank == 0
     if main:
         prepare_run_dir(out, identity, overwrite)
+    if barrier is not None:
+        barrier()
     for k in ks:
         require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
     fingerprint = original.fingerprint()
@@ -168,12 +174,14 @@ def leave_k_out(
         if main:
             print(f"[{i + 1}/{len(jobs)}] {label}")
         retrained = retrain(excluded, models / key)
-        if not main:
+        if i % world != rank:
             continue
         record = {"method": source.method, "query": query.id, "k": k, "seed": source.seed}
         record |= {"excluded": key, "ranking": rid} | metrics(original, retrained, query)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, record)
+    if barrier is not None:
+        barrier()
     if not main:
         return ""
     order = list(dict.fromkeys(s.method for s in sources))

@@ -114,8 +114,11 @@ def without_batch_sizes(settings: dict) -> dict:
 
 
 def query_fingerprint(query: Query) -> str:
-    """Identifies a query's content (model input and text condition), so a changed query is not skipped."""
-    return fingerprint_tensors(query.image.float(), query.text.float())
+    """Identifies a query's content (model input, text condition and the batch noise stream it was sampled
+    in, which JourneyTRAK replays), so a changed query is not skipped."""
+    content = fingerprint_tensors(query.image.float(), query.text.float())
+    stream = query.extra.get("stream")
+    return content if stream is None else f"{content}-stream{stream['seed']}.{stream['batch_size']}.{stream['row']}"
 
 
 def run_method(
@@ -180,6 +183,8 @@ def run_method(
             on_scores(folder, query, stats)
         top = ranking["top_k"][0]
         print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
+    if method.accelerator is not None:  # the rankings exist for every process once this returns
+        method.accelerator.wait_for_everyone()
     return list(folders.values())
 
 

@@ -17,10 +17,10 @@ feature). ``num_bins`` > 1 goes beyond the release: training features per timest
 step scored against the kernel of its bin; the default 1 is the release's single set.
 
 The trajectory is regenerated from the query's saved initial noise and sampler settings
-(``query.extra``: seed, sampler, num_steps, guidance_scale), with x̂0 from the same guided
-noise prediction the sampler used and clipped as the model's scheduler clips. A query without
-saved noise (e.g. the released MSCOCO samples) falls back to x_t = the final image noised to t
-with keyed noise; its stats say so (``trajectory: forward-noised``).
+(``query.extra``: seed, sampler, num_steps, guidance_scale; the released MSCOCO samples replay the
+batch noise stream they were sampled in), with x̂0 from the same guided noise prediction the sampler
+used and clipped as the model's scheduler clips. A query without saved noise falls back to x_t = the
+final image noised to t with keyed noise; its stats say so (``trajectory: forward-noised``).
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ import torch
 from common import keyed_random
 from common.data import Query
 from common.diffusion.loss import add_noise, unet_denoiser
-from common.diffusion.sampling import sample
+from common.diffusion.sampling import query_stream, resample
 from common.errors import require
 from common.methods import register
 from common.methods.trak import Rows, Trak, TrakConfig, window_timesteps
 from common.model import DiffusionModel
 
 STEP_ROLE, FORWARD_ROLE = 2, 3  # noise-key roles of the per-step re-noising and the no-saved-noise fallback
-SAMPLER_DEFAULTS = {"seed": 0, "sampler": "ddpm", "num_steps": 1000, "guidance_scale": 1.0}
 
 
 @dataclass
@@ -78,23 +77,14 @@ def predicted_x0(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, text
 def trajectory_states(model: DiffusionModel, query: Query, targets: list[int], seed: int) -> tuple[list, dict]:
     """(t, x_t (C,H,W)) at the trajectory steps nearest ``targets``, and how they were obtained."""
     device, dtype = model.device, model.dtype
-    if query.noise is None:
+    if query.noise is None and query_stream(query) is None:
         keys = [(seed, keyed_random.TRAK, FORWARD_ROLE, query.key, t) for t in targets]
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=dtype, device=device)
         image = query.image.to(device=device, dtype=dtype).expand(len(targets), -1, -1, -1)
         x_t = add_noise(image, noise, torch.tensor(targets, device=device), model.alphas_cumprod)
         return list(zip(targets, x_t)), {"trajectory": "forward-noised"}
-    settings = {k: query.extra.get(k, default) for k, default in SAMPLER_DEFAULTS.items()}
     path: list = []
-    final = sample(
-        model,
-        query.text[:1].to(device=device, dtype=dtype),
-        query.noise[None].to(device=device, dtype=dtype),
-        [query.key],
-        **settings,
-        progress=False,
-        trajectory=path,
-    )
+    final = resample(model, query, trajectory=path)[None]
     chosen = sorted({min(range(len(path)), key=lambda i: abs(path[i][0] - t)) for t in targets})
     error = float((final[0].cpu().double() - query.image.double()).abs().max())
     return [(path[i][0], path[i][1][0]) for i in chosen], {"trajectory": "regenerated", "regeneration_error": error}

@@ -20,6 +20,7 @@ from common.model import DiffusionModel, read_model_json
 from common.training.train import TrainConfig, train
 
 CHECKPOINT = "checkpoint.safetensors"
+UNSAVED = ("checkpoint_every",)  # recipe settings that do not change the trained weights
 
 
 def read_exclusions(path: str | None) -> list[int]:
@@ -37,12 +38,13 @@ def read_exclusions(path: str | None) -> list[int]:
 
 
 def same_recipe(a: dict | None, b: dict) -> bool:
-    """Recipes match; without exclusions the exclusion mode is irrelevant (every mode is the same run)."""
+    """Recipes match; without exclusions the exclusion mode is irrelevant (every mode is the same run), and how
+    often a run saves its checkpoint never matters."""
     if a is None:
         return False
 
     def key(r: dict) -> dict:
-        train = {k: v for k, v in r["train"].items() if r["exclude"] or k != "exclusion_mode"}
+        train = {k: v for k, v in r["train"].items() if (r["exclude"] or k != "exclusion_mode") and k not in UNSAVED}
         return r | {"train": train}
 
     return key(a) == key(b)
@@ -77,6 +79,7 @@ def train_and_save(
     """Train ``model`` (resuming from the folder's checkpoint), then ``save(summary)`` on the main process."""
     checkpoint = Path(out_dir) / CHECKPOINT
     summary = train(model, data, cfg, exclude, checkpoint, progress, accelerator)
+    accelerator.free_memory()  # the accelerator keeps every prepared model and optimizer until told otherwise
     if accelerator.is_main_process:
         save(summary)
         checkpoint.unlink(missing_ok=True)

@@ -177,7 +177,8 @@ def train(
         accelerator = Accelerator(cpu=next(unet.parameters()).device.type == "cpu")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
-    identity = {"train": asdict(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # how often to save changes nothing
+    identity = {"train": settings, "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         info = load_training_state(checkpoint, unet, opt)

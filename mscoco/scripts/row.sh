@@ -10,7 +10,8 @@
 # ranks into OUT/rankings/ROW). Environment: DATA (the release folder, required), OUT (results/mscoco),
 # QUERIES (release: all 110; e.g. release:0-9), KS ("500 1000 4000"), COMPONENTS (SD2's vae/ and
 # text_encoder/: a local folder or a mirror, the SD2 repositories having left the Hub), LAUNCH
-# ("accelerate launch": every GPU of the machine; "python" for one process), PRESET (paper).
+# ("accelerate launch": every GPU of the machine; "python" for one process), PRESET (paper), EVAL_FLAGS
+# (flags for the evaluation step only, e.g. "--reference released" or "--train.exclusion_mode zero").
 # Cost: one retraining per (query, K), about 16 A100-hours each (PAPER.md), plus one reference model:
 # 330 retrainings for all 110 queries, 30 for QUERIES=release:0-9. Resumable: rankings, models and
 # metrics already made are reused.
@@ -24,7 +25,9 @@ read -ra KS <<< "${KS:-500 1000 4000}"
 read -ra LAUNCH <<< "${LAUNCH:-accelerate launch}"
 COMMON=(--data "$DATA" --components "${COMPONENTS:-stabilityai/stable-diffusion-2}" --queries "${QUERIES:-release}"
   --config mscoco/configs/mscoco.yaml --preset "${PRESET:-paper}")
-EVAL=(-m mscoco.counterfactual "${COMMON[@]}" --out "$OUT/leave_k_out" --attribution "$OUT/rankings" --eval.ks "${KS[@]}")
+read -ra EVAL_ONLY <<< "${EVAL_FLAGS:-}"
+EVAL=(-m mscoco.counterfactual "${COMMON[@]}" --out "$OUT/leave_k_out" --attribution "$OUT/rankings" --eval.ks "${KS[@]}"
+  "${EVAL_ONLY[@]}")
 if [ "$METHOD" = random ]; then  # query-independent random sets, one per seed, made by the evaluation
   "${LAUNCH[@]}" "${EVAL[@]}" --methods random "$@"
 elif [ "$ROW" = "$METHOD" ]; then
@@ -32,5 +35,5 @@ elif [ "$ROW" = "$METHOD" ]; then
   "${LAUNCH[@]}" "${EVAL[@]}" --methods "$METHOD" "$@"
 else
   "${LAUNCH[@]}" -m mscoco.attribute "${COMMON[@]}" --out "$OUT/rankings/$ROW" --method "$METHOD" --no-plot "$@"
-  "${LAUNCH[@]}" "${EVAL[@]}" --methods --rankings "$ROW=$OUT/rankings/$ROW/$METHOD"
+  "${LAUNCH[@]}" "${EVAL[@]}" --methods --rankings "$ROW=$OUT/rankings/$ROW/$METHOD" "$@"
 fi
