@@ -89,6 +89,9 @@ class ArrayTrainingSet:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self._images.shape[1:])
 
+    def release_pages(self) -> None:
+        """Let go of what reading rows mapped into memory (memory-mapped sets); in-memory arrays keep theirs."""
+
     @property
     def fingerprint(self) -> str:
         """Identifies the training set's contents (inputs and text) for caches and rankings."""

@@ -84,6 +84,21 @@ def test_release_loads_memory_mapped_in_the_authors_order(tmp_path):
     assert release.load_training_set(tmp_path).fingerprint != data.fingerprint
 
 
+def test_memory_mapped_rows_read_are_let_go_after_a_chunk(tmp_path):
+    def mapped_mib() -> float:  # file pages mapped into this process
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    write_release(tmp_path, n=120)  # 120 x 5 x 77 x 1024 float16: 90 MiB of text embeddings
+    data = release.load_training_set(tmp_path)
+    before = mapped_mib()
+    first = data.text(torch.arange(120).repeat_interleave(5), torch.arange(5).repeat(120)).float().sum()
+    assert mapped_mib() - before > 60  # every row read stays mapped
+    data.release_pages()
+    assert mapped_mib() - before < 20
+    assert data.text(torch.arange(120).repeat_interleave(5), torch.arange(5).repeat(120)).float().sum() == first
+
+
 def test_sampled_fingerprint_reads_blocks_of_large_arrays():
     a = np.zeros(1 << 16, dtype=np.float32)  # 256 KiB: 8 blocks of 4 KiB are hashed
     b = a.copy()

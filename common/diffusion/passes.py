@@ -170,6 +170,7 @@ def loss_pass(
             tmp = path.with_name(path.name + f".tmp{rank}")
             save_file({f"w:{k}": v.cpu().contiguous() for k, v in losses.items()}, str(tmp))
             os.replace(tmp, path)  # a killed run leaves no partial chunk
+            data.release_pages()  # memory-mapped rows read for this chunk: resident memory stays flat in N
             if on_chunk is not None:
                 on_chunk(c)
     _barrier(accelerator)

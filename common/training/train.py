@@ -221,6 +221,8 @@ def train(
             raise AttributionError(f"training diverged at step {step} (loss {recent[-1]}); lower the learning rate")
         if step % 25 == 0:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        if step % 500 == 0:
+            data.release_pages()  # memory-mapped rows read so far
         done = step + 1
         if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             if main:

@@ -11,7 +11,8 @@
 # Resumable (finished query folders are reused). Writes OUT/stability/stability.md. Environment: PARTS
 # (default "seeds draws timesteps average methods"), DEVICE (cpu), PRESET (leave_k_out), SWEEP_QUERIES
 # (queries of the draw and timestep parts and of JourneyTRAK, default 4: the first 2 training images and
-# 2 generated; the 1k-draw, 10-timestep seeds are compared on the same queries beside them).
+# 2 generated; the 1k-draw, 10-timestep seeds are compared on the same queries beside them), STAB_METHODS
+# (the methods part's TRAK family, default "trak journey-trak d-trak").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
@@ -89,7 +90,7 @@ for PART in $PARTS; do
       python -m tiny.average --data "$OUT/data" --out "$STAB/kv-d1k-t10-s23" "$STAB/kv-d1k-t10-s2" "$STAB/kv-d1k-t10-s3"
       agree kv-d1k-t10-s01 kv-d1k-t10-s23 "unlearning, 1k draws, 10 timesteps, mean of 2 seeds" ;;
     methods)  # the other methods' seeds: TRAK's noise draws and projection
-      for M in trak journey-trak d-trak; do
+      for M in ${STAB_METHODS:-trak journey-trak d-trak}; do
         F=${M//-/_}
         SIZE=all
         [ "$M" = journey-trak ] && SIZE=sweep  # 100-200 s per query (a pass per trajectory step)
