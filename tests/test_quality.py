@@ -1,6 +1,7 @@
 """One quality check with a real threshold: a trained micro model attributes training images to themselves."""
 
 import numpy as np
+import pytest
 import torch
 
 from common.data import Query
@@ -15,6 +16,7 @@ from tiny.pipeline import training_set
 from tiny.shapes import generate
 
 
+@pytest.mark.slow  # about 2.5 min (a model trained on the CPU), kept out to hold the suite near 10 min
 def test_training_images_rank_themselves_near_the_top(tmp_path):
     generate(tmp_path / "shapes", 64, resolution=16, seed=5)
     cfg = TinyModelConfig(channels=(16, 32), beta_schedule="squaredcos_cap_v2")
