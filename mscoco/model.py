@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from common.errors import AttributionError, first_line, require, require_file
-from common.model import DiffusionModel, load_state, read_pickle, read_safetensors
+from common.errors import AttributionError, first_line, require_file
+from common.latent import LatentDiffusionModel, require_source
+from common.model import load_state, read_pickle, read_safetensors
 
 # The UNet of the original code (AbU mscoco/models/diffusion/mscoco_t2i.py; JourneyTRAK examples/utils.py).
 UNET_CONFIG = {
@@ -76,14 +76,7 @@ def load_unet(source: str | Path) -> UNet2DConditionModel:
         raise AttributionError(f"cannot load a UNet from {source!r} ({first_line(err)})") from None
 
 
-def require_source(source: str | Path, what: str) -> None:
-    """A source that names a local folder (absolute, relative with ./, or deeper than owner/name) must exist."""
-    text = str(source)
-    local = text.startswith(("/", ".", "~")) or len(Path(text).parts) > 2
-    require(Path(text).exists() or not local, f"missing {what}: {text}")
-
-
-class MscocoModel(DiffusionModel):
+class MscocoModel(LatentDiffusionModel):
     """The released MSCOCO UNet with its DDPM schedule; SD2's VAE and text encoder loaded on demand.
 
     Args:
@@ -91,6 +84,11 @@ class MscocoModel(DiffusionModel):
         components: hub id or folder holding ``vae/``, ``text_encoder/`` and ``tokenizer/``.
         vae, text_encoder, tokenizer: already loaded components (instead of ``components``).
     """
+
+    components_hint = (
+        "; the SD2 repositories were withdrawn from the Hugging Face Hub in late 2025: pass a local copy or a mirror"
+        " as components"
+    )
 
     def __init__(
         self,
@@ -103,73 +101,8 @@ class MscocoModel(DiffusionModel):
         self.unet = unet
         self.scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         self.flips = True
-        self.components = str(components) if components is not None else None
-        self._vae, self._text_encoder, self._tokenizer = vae, text_encoder, tokenizer
+        self.set_components(components, vae, text_encoder, tokenizer)
 
     @classmethod
     def load(cls, unet: str | Path, components: str | Path | None = DEFAULT_COMPONENTS) -> MscocoModel:
         return cls(load_unet(unet), components)
-
-    def _component(self, kind: str, subfolder: str):
-        """Load a component from ``self.components`` with a one-line error naming the source."""
-        require(
-            self.components is not None,
-            f"this MSCOCO model has no {subfolder} (pass components: a hub id or folder with {subfolder}/)",
-        )
-        require_source(self.components, "components folder (vae/, text_encoder/, tokenizer/)")
-        try:
-            if kind == "vae":
-                from diffusers import AutoencoderKL
-
-                return AutoencoderKL.from_pretrained(self.components, subfolder=subfolder).eval().to(self.device)
-            if kind == "text_encoder":
-                from transformers import CLIPTextModel
-
-                return CLIPTextModel.from_pretrained(self.components, subfolder=subfolder).eval().to(self.device)
-            from transformers import CLIPTokenizer
-
-            return CLIPTokenizer.from_pretrained(self.components, subfolder=subfolder)
-        except (OSError, ValueError) as err:
-            raise AttributionError(
-                f"cannot load the {subfolder} from {self.components!r} ({first_line(err)}); the SD2 repositories "
-                "were withdrawn from the Hugging Face Hub in late 2025: pass a local copy or a mirror as components"
-            ) from None
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            self._vae = self._component("vae", "vae")
-        return self._vae
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
-        """SD2 conditions (B,77,1024): ``last_hidden_state`` of the padded tokens, no attention mask."""
-        if self._tokenizer is None:
-            self._tokenizer = self._component("tokenizer", "tokenizer")
-        if self._text_encoder is None:
-            self._text_encoder = self._component("text_encoder", "text_encoder")
-        encoder = self._text_encoder
-        device = next(encoder.parameters()).device
-        out = []
-        for i in range(0, len(captions), batch_size):
-            ids = self._tokenizer(
-                captions[i : i + batch_size],
-                padding="max_length",
-                max_length=TEXT_LENGTH,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out.append(encoder(input_ids=ids.to(device)).last_hidden_state.float().cpu())
-        return torch.cat(out) if out else torch.empty(0, TEXT_LENGTH, self.unet.config.cross_attention_dim)
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Pixels in [-1, 1] (B,3,128,128) from scaled latents (B,4,16,16) through the VAE."""
-        vae = self.vae
-        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-        scale = float(vae.config.scaling_factor)
-        out = [
-            vae.decode(x[i : i + batch_size].to(device=device, dtype=dtype) / scale).sample.float().clamp(-1, 1).cpu()
-            for i in range(0, len(x), batch_size)
-        ]
-        return torch.cat(out)

@@ -250,8 +250,8 @@ def test_unet_loading_refuses_damaged_foreign_or_executable_files(tmp_path):
         load_unet(tmp_path / "no" / "such" / "folder")
 
 
-def write_components(folder):
-    """A VAE, CLIP text encoder and tokenizer of SD2's interface at tiny widths, saved as a pipeline's folders."""
+def write_components(folder, width: int = 1024):
+    """A VAE, CLIP text encoder (``width`` wide; SD2's is 1,024) and tokenizer, tiny, saved as a pipeline's folders."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -275,7 +275,7 @@ def write_components(folder):
     tokenizer.save_pretrained(folder / "tokenizer")
     config = CLIPTextConfig(
         vocab_size=55,
-        hidden_size=1024,
+        hidden_size=width,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=4,
