@@ -4,7 +4,8 @@
 #
 #   bash mscoco/scripts/bench.sh [OUT_JSON]        (default: results/mscoco/bench-<device>.json)
 #
-# Environment: DEVICE (auto: CUDA when present), IMAGES (160 on a GPU; 4 is minutes on a CPU),
+# Environment: DEVICE (auto: CUDA when present), IMAGES (160 on a GPU; 4 on a CPU: ~40 min on 2 cores, most of
+# it in bf16, which a CPU runs ~18x slower than fp32),
 # FISHER_SAMPLES (256; 32 on a CPU), COMPILE (1 on a GPU: also time torch.compile; 0 on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
