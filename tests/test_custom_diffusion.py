@@ -1,0 +1,203 @@
+"""The customized-model (AbC) benchmark: metrics by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.errors import AttributionError
+from common.evaluation.retrieval import average_precision, recall_at_k, relevant_ranks
+
+
+def test_recall_and_average_precision_by_hand():
+    # ranking by score: 4 (0.9), 1 (0.8), 3 (0.7), 0 (0.5), 2 (0.1); relevant 1 and 0 at ranks 2 and 4
+    scores = np.array([0.5, 0.8, 0.1, 0.7, 0.9])
+    assert relevant_ranks(scores, [0, 1]).tolist() == [2, 4]
+    assert recall_at_k(scores, [0, 1], 1) == 0.0  # no relevant item in the top 1
+    assert recall_at_k(scores, [0, 1], 2) == 0.5
+    assert recall_at_k(scores, [0, 1], 4) == 1.0
+    assert average_precision(scores, [0, 1]) == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert average_precision(scores, [4]) == 1.0 and average_precision(scores, [2]) == pytest.approx(1 / 5)
+
+
+def test_ties_are_ranked_against_the_relevant_items():
+    flat = np.zeros(6)  # a method that cannot tell anything apart is credited nothing
+    assert relevant_ranks(flat, [0, 3]).tolist() == [5, 6]
+    assert recall_at_k(flat, [0, 3], 4) == 0.0
+    assert average_precision(flat, [0, 3]) == pytest.approx((1 / 5 + 2 / 6) / 2)
+    # a tie between two relevant items and one irrelevant: the irrelevant one goes first
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 0.0])
+    assert relevant_ranks(scores, [1, 3]).tolist() == [2, 3]
+    assert average_precision(scores, [1, 3]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize(
+    "scores, relevant, message",
+    [
+        (np.array([0.1, np.nan]), [0], "finite"),
+        (np.array([0.1, 0.2]), [], "no relevant"),
+        (np.array([0.1, 0.2]), [1, 1], "repeat"),
+        (np.array([0.1, 0.2]), [2], "outside"),
+    ],
+)
+def test_metrics_refuse_bad_input(scores, relevant, message):
+    with pytest.raises(AttributionError, match=message):
+        average_precision(scores, relevant)
+
+
+def write_benchmark(root, n_exemplars=(2, 3)):
+    """Two models in the released layout: json/test_bamfg.json, exemplars, synthesized images, model files."""
+    import json
+
+    from custom_diffusion.model import CUSTOM_WEIGHTS, TOKEN_FILE
+
+    entries, tasks = [], []
+    for m, n in enumerate(n_exemplars):
+        class_id = f"10{m}_0"
+        exemplars = [f"dataset/exemplar/bamfg/images/{class_id}/{j}.jpg" for j in range(n)]
+        synth = [f"dataset/synth/bamfg/gpt/{class_id}/samples/{s:05d}.png" for s in range(2)]
+        entries.append({"exemplar": exemplars, "synth": {"gpt": synth}, "class_id": class_id, "category": None})
+        model = root / "models" / "bamfg" / class_id
+        model.mkdir(parents=True)
+        (model / CUSTOM_WEIGHTS).write_bytes(b"")
+        (model / TOKEN_FILE).write_bytes(b"")
+        for path in exemplars + synth:
+            (root / path[len("dataset/") :]).parent.mkdir(parents=True, exist_ok=True)
+            (root / path[len("dataset/") :]).write_bytes(b"")
+        tasks += [
+            {
+                "synth_image_path": s[len("dataset/") :],
+                "prompt": "A picture of sun in the style of <new1> art",
+                "test_case": "test_bamfg",
+                "test_case_ind": m,
+                "model_path": f"models/bamfg/{class_id}",
+                "train_prompt": "A picture in the style of <new1> art",
+                "category": "art",
+            }
+            for s in synth
+        ]
+    (root / "json").mkdir()
+    (root / "json" / "test_bamfg.json").write_text(json.dumps(entries))
+    (root / "tasks.json").write_text(json.dumps(tasks))
+    return tasks
+
+
+def test_tasks_resolve_their_exemplars_from_the_benchmark_json(tmp_path):
+    from custom_diffusion.tasks import load_tasks
+
+    write_benchmark(tmp_path)
+    tasks = load_tasks(tmp_path / "tasks.json", tmp_path)
+    assert [t.id for t in tasks] == [f"synth_bamfg_gpt_10{m}_0_samples_0000{s}" for m in (0, 1) for s in (0, 1)]
+    assert [len(t.exemplars) for t in tasks] == [2, 2, 3, 3]
+    assert tasks[2].exemplars[0] == tmp_path / "exemplar/bamfg/images/101_0/0.jpg"
+    assert tasks[0].kind == "style" and tasks[0].model_dir == tmp_path / "models/bamfg/100_0"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t, root: t[1].pop("train_prompt"), "task 1 lacks train_prompt"),
+        (lambda t, root: t[0].update(test_case="test_mystery"), "unknown test case 'test_mystery'"),
+        (lambda t, root: t[0].update(test_case_ind=5), "has 2 models; no entry 5"),
+        (lambda t, root: t[0].update(model_path="models/bamfg/101_0"), "is not entry 0 of test_bamfg"),
+        (lambda t, root: (root / "models/bamfg/101_0/<new1>.bin").unlink(), "task 2: model folder .* lacks <new1>.bin"),
+        (lambda t, root: (root / "exemplar/bamfg/images/100_0/1.jpg").unlink(), "1 exemplar\\(s\\) missing"),
+        (lambda t, root: t.append(dict(t[0])), "task 4 repeats"),
+    ],
+)
+def test_task_list_problems_are_one_line_each(tmp_path, damage, message):
+    import json
+
+    from custom_diffusion.tasks import load_tasks
+
+    tasks = write_benchmark(tmp_path)
+    damage(tasks, tmp_path)
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    with pytest.raises(AttributionError, match=message):
+        load_tasks(tmp_path / "tasks.json", tmp_path)
+
+
+def write_stable_diffusion(folder):
+    """A pipeline folder of Stable Diffusion's layout and block types at tiny widths (text width 32)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from tests.test_mscoco import write_components
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    ).save_pretrained(folder / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        folder / "scheduler"
+    )
+    write_components(folder, width=32)
+
+
+def test_custom_diffusion_files_round_trip_through_the_base_models_code_path(tmp_path):
+    import torch
+
+    from common.diffusion.selection import select_parameters
+    from custom_diffusion.model import StableDiffusionModel, add_token, read_token, save_custom
+
+    write_stable_diffusion(tmp_path / "sd")
+    base = StableDiffusionModel.load(tmp_path / "sd")
+    assert base.num_train_timesteps == 1000 and base.input_shape == (4, 8, 8)
+    before = base.encode_text(["a fish"])
+    # a "fine-tuned" model: K/V moved, a new token with its own embedding
+    tuned = StableDiffusionModel.load(tmp_path / "sd")
+    names = select_parameters(tuned.unet, "cross-attn-kv")
+    params = dict(tuned.unet.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].add_(0.1 * torch.randn_like(params[n]))
+    torch.save({"<new1>": torch.randn(32)}, tmp_path / "token.bin")
+    token, embedding = read_token(tmp_path / "token.bin", tuned.tokenizer, tuned.text_encoder)
+    tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, token, embedding)
+    save_custom(tuned, tmp_path / "custom")
+    saved = torch.load(tmp_path / "custom" / "pytorch_custom_diffusion_weights.pt", weights_only=True)
+    assert sorted(saved) == sorted(names) and all("attn2" in n for n in names)
+    # loaded back into a fresh base model: the same weights, the same text conditions
+    custom = StableDiffusionModel.load(tmp_path / "sd").with_custom(tmp_path / "custom")
+    loaded = dict(custom.unet.named_parameters())
+    assert all(torch.equal(loaded[n], params[n]) for n in names)
+    assert all(torch.equal(loaded[n], p) for n, p in dict(base.unet.named_parameters()).items() if n not in names)
+    prompts = ["<new1> fish", "a fish"]
+    assert torch.equal(custom.encode_text(prompts), tuned.encode_text(prompts))
+    assert torch.equal(custom.encode_text(["a fish"]), before)  # the other tokens are untouched
+    assert not torch.equal(custom.encode_text(["<new1> fish"])[0], before[0])
+
+
+def test_custom_diffusion_problems_are_one_line_each(tmp_path):
+    import torch
+
+    from custom_diffusion.model import CUSTOM_WEIGHTS, TOKEN_FILE, StableDiffusionModel
+
+    write_stable_diffusion(tmp_path / "sd")
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    with pytest.raises(AttributionError, match="lacks pytorch_custom_diffusion_weights.pt"):
+        StableDiffusionModel.load(tmp_path / "sd").with_custom(folder)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    torch.save({key + "_typo": torch.zeros(8, 32)}, folder / CUSTOM_WEIGHTS)
+    torch.save({"a": torch.zeros(32)}, folder / TOKEN_FILE)
+    with pytest.raises(AttributionError, match="1 key\\(s\\) the UNet does not have"):
+        StableDiffusionModel.load(tmp_path / "sd").with_custom(folder)
+    # diffusers' processor names are understood; a token the tokenizer has is refused
+    torch.save(
+        {key.replace("attn2.to_k", "attn2.processor.to_k_custom_diffusion"): torch.zeros(8, 32)},
+        folder / CUSTOM_WEIGHTS,
+    )
+    with pytest.raises(AttributionError, match="token 'a' already exists in the tokenizer"):
+        model = StableDiffusionModel.load(tmp_path / "sd")
+        model.with_custom(folder)
+    assert torch.equal(model.unet.state_dict()[key], StableDiffusionModel.load(tmp_path / "sd").unet.state_dict()[key])
+    with pytest.raises(AttributionError, match="missing Stable Diffusion folder"):
+        StableDiffusionModel.load(tmp_path / "no" / "such" / "sd")
