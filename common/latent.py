@@ -119,7 +119,8 @@ class LatentDiffusionModel(DiffusionModel):
         """Scaled latents (B,4,h,w) float32 on the CPU from pixels in [-1, 1] (B,3,H,W).
 
         With ``generator`` a sample of the VAE's posterior (as Stable Diffusion's training and the
-        AbC release encode images), drawn on the CPU so any device gives the same latents; without,
+        AbC release encode images), drawn on the CPU image by image, so any device and batch size give the
+        same latents; without,
         its mean.
         """
         vae = self.vae
@@ -130,7 +131,7 @@ class LatentDiffusionModel(DiffusionModel):
             dist = vae.encode(pixels[i : i + batch_size].to(device=device, dtype=dtype)).latent_dist
             z = dist.mean.float().cpu()
             if generator is not None:
-                eps = torch.randn(z.shape, generator=generator)
+                eps = torch.stack([torch.randn(z.shape[1:], generator=generator) for _ in z])  # any batch size
                 z = z + dist.std.float().cpu() * eps
             out.append(z * scale)
         return torch.cat(out)

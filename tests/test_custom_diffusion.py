@@ -201,3 +201,26 @@ def test_custom_diffusion_problems_are_one_line_each(tmp_path):
     assert torch.equal(model.unet.state_dict()[key], StableDiffusionModel.load(tmp_path / "sd").unet.state_dict()[key])
     with pytest.raises(AttributionError, match="missing Stable Diffusion folder"):
         StableDiffusionModel.load(tmp_path / "no" / "such" / "sd")
+
+
+def test_images_encode_to_scaled_latents_the_mean_or_a_seeded_posterior_sample(tmp_path):
+    import torch
+
+    from custom_diffusion.model import StableDiffusionModel
+
+    write_stable_diffusion(tmp_path / "sd")
+    model = StableDiffusionModel.load(tmp_path / "sd")
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = model.encode_images(pixels, batch_size=2)
+    assert mean.shape == (3, 4, 8, 8) and torch.allclose(mean, model.encode_images(pixels), atol=1e-6)
+    dist = model.vae.encode(pixels).latent_dist
+    assert torch.allclose(mean, dist.mean * 0.18215, atol=1e-6)  # scaled by the VAE's factor
+    one = model.encode_images(pixels, torch.Generator().manual_seed(1))
+    assert torch.allclose(one, model.encode_images(pixels, torch.Generator().manual_seed(1), batch_size=2), atol=1e-6)
+    assert not torch.equal(one, model.encode_images(pixels, torch.Generator().manual_seed(2)))
+    assert torch.allclose(
+        (one - mean) / 0.18215,
+        dist.std * torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+        atol=1e-5,
+    )
+    assert model.decode(mean).shape == (3, 3, 64, 64)
