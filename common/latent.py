@@ -119,9 +119,8 @@ class LatentDiffusionModel(DiffusionModel):
         """Scaled latents (B,4,h,w) float32 on the CPU from pixels in [-1, 1] (B,3,H,W).
 
         With ``generator`` a sample of the VAE's posterior (as Stable Diffusion's training and the
-        AbC release encode images), drawn on the CPU image by image, so any device and batch size give the
-        same latents; without,
-        its mean.
+        AbC release encode images), drawn on the CPU image by image, so any device and batch size
+        give the same latents; without, its mean.
         """
         vae = self.vae
         device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
