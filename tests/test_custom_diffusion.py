@@ -224,3 +224,25 @@ def test_images_encode_to_scaled_latents_the_mean_or_a_seeded_posterior_sample(t
         atol=1e-5,
     )
     assert model.decode(mean).shape == (3, 3, 64, 64)
+
+
+def test_memory_mapped_set_keeps_the_first_images_and_their_flips(tmp_path):
+    import torch
+
+    from common.memmap import MemmapTrainingSet, open_array
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "latents.npy", rng.normal(size=(10, 4, 8, 8)).astype(np.float16))  # 5 images, then 5 flips
+    np.save(tmp_path / "text.npy", rng.normal(size=(5, 77, 32)).astype(np.float16))
+    latents, text = open_array(tmp_path / "latents.npy", "latents"), open_array(tmp_path / "text.npy", "text")
+    subset = MemmapTrainingSet(latents, text, count=3)
+    assert len(subset) == 3 and subset.num_captions == 1
+    idx = torch.tensor([2, 0])
+    assert torch.equal(subset.images(idx), torch.from_numpy(latents[[2, 0]]))
+    assert torch.equal(subset.images(idx, True), torch.from_numpy(latents[[7, 5]]))  # flips start at M = 5
+    assert torch.equal(subset.text(idx), torch.from_numpy(text[[2, 0]]))
+    assert isinstance(subset._arrays[0], np.memmap)  # still on disk
+    full = MemmapTrainingSet(latents, text)
+    assert len(full) == 5 and full.fingerprint != subset.fingerprint
+    with pytest.raises(AttributionError, match="cannot keep 6 of 5 images"):
+        MemmapTrainingSet(latents, text, count=6)

@@ -13,6 +13,7 @@ import torch
 
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
+from common.memmap import sampled_fingerprint
 from mscoco import release
 from mscoco.model import MscocoModel, build_unet, load_unet
 from tests.conftest import ROOT
@@ -106,12 +107,12 @@ def test_sampled_fingerprint_reads_blocks_of_large_arrays():
     c = a.copy()
     c[100] = 1  # between the first and second block
     small = {"blocks": 8, "block_bytes": 4096}
-    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(b, **small)
-    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(a.reshape(2, -1), **small)
-    assert release.sampled_fingerprint(a, **small) != release.sampled_fingerprint(c, **small)  # 400 B < 4 KiB in
+    assert sampled_fingerprint(a, **small) != sampled_fingerprint(b, **small)
+    assert sampled_fingerprint(a, **small) != sampled_fingerprint(a.reshape(2, -1), **small)
+    assert sampled_fingerprint(a, **small) != sampled_fingerprint(c, **small)  # 400 B < 4 KiB in
     d = a.copy()
     d[(1 << 16) // 16] = 1  # byte 16 KiB: between blocks 0 (0-4 KiB) and 1 (~36 KiB): not sampled, as stated
-    assert release.sampled_fingerprint(a, **small) == release.sampled_fingerprint(d, **small)
+    assert sampled_fingerprint(a, **small) == sampled_fingerprint(d, **small)
 
 
 @pytest.mark.parametrize(
