@@ -126,6 +126,82 @@ class ArrayTrainingSet:
         )
 
 
+class ConcatTrainingSet(ArrayTrainingSet):
+    """Training sets one after another, indexed as one (AbC: a model's exemplars, then the LAION subset).
+
+    Args:
+        parts: training sets with the same input shape, caption count and text shape.
+    """
+
+    def __init__(self, parts: Sequence[ArrayTrainingSet]) -> None:
+        require(len(parts) > 0, "no training sets to join")
+        first = parts[0]
+        for part in parts[1:]:
+            require(part.image_shape == first.image_shape, f"inputs {part.image_shape} and {first.image_shape} differ")
+            require(part.num_captions == first.num_captions, "the joined sets differ in captions per image")
+            require(part._text.shape[2:] == first._text.shape[2:], "the joined sets' text conditions differ in shape")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.captions = [c for p in parts for c in p.captions]
+        self.image_paths = [q for p in parts for q in p.image_paths]
+        self._text = first._text  # for the text shape only
+        self._fingerprint = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_captions(self) -> int:
+        return self.parts[0].num_captions
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.parts[0].image_shape
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256("+".join(p.fingerprint for p in self.parts).encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def release_pages(self) -> None:
+        for part in self.parts:
+            part.release_pages()
+
+    def _gather(self, indices: torch.Tensor, read) -> torch.Tensor:
+        """Rows of ``indices`` (B,) from each part, by ``read(part, local positions, mask)``, in order."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        require(bool(((indices >= 0) & (indices < len(self))).all()), f"indices outside 0..{len(self) - 1}")
+        out = None
+        for k, part in enumerate(self.parts):
+            mask = (indices >= int(self.starts[k])) & (indices < int(self.starts[k + 1]))
+            if mask.any():
+                rows = read(part, indices[mask] - int(self.starts[k]), mask)
+                out = rows.new_empty((len(indices), *rows.shape[1:])) if out is None else out
+                out[mask] = rows
+        return out
+
+    def images(self, indices: torch.Tensor, flips: torch.Tensor | bool = False) -> torch.Tensor:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        flips = torch.as_tensor(flips, dtype=torch.bool).expand(indices.shape)
+        return self._gather(indices, lambda part, pos, mask: part.images(pos, flips[mask]))
+
+    def text(self, indices: torch.Tensor, captions: torch.Tensor | int = 0) -> torch.Tensor:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        captions = torch.as_tensor(captions, dtype=torch.long).expand(indices.shape)
+        return self._gather(indices, lambda part, pos, mask: part.text(pos, captions[mask]))
+
+    def subset(self, keep: Sequence[int]) -> ArrayTrainingSet:
+        keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+        return ArrayTrainingSet(
+            self.images(keep_t),
+            torch.stack([self.text(keep_t, c) for c in range(self.num_captions)], 1),
+            [self.captions[i] for i in keep],
+            [self.image_paths[i] for i in keep],
+            self.images(keep_t, True),
+        )
+
+
 def query_key(query_id: str) -> int:
     """The 56-bit integer that keys a query's noise, derived from its id."""
     return int.from_bytes(hashlib.sha256(query_id.encode()).digest()[:7], "little")

@@ -246,3 +246,32 @@ def test_memory_mapped_set_keeps_the_first_images_and_their_flips(tmp_path):
     assert len(full) == 5 and full.fingerprint != subset.fingerprint
     with pytest.raises(AttributionError, match="cannot keep 6 of 5 images"):
         MemmapTrainingSet(latents, text, count=6)
+
+
+def test_joined_training_sets_index_as_one(tmp_path):
+    import torch
+
+    from common.data import ArrayTrainingSet, ConcatTrainingSet
+
+    g = torch.Generator().manual_seed(0)
+    ex = ArrayTrainingSet(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), [["a"], ["b"]])
+    laion = ArrayTrainingSet(
+        torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g), flipped=torch.randn(3, 4, 8, 8)
+    )
+    both = ConcatTrainingSet([ex, laion])
+    assert len(both) == 5 and both.captions[:2] == [["a"], ["b"]] and both.num_captions == 1
+    idx, flips = torch.tensor([4, 0, 2, 1]), torch.tensor([True, True, False, False])
+    expected = torch.stack(
+        [laion.images([2], True)[0], ex.images([0], True)[0], laion.images([0])[0], ex.images([1])[0]]
+    )
+    assert torch.equal(both.images(idx, flips), expected)
+    assert torch.equal(both.text(idx), torch.cat([laion.text([2]), ex.text([0]), laion.text([0]), ex.text([1])]))
+    part = both.subset([3, 1])
+    assert torch.equal(part.images([0, 1], True), both.images(torch.tensor([3, 1]), True))
+    other = ConcatTrainingSet([ex, laion.subset([0, 1, 2])])
+    assert other.fingerprint == both.fingerprint
+    assert ConcatTrainingSet([laion, ex]).fingerprint != both.fingerprint
+    with pytest.raises(AttributionError, match="outside 0..4"):
+        both.images(torch.tensor([5]))
+    with pytest.raises(AttributionError, match="inputs"):
+        ConcatTrainingSet([ex, ArrayTrainingSet(torch.randn(1, 4, 4, 4), torch.randn(1, 77, 32))])
