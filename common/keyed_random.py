@@ -32,6 +32,7 @@ SAMPLE = 5
 EVAL = 6
 TRAK = 7  # TRAK-style gradient features (common.methods.trak)
 PROJECTION = 8  # random projection blocks (common.projection)
+ENCODE = 9  # VAE posterior samples of images encoded at run time (AbC's exemplars and queries)
 
 # Recorded in every cached artifact's identity: values made by another generator are never reused.
 NOISE = "philox4x32-10"

@@ -275,3 +275,76 @@ def test_joined_training_sets_index_as_one(tmp_path):
         both.images(torch.tensor([5]))
     with pytest.raises(AttributionError, match="inputs"):
         ConcatTrainingSet([ex, ArrayTrainingSet(torch.randn(1, 4, 4, 4), torch.randn(1, 77, 32))])
+
+
+def write_laion(root, m=6, count_text=None, latents_rows=None, width=32):
+    """LAION arrays in the released layout at tiny sizes: (2M, 4, 8, 8) latents, (M, 77, width) conditions."""
+    rng = np.random.default_rng(0)
+    np.save(root / "laion_latents.npy", rng.normal(size=(latents_rows or 2 * m, 4, 8, 8)).astype(np.float16))
+    np.save(root / "laion_text_embeddings.npy", rng.normal(size=(count_text or m, 77, width)).astype(np.float16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, count, message",
+    [
+        ({"latents_rows": 11}, 4, "holds 11 latents, not 2 x 6"),
+        ({"width": 16}, 4, "expected \\(M, 77, 32\\)"),
+        ({}, 7, "asked for 7 LAION images"),
+    ],
+)
+def test_laion_arrays_of_the_wrong_layout_are_one_line(tmp_path, kwargs, count, message):
+    from custom_diffusion.release import load_laion
+
+    write_laion(tmp_path, **kwargs)
+    with pytest.raises(AttributionError, match=message):
+        load_laion(tmp_path, count=count, text_width=32)
+
+
+def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
+    from PIL import Image
+
+    from custom_diffusion.release import read_image
+
+    columns = np.repeat(np.arange(20, dtype=np.uint8)[None, :, None] * 10, 10, 0).repeat(3, 2)  # 10 x 20, x * 10
+    Image.fromarray(columns).save(tmp_path / "wide.png")
+    pixels = read_image(tmp_path / "wide.png", 10)
+    assert pixels.shape == (3, 10, 10)
+    assert np.allclose((pixels[0, 0].numpy() + 1) * 127.5, np.arange(5, 15) * 10, atol=1e-4)  # columns 5..14
+
+
+def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path):
+    import json
+
+    import torch
+    from PIL import Image
+
+    from custom_diffusion.model import StableDiffusionModel, add_token, save_custom
+    from custom_diffusion.release import exemplar_set, load_laion, task_query, training_set
+    from custom_diffusion.tasks import load_tasks
+
+    write_stable_diffusion(tmp_path / "sd")
+    tasks = write_benchmark(tmp_path / "abc")
+    rng = np.random.default_rng(1)
+    for path in (tmp_path / "abc").rglob("*.jpg"):
+        Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(path, format="PNG")
+    for path in (tmp_path / "abc" / "synth").rglob("*.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    tuned = StableDiffusionModel.load(tmp_path / "sd")
+    tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, "<new1>", torch.randn(32))
+    save_custom(tuned, tmp_path / "abc" / tasks[2]["model_path"])
+    (tmp_path / "abc" / "tasks.json").write_text(json.dumps(tasks[2:3]))
+    (task,) = load_tasks(tmp_path / "abc" / "tasks.json", tmp_path / "abc")
+    model = StableDiffusionModel.load(tmp_path / "sd").with_custom(task.model_dir)
+    write_laion(tmp_path / "abc")
+    laion = load_laion(tmp_path / "abc", count=4, text_width=32)
+    data = training_set(model, task, laion)
+    assert len(data) == 3 + 4 and data.image_paths[0].endswith("101_0/0.jpg")
+    assert torch.equal(data.images(torch.tensor([3])), laion.images(torch.tensor([0])))
+    assert torch.equal(data.text(torch.arange(3)), model.encode_text([task.train_prompt]).expand(3, -1, -1))
+    again = exemplar_set(model, task)
+    assert torch.equal(again.images(torch.arange(3), True), data.images(torch.arange(3), True))  # seeded by image
+    assert not torch.equal(data.images(torch.arange(3)), data.images(torch.arange(3), True))
+    query = task_query(model, task)
+    assert query.image.shape == (4, 8, 8) and query.text.shape == (1, 77, 32) and query.extra["kind"] == "style"
+    assert torch.equal(query.text[0], model.encode_text([task.prompt])[0])
+    assert model.tokenizer.tokenize("<new1> art") == ["<new1>", "a", "r", "t</w>"]  # the token is one piece

@@ -1,0 +1,124 @@
+"""What AbC ranks for one query: the customized model's exemplars, then the LAION subset.
+
+The LAION side is the authors' release (``sywang/AttributeByUnlearning``, folder ``abc/``, extracted
+into the data folder), memory-mapped:
+
+- ``laion_latents.npy``: (2M, 4, 64, 64), SD v1.4 VAE latents (scaled by 0.18215) of the LAION images,
+  then of their horizontal flips in the same order;
+- ``laion_text_embeddings.npy``: (M, 77, 768), SD v1.4 text conditions of their captions;
+- ``sd_fisher.pt``: the diagonal Fisher of SD v1.4 (imported with ``--fisher.file``).
+
+The paper ranks the first 100,000 LAION images. The exemplars are images on disk, prepared as the
+authors' loader does (shorter side resized to the resolution, bilinear; centre crop; [-1, 1]; the
+flip taken after the crop), encoded by the VAE with a posterior sample (seeded here, by image), and
+conditioned on the model's training prompt (e.g. "<new1> fish") through its customized text encoder.
+Exemplars come first: a ranking's relevant items are positions 0 .. n_exemplars - 1.
+
+The query is the synthesized image, prepared and encoded the same way, conditioned on the prompt
+that generated it. (The authors' code leaves the query's latent unscaled by 0.18215 while scaling the
+exemplars'; we scale both, as the model was trained.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import keyed_random
+from common.data import ArrayTrainingSet, ConcatTrainingSet, Query, query_key
+from common.errors import AttributionError, require
+from common.memmap import MemmapTrainingSet, open_array
+from custom_diffusion.model import StableDiffusionModel
+from custom_diffusion.tasks import Task
+
+LAION_LATENTS = "laion_latents.npy"
+LAION_TEXT = "laion_text_embeddings.npy"
+SD_FISHER = "sd_fisher.pt"
+LAION_COUNT = 100_000
+RESOLUTION = 512
+
+
+def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int = 768) -> MemmapTrainingSet:
+    """The first ``count`` LAION images with their flips and captions' conditions, memory-mapped and checked."""
+    root = Path(root)
+    latents_path, text_path = root / LAION_LATENTS, root / LAION_TEXT
+    latents = open_array(latents_path, "LAION latents")
+    text = open_array(text_path, "LAION text embeddings")
+    require(latents.ndim == 4 and latents.shape[1] == 4, f"{latents_path}: expected (2M, 4, h, w), got {latents.shape}")
+    require(
+        text.ndim == 3 and text.shape[1:] == (77, text_width),
+        f"{text_path}: expected (M, 77, {text_width}), got shape {text.shape}",
+    )
+    require(
+        len(latents) == 2 * len(text),
+        f"{latents_path} holds {len(latents)} latents, not 2 x {len(text)} (originals then flips) as {text_path.name} "
+        f"has {len(text)}; the two files come from different releases or one is partial",
+    )
+    require(count <= len(text), f"asked for {count} LAION images; {text_path} has {len(text)}")
+    return MemmapTrainingSet(latents, text, count=count)
+
+
+def read_image(path: str | Path, resolution: int = RESOLUTION) -> torch.Tensor:
+    """Pixels in [-1, 1] (3, R, R): shorter side resized to R (bilinear), centre-cropped, as the authors' loader."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as err:
+        raise AttributionError(f"cannot read image {path} ({err})") from None
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1
+
+
+def resolution_of(model: StableDiffusionModel) -> int:
+    """Image size the VAE maps to the UNet's latent size (512 for SD v1.4)."""
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return model.input_shape[-1] * factor
+
+
+def encode(model: StableDiffusionModel, paths, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents of images and of their flips (n,4,h,w) each, one seeded posterior sample per image and flip."""
+    resolution = resolution_of(model)
+    pixels = torch.stack([read_image(p, resolution) for p in paths])
+    out = []
+    for flip in (0, 1):
+        batch = pixels.flip(-1) if flip else pixels
+        rows = [
+            model.encode_images(batch[i : i + 1], keyed_random.generator(seed, keyed_random.ENCODE, 0, i, flip))
+            for i in range(len(paths))
+        ]
+        out.append(torch.cat(rows))
+    return out[0], out[1]
+
+
+def exemplar_set(model: StableDiffusionModel, task: Task, seed: int = 0) -> ArrayTrainingSet:
+    """The model's exemplars, encoded and conditioned on its training prompt (with the new token)."""
+    require(
+        model.token is not None and model.token in task.train_prompt,
+        f"the model's token {model.token!r} is not in the training prompt {task.train_prompt!r}",
+    )
+    originals, flips = encode(model, task.exemplars, seed)
+    text = model.encode_text([task.train_prompt]).expand(len(originals), -1, -1)
+    captions = [[task.train_prompt]] * len(originals)
+    return ArrayTrainingSet(originals, text, captions, [str(p) for p in task.exemplars], flipped=flips)
+
+
+def training_set(model: StableDiffusionModel, task: Task, laion: ArrayTrainingSet, seed: int = 0) -> ConcatTrainingSet:
+    """Exemplars first, then the LAION images: what a query of ``task`` is ranked over."""
+    return ConcatTrainingSet([exemplar_set(model, task, seed), laion])
+
+
+def task_query(model: StableDiffusionModel, task: Task, seed: int = 0) -> Query:
+    """The synthesized image as a query: its scaled latent (a seeded posterior sample) and its prompt's condition."""
+    pixels = read_image(task.image, resolution_of(model))[None]
+    latent = model.encode_images(pixels, keyed_random.generator(seed, keyed_random.ENCODE, 1, query_key(task.id)))
+    text = model.encode_text([task.prompt])[0]
+    extra = {"test_case": task.test_case, "kind": task.kind}
+    return Query(task.id, latent[0], text, task.prompt, str(task.image), extra=extra)
