@@ -178,7 +178,9 @@ class ConcatTrainingSet(ArrayTrainingSet):
             if mask.any():
                 rows = read(part, indices[mask] - int(self.starts[k]), mask)
                 out = rows.new_empty((len(indices), *rows.shape[1:])) if out is None else out
-                out[mask] = rows
+                if rows.dtype != out.dtype:  # e.g. float32 exemplars beside float16 LAION arrays: the wider
+                    out = out.to(torch.promote_types(out.dtype, rows.dtype))
+                out[mask] = rows.to(out.dtype)
         return out
 
     def images(self, indices: torch.Tensor, flips: torch.Tensor | bool = False) -> torch.Tensor:

@@ -41,16 +41,21 @@ LAION_COUNT = 100_000
 RESOLUTION = 512
 
 
-def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int = 768) -> MemmapTrainingSet:
-    """The first ``count`` LAION images with their flips and captions' conditions, memory-mapped and checked."""
+def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int | None = None) -> MemmapTrainingSet:
+    """The first ``count`` LAION images with their flips and captions' conditions, memory-mapped and checked.
+
+    Args:
+        text_width: the text encoder's width the conditions must have (None: any).
+    """
     root = Path(root)
     latents_path, text_path = root / LAION_LATENTS, root / LAION_TEXT
     latents = open_array(latents_path, "LAION latents")
     text = open_array(text_path, "LAION text embeddings")
     require(latents.ndim == 4 and latents.shape[1] == 4, f"{latents_path}: expected (2M, 4, h, w), got {latents.shape}")
+    width = text_width or (text.shape[-1] if text.ndim == 3 else 768)
     require(
-        text.ndim == 3 and text.shape[1:] == (77, text_width),
-        f"{text_path}: expected (M, 77, {text_width}), got shape {text.shape}",
+        text.ndim == 3 and text.shape[1:] == (77, width),
+        f"{text_path}: expected (M, 77, {width}) (SD v1.4: 768), got shape {text.shape}",
     )
     require(
         len(latents) == 2 * len(text),

@@ -1,4 +1,4 @@
-"""The customized-model (AbC) benchmark: metrics by hand."""
+"""The customized-model (AbC) benchmark: metrics, task lists, Custom Diffusion files, data and the attribution script."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import pytest
 
 from common.errors import AttributionError
 from common.evaluation.retrieval import average_precision, recall_at_k, relevant_ranks
+from tests.conftest import ROOT
+
+CONFIG = ROOT / "custom_diffusion" / "configs" / "abc.yaml"
 
 
 def test_recall_and_average_precision_by_hand():
@@ -255,8 +258,10 @@ def test_joined_training_sets_index_as_one(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     ex = ArrayTrainingSet(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), [["a"], ["b"]])
-    laion = ArrayTrainingSet(
-        torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g), flipped=torch.randn(3, 4, 8, 8)
+    laion = ArrayTrainingSet(  # stored in float16, as the released arrays
+        torch.randn(3, 4, 8, 8, generator=g).half(),
+        torch.randn(3, 77, 32, generator=g).half(),
+        flipped=torch.randn(3, 4, 8, 8).half(),
     )
     both = ConcatTrainingSet([ex, laion])
     assert len(both) == 5 and both.captions[:2] == [["a"], ["b"]] and both.num_captions == 1
@@ -264,8 +269,9 @@ def test_joined_training_sets_index_as_one(tmp_path):
     expected = torch.stack(
         [laion.images([2], True)[0], ex.images([0], True)[0], laion.images([0])[0], ex.images([1])[0]]
     )
-    assert torch.equal(both.images(idx, flips), expected)
-    assert torch.equal(both.text(idx), torch.cat([laion.text([2]), ex.text([0]), laion.text([0]), ex.text([1])]))
+    assert both.images(idx, flips).dtype == torch.float32 and torch.equal(both.images(idx, flips), expected.float())
+    text = [laion.text([2]), ex.text([0]), laion.text([0]), ex.text([1])]
+    assert torch.equal(both.text(idx), torch.cat([t.float() for t in text]))
     part = both.subset([3, 1])
     assert torch.equal(part.images([0, 1], True), both.images(torch.tensor([3, 1]), True))
     other = ConcatTrainingSet([ex, laion.subset([0, 1, 2])])
@@ -312,30 +318,41 @@ def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
     assert np.allclose((pixels[0, 0].numpy() + 1) * 127.5, np.arange(5, 15) * 10, atol=1e-4)  # columns 5..14
 
 
-def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path):
-    import json
-
+def write_abc(root):
+    """A tiny AbC data folder: two customized models (files from the fine-tuning code), images, LAION arrays."""
     import torch
     from PIL import Image
 
     from custom_diffusion.model import StableDiffusionModel, add_token, save_custom
+
+    write_stable_diffusion(root / "sd")
+    tasks = write_benchmark(root / "abc")
+    rng = np.random.default_rng(1)
+    for path in (root / "abc").rglob("*.jpg"):
+        Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(path, format="PNG")
+    for path in (root / "abc" / "synth").rglob("*.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    for model_path in sorted({t["model_path"] for t in tasks}):
+        tuned = StableDiffusionModel.load(root / "sd")
+        tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, "<new1>", torch.randn(32))
+        save_custom(tuned, root / "abc" / model_path)
+    write_laion(root / "abc")
+    return tasks
+
+
+def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path):
+    import json
+
+    import torch
+
+    from custom_diffusion.model import StableDiffusionModel
     from custom_diffusion.release import exemplar_set, load_laion, task_query, training_set
     from custom_diffusion.tasks import load_tasks
 
-    write_stable_diffusion(tmp_path / "sd")
-    tasks = write_benchmark(tmp_path / "abc")
-    rng = np.random.default_rng(1)
-    for path in (tmp_path / "abc").rglob("*.jpg"):
-        Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(path, format="PNG")
-    for path in (tmp_path / "abc" / "synth").rglob("*.png"):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-    tuned = StableDiffusionModel.load(tmp_path / "sd")
-    tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, "<new1>", torch.randn(32))
-    save_custom(tuned, tmp_path / "abc" / tasks[2]["model_path"])
+    tasks = write_abc(tmp_path)
     (tmp_path / "abc" / "tasks.json").write_text(json.dumps(tasks[2:3]))
     (task,) = load_tasks(tmp_path / "abc" / "tasks.json", tmp_path / "abc")
     model = StableDiffusionModel.load(tmp_path / "sd").with_custom(task.model_dir)
-    write_laion(tmp_path / "abc")
     laion = load_laion(tmp_path / "abc", count=4, text_width=32)
     data = training_set(model, task, laion)
     assert len(data) == 3 + 4 and data.image_paths[0].endswith("101_0/0.jpg")
@@ -348,3 +365,70 @@ def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path
     assert query.image.shape == (4, 8, 8) and query.text.shape == (1, 77, 32) and query.extra["kind"] == "style"
     assert torch.equal(query.text[0], model.encode_text([task.prompt])[0])
     assert model.tokenizer.tokenize("<new1> art") == ["<new1>", "a", "r", "t</w>"]  # the token is one piece
+
+
+def abc_runner(tmp_path):
+    """``custom_diffusion.attribute`` on the tiny AbC folder with the micro preset (extra flags appended)."""
+    import subprocess
+    import sys
+
+    write_abc(tmp_path)
+    data = tmp_path / "abc"
+    flags = ["--data", str(data), "--tasks", str(data / "tasks.json"), "--sd", str(tmp_path / "sd")]
+    flags += ["--out", str(tmp_path / "out"), "--config", str(CONFIG), "--preset", "micro"]
+    flags += ["--device", "cpu", "--laion-count", "4", "--no-plot"]
+
+    def run(*extra, check=True):
+        command = [sys.executable, "-m", "custom_diffusion.attribute", *flags, *extra]
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert not check or proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run
+
+
+def check_retrieval(out, method):
+    import json
+
+    rows = json.loads((out / method / "retrieval.json").read_text())
+    assert len(rows) == 4 and {r["kind"] for r in rows.values()} == {"style"}
+    for query_id, row in rows.items():
+        scores = np.load(out / method / query_id / "scores.npy")
+        n_ex = 2 if "100_0" in query_id else 3
+        assert scores.shape == (n_ex + 4,) and np.isfinite(scores).all()
+        assert row["ap"] == pytest.approx(average_precision(scores, list(range(n_ex))))
+        assert row["recall@5"] == pytest.approx(recall_at_k(scores, list(range(n_ex)), 5))
+    table = (out / method / "retrieval.md").read_text()
+    assert "| test_bamfg | 4 |" in table and "| style | 4 |" in table and "| all | 4 |" in table
+
+
+def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_task(tmp_path, capsys):
+    """In process (the subprocess form runs in the slow test below)."""
+    import json
+
+    from custom_diffusion.attribute import main
+
+    write_abc(tmp_path)
+    data = tmp_path / "abc"
+    flags = ["--data", str(data), "--tasks", str(data / "tasks.json"), "--sd", str(tmp_path / "sd")]
+    flags += ["--out", str(tmp_path / "out"), "--config", str(CONFIG), "--preset", "micro"]
+    flags += ["--device", "cpu", "--laion-count", "4", "--no-plot"]
+    main([*flags, "--method", "random"])
+    check_retrieval(tmp_path / "out", "random")
+    capsys.readouterr()
+    main([*flags, "--method", "random"])
+    assert capsys.readouterr().out.count("already attributed") == 4
+    tasks = json.loads((data / "tasks.json").read_text())
+    del tasks[3]["prompt"]
+    (data / "tasks.json").write_text(json.dumps(tasks))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--method", "pixel"])
+    assert exit_info.value.code == 2 and "task 3 lacks prompt" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "pixel").exists()
+
+
+@pytest.mark.slow  # about a minute: multi-step unlearning on two customized models
+def test_attribute_script_unlearns_each_customized_model(tmp_path):
+    run = abc_runner(tmp_path)
+    run("--method", "unlearning")
+    check_retrieval(tmp_path / "out", "unlearning")

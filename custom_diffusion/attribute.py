@@ -1,0 +1,108 @@
+"""Attribute AbC queries with any registered method, model by model, and score the exemplars' retrieval.
+
+    python -m custom_diffusion.attribute --data DATA --tasks DATA/tasks.json --out OUT [--method unlearning] \\
+        [--sd CompVis/stable-diffusion-v1-4] [--config custom_diffusion/configs/abc.yaml --preset paper] \\
+        [--fisher.file DATA/sd_fisher.pt] [--laion-count 100000]
+
+For each Custom Diffusion model of the task list: the base model customized by its two files, the
+training set to rank (its exemplars under the training prompt, then the first ``--laion-count``
+LAION images), and its queries (the synthesized images under their prompts). The method is prepared
+per model (caches in ``OUT/cache/<method>/<model>/``) and writes the usual run outputs in
+``OUT/<method>/<query id>/``; finished queries are skipped. Then ``OUT/<method>/retrieval.json`` holds
+each query's Recall@K and average precision of the exemplars, and ``retrieval.md`` their means per
+test case, per concept kind and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import add_attribution_arguments, load_preset, method_from_args
+from common.errors import cli, require
+from common.evaluation.retrieval import average_precision, recall_at_k
+from common.evaluation.tables import mean_se
+from common.methods.base import run_method
+from common.outputs import write_json
+from custom_diffusion.model import SD_V14, StableDiffusionModel
+from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set
+from custom_diffusion.tasks import TEST_CASES, Task, load_tasks
+
+RECALL_KS = (5, 10, 100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="the AbC data folder (custom_diffusion/scripts/download.sh)")
+    parser.add_argument("--tasks", required=True, help="task list (JSON: synth_image_path, prompt, test_case, ...)")
+    parser.add_argument("--sd", default=SD_V14, help="Stable Diffusion: hub id or pipeline folder")
+    parser.add_argument("--laion-count", type=int, default=LAION_COUNT, help="LAION images ranked (paper: 100,000)")
+    parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
+    add_attribution_arguments(parser, "YAML file of presets (custom_diffusion/configs/abc.yaml)")
+    return parser
+
+
+def query_retrieval(scores: np.ndarray, task: Task) -> dict:
+    """Recall@K and AP of a query's exemplars, which are the first rows of its training set."""
+    relevant = list(range(len(task.exemplars)))
+    row = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in RECALL_KS}
+    return row | {"ap": average_precision(scores, relevant), "test_case": task.test_case, "kind": task.kind}
+
+
+def retrieval_table(rows: dict[str, dict], method: str) -> str:
+    """Mean ± SE of Recall@10 and mAP per test case, per concept kind and over all queries (markdown)."""
+    groups = [(case, [r for r in rows.values() if r["test_case"] == case]) for case in TEST_CASES]
+    groups += [(kind, [r for r in rows.values() if r["kind"] == kind]) for kind in ("object", "style")]
+    groups.append(("all", list(rows.values())))
+    lines = [f"| {method} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
+    for name, members in groups:
+        if members:
+            recall, ap = (mean_se([r[key] for r in members]) for key in ("recall@10", "ap"))
+            lines.append(f"| {name} | {len(members)} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
+    args = load_preset(build_parser(), argv=argv)
+    cls, cfg = method_from_args(args)
+    tasks = load_tasks(args.tasks, args.data)  # every file checked before any work
+    laion = load_laion(args.data, args.laion_count)
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    out = Path(args.out)
+    rows: dict[str, dict] = {}
+    by_model: dict[Path, list[Task]] = {}
+    for task in tasks:  # the authors' list interleaves models: each is loaded once
+        by_model.setdefault(task.model_dir, []).append(task)
+    for model_dir, group in by_model.items():
+        require(
+            len({(t.train_prompt, t.exemplars) for t in group}) == 1,
+            f"tasks of {model_dir} disagree on the training prompt or the exemplars",
+        )
+        model = StableDiffusionModel.load(args.sd, accelerator.device).with_custom(model_dir)
+        width = model.unet.config.cross_attention_dim
+        require(
+            laion.text(torch.tensor([0])).shape[-1] == width,
+            f"the LAION text embeddings are {laion.text(torch.tensor([0])).shape[-1]} wide, the model's text {width}",
+        )
+        data = training_set(model, group[0], laion)
+        queries = [task_query(model, t) for t in group]
+        cache = out / "cache" / cls.name / model_dir.name
+        method = cls(cfg, model.prepare_for_gradients(accelerator.device), data, cache, accelerator=accelerator)
+        folders = run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
+        for task, folder in zip(group, folders, strict=True):
+            rows[task.id] = query_retrieval(np.load(folder / "scores.npy"), task)
+    if accelerator.is_main_process:
+        write_json(out / cls.name / "retrieval.json", rows)
+        table = retrieval_table(rows, cls.name)
+        (out / cls.name / "retrieval.md").write_text(table)
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
