@@ -26,7 +26,7 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,13 +36,13 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from common import keyed_random
-from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
+from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset
 from common.data import fingerprint_tensors
 from common.diffusion.sampling import query_stream, resample
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
-from common.evaluation.leave_k_out import external_sources, leave_k_out, method_sources
-from common.methods import METHODS, get_method
+from common.evaluation.leave_k_out import leave_k_out, ranking_sources
+from common.methods import METHODS
 from common.outputs import config_matches, prepare_run_dir
 from common.training.train import TrainConfig
 from mscoco.model import DEFAULT_COMPONENTS
@@ -133,19 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         return model.prepare_for_gradients(accelerator.device)
 
-    fingerprint = run.model.fingerprint()
-    extra = external_sources(
-        args.rankings, queries, set(METHODS), len(run.data), run.data.fingerprint, fingerprint, max(cfg.ks)
-    )
     root = Path(args.attribution or out / "attribution")
-
-    def make(name: str, seed: int | None):
-        cls = get_method(name)
-        settings = method_config(cls, args)
-        settings = settings if seed is None else replace(settings, seed=seed)
-        return cls(settings, run.model, run.data, root / "cache" / name, accelerator=accelerator)
-
-    sources = method_sources(args.methods, queries, root, cfg.random_seeds, make) + extra
+    sources = ranking_sources(
+        args, run.model, run.data, queries, root, max(cfg.ks), cfg.random_seeds, accelerator=accelerator
+    )
     if args.reference == "released":  # the queries are its own samples
         reference, targets = run.model, None
     else:  # our full run: regenerations are compared with its own, so only the removal differs

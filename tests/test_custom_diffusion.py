@@ -1,4 +1,4 @@
-"""The customized-model (AbC) benchmark: metrics, task lists, Custom Diffusion files, data and the attribution script."""
+"""The customized-model (AbC) benchmark: metrics, task lists, Custom Diffusion files, data, attribution script."""
 
 from __future__ import annotations
 

@@ -18,38 +18,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from common import keyed_random
-from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset, method_config
+from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
-from common.evaluation.leave_k_out import RankingSource, external_sources, leave_k_out, method_sources
+from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
-from common.methods import METHODS, get_method
+from common.methods import METHODS
 from common.outputs import prepare_run_dir, write_json
 from common.queries import load_queries
 from common.training.train import TrainConfig
 from tiny.pipeline import load_model, load_run
 from tiny.train import recipe_of, train_tiny
-
-
-def ranking_sources(args, run, queries, cfg: EvalConfig) -> list[RankingSource]:
-    """One source per method (``random``: one per seed) and per ``--rankings`` item; missing rankings are made now."""
-    fingerprint = run.model.fingerprint()
-    extra = external_sources(
-        args.rankings, queries, set(METHODS), len(run.data), run.data.fingerprint, fingerprint, max(cfg.ks)
-    )
-    root = Path(args.attribution or Path(args.out) / "attribution")
-
-    def make(name: str, seed: int | None):
-        cls = get_method(name)
-        settings = method_config(cls, args)
-        settings = settings if seed is None else replace(settings, seed=seed)
-        return cls(settings, run.model, run.data, root / "cache" / name, lambda p: load_model(p, "cpu"))
-
-    return method_sources(args.methods, queries, root, cfg.random_seeds, make) + extra
 
 
 @cli
@@ -101,7 +85,9 @@ def main() -> None:
     identity |= {"clip": [cfg.clip_model, cfg.clip_weights]}
     out = Path(args.out)
     prepare_run_dir(out, identity, args.overwrite)  # before the rankings are written into it
-    sources = ranking_sources(args, run, queries, cfg)
+    root = Path(args.attribution or out / "attribution")
+    load = partial(load_model, device="cpu")
+    sources = ranking_sources(args, run.model, run.data, queries, root, max(cfg.ks), cfg.random_seeds, load_model=load)
 
     def retrain(excluded: list[int], folder: Path):
         model_dir = folder.parent / recipe_id / folder.name

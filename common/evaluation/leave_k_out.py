@@ -10,17 +10,21 @@ metric is recomputed rather than reused.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.data import Query
+from common.config import method_config
+from common.data import ArrayTrainingSet, Query
 from common.errors import require
 from common.evaluation.exclusion import exclusion_key, top_k_exclusion
 from common.evaluation.tables import build_tables
+from common.methods import METHODS, get_method
+from common.methods.base import run_method
 from common.model import DiffusionModel
 from common.outputs import prepare_run_dir, write_json
 
@@ -92,8 +96,6 @@ def method_sources(
     missing ones are made now by ``make(name, seed)``, a method with the run's settings (the seed
     replaced for the random baseline's repeats).
     """
-    from common.methods.base import run_method
-
     sources = []
     for name in names:
         for seed in range(random_seeds) if name == "random" else [None]:
@@ -101,6 +103,35 @@ def method_sources(
             run_method(make(name, seed), queries, folder, plot=False)
             sources.append(RankingSource(name, folder, seed))
     return sources
+
+
+def ranking_sources(
+    args: argparse.Namespace,
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    queries: Sequence[Query],
+    root: str | Path,
+    max_k: int,
+    random_seeds: int,
+    **context,
+) -> list[RankingSource]:
+    """The rows of a leave-K-out table: ``args.methods`` (settings from ``args``) and ``args.rankings``.
+
+    Each registered method is built with the settings its command-line flags give (the random
+    baseline once per seed) and ``context`` (``load_model``, ``accelerator``), its cache in
+    ``root/cache/<name>``; the ``LABEL=FOLDER`` items are checked before anything runs.
+    """
+    extra = external_sources(
+        args.rankings, queries, set(METHODS), len(data), data.fingerprint, model.fingerprint(), max_k
+    )
+
+    def make(name: str, seed: int | None):
+        cls = get_method(name)
+        settings = method_config(cls, args)
+        settings = settings if seed is None else replace(settings, seed=seed)
+        return cls(settings, model, data, Path(root) / "cache" / name, **context)
+
+    return method_sources(args.methods, queries, root, random_seeds, make) + extra
 
 
 def ranking_id(path: Path) -> str:
