@@ -7,6 +7,7 @@ image, stacked after the originals as in the released MSCOCO arrays).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,12 @@ class ConcatTrainingSet(ArrayTrainingSet):
         self.image_paths = [q for p in parts for q in p.image_paths]
         self._text = first._text  # for the text shape only
         self._fingerprint = None
+        # One dtype for every batch, whichever parts it draws from (e.g. float32 exemplars, float16 LAION).
+        probe = torch.tensor([0])
+        self._dtypes = {
+            kind: functools.reduce(torch.promote_types, [read(p, probe).dtype for p in parts])
+            for kind, read in (("images", lambda p, i: p.images(i)), ("text", lambda p, i: p.text(i)))
+        }
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -168,30 +175,28 @@ class ConcatTrainingSet(ArrayTrainingSet):
         for part in self.parts:
             part.release_pages()
 
-    def _gather(self, indices: torch.Tensor, read) -> torch.Tensor:
+    def _gather(self, indices: torch.Tensor, read, dtype: torch.dtype) -> torch.Tensor:
         """Rows of ``indices`` (B,) from each part, by ``read(part, local positions, mask)``, in order."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         require(bool(((indices >= 0) & (indices < len(self))).all()), f"indices outside 0..{len(self) - 1}")
         out = None
         for k, part in enumerate(self.parts):
             mask = (indices >= int(self.starts[k])) & (indices < int(self.starts[k + 1]))
-            if mask.any():
+            if mask.any() or (out is None and k == len(self.parts) - 1):  # an empty batch keeps the row shape
                 rows = read(part, indices[mask] - int(self.starts[k]), mask)
-                out = rows.new_empty((len(indices), *rows.shape[1:])) if out is None else out
-                if rows.dtype != out.dtype:  # e.g. float32 exemplars beside float16 LAION arrays: the wider
-                    out = out.to(torch.promote_types(out.dtype, rows.dtype))
-                out[mask] = rows.to(out.dtype)
+                out = rows.new_empty((len(indices), *rows.shape[1:]), dtype=dtype) if out is None else out
+                out[mask] = rows.to(dtype)
         return out
 
     def images(self, indices: torch.Tensor, flips: torch.Tensor | bool = False) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.long)
         flips = torch.as_tensor(flips, dtype=torch.bool).expand(indices.shape)
-        return self._gather(indices, lambda part, pos, mask: part.images(pos, flips[mask]))
+        return self._gather(indices, lambda part, pos, mask: part.images(pos, flips[mask]), self._dtypes["images"])
 
     def text(self, indices: torch.Tensor, captions: torch.Tensor | int = 0) -> torch.Tensor:
         indices = torch.as_tensor(indices, dtype=torch.long)
         captions = torch.as_tensor(captions, dtype=torch.long).expand(indices.shape)
-        return self._gather(indices, lambda part, pos, mask: part.text(pos, captions[mask]))
+        return self._gather(indices, lambda part, pos, mask: part.text(pos, captions[mask]), self._dtypes["text"])
 
     def subset(self, keep: Sequence[int]) -> ArrayTrainingSet:
         keep_t = torch.as_tensor(list(keep), dtype=torch.long)

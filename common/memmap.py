@@ -70,6 +70,7 @@ class MemmapTrainingSet(ArrayTrainingSet):
         m = len(latents) // 2
         count = m if count is None else count
         require(0 < count <= m, f"cannot keep {count} of {m} images")
+        require(len(text) == m, f"{len(latents)} latents (2 x {m}) but {len(text)} text embeddings")
         originals, flips = latents[:count], latents[m : m + count]
         self._arrays = (latents, text) if count == m else (originals, flips, text[:count])
         super().__init__(as_tensor(originals), as_tensor(text[:count]), flipped=as_tensor(flips), **kwargs)

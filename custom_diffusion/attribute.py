@@ -16,6 +16,7 @@ test case, per concept kind and overall.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = load_preset(build_parser(), argv=argv)
     cls, cfg = method_from_args(args)
+    fisher = getattr(cfg, "fisher", None)
+    require(
+        fisher is None or bool(fisher.file),
+        "pass --fisher.file: the Fisher is the base model's (the released sd_fisher.pt), not each customized model's",
+    )
     tasks = load_tasks(args.tasks, args.data)  # every file checked before any work
     laion = load_laion(args.data, args.laion_count)
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -97,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         folders = run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
         for task, folder in zip(group, folders, strict=True):
             rows[task.id] = query_retrieval(np.load(folder / "scores.npy"), task)
+        del model, data, method  # one Stable Diffusion at a time on the device
     if accelerator.is_main_process:
-        write_json(out / cls.name / "retrieval.json", rows)
+        path = out / cls.name / "retrieval.json"
+        rows = (json.loads(path.read_text()) if path.exists() else {}) | rows  # earlier runs' queries kept
+        write_json(path, rows)
         table = retrieval_table(rows, cls.name)
         (out / cls.name / "retrieval.md").write_text(table)
         print(table)

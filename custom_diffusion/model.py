@@ -76,6 +76,11 @@ class StableDiffusionModel(LatentDiffusionModel):
             not unknown,
             f"{folder / CUSTOM_WEIGHTS} has {len(unknown)} key(s) the UNet does not have, e.g. {unknown[:1]}",
         )
+        missing = sorted(set(select_parameters(self.unet, "cross-attn-kv")) - set(state))
+        require(
+            not missing,
+            f"{folder / CUSTOM_WEIGHTS} lacks {len(missing)} of the cross-attention K/V weights, e.g. {missing[:1]}",
+        )
         token, embedding = read_token(folder / TOKEN_FILE, self.tokenizer, self.text_encoder)  # checked first
         dtype = next(self.unet.parameters()).dtype
         load_state(self.unet, {k: v.to(dtype) for k, v in state.items()}, folder / CUSTOM_WEIGHTS, strict=False)

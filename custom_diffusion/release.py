@@ -72,11 +72,15 @@ def read_image(path: str | Path, resolution: int = RESOLUTION) -> torch.Tensor:
         image = Image.open(path).convert("RGB")
     except OSError as err:
         raise AttributionError(f"cannot read image {path} ({err})") from None
+    # torchvision's Resize(R) and CenterCrop(R), which the authors use: the long side truncated, the
+    # crop offset rounded, an image already at size left alone.
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.BILINEAR)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    short, long = min(w, h), max(w, h)
+    new_long = int(resolution * long / short)
+    size = (resolution, new_long) if w <= h else (new_long, resolution)
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return pixels / 127.5 - 1

@@ -97,8 +97,15 @@ def load_tasks(task_file: str | Path, root: str | Path, check_files: bool = True
         require(isinstance(entry, dict), f"{where} is not an object")
         missing = [f for f in TASK_FIELDS if f not in entry]
         require(not missing, f"{where} lacks {', '.join(missing)}")
+        texts = ("synth_image_path", "prompt", "test_case", "model_path", "train_prompt")
+        wrong = [f for f in texts if not isinstance(entry[f], str)]
+        require(not wrong, f"{where}: {', '.join(wrong)} should be text")
+        require(
+            isinstance(entry["test_case_ind"], int) and not isinstance(entry["test_case_ind"], bool),
+            f"{where}: test_case_ind should be an integer, got {entry['test_case_ind']!r}",
+        )
         require("<new1>" in entry["train_prompt"], f"{where}: train_prompt {entry['train_prompt']!r} lacks <new1>")
-        bench = benchmark_entry(root, entry["test_case"], int(entry["test_case_ind"]))
+        bench = benchmark_entry(root, entry["test_case"], entry["test_case_ind"])
         model_dir = root / entry["model_path"]
         require(
             Path(model_dir).name == str(bench.get("class_id", Path(model_dir).name)),

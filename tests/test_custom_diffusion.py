@@ -181,6 +181,7 @@ def test_custom_diffusion_files_round_trip_through_the_base_models_code_path(tmp
 def test_custom_diffusion_problems_are_one_line_each(tmp_path):
     import torch
 
+    from common.diffusion.selection import select_parameters
     from custom_diffusion.model import CUSTOM_WEIGHTS, TOKEN_FILE, StableDiffusionModel
 
     write_stable_diffusion(tmp_path / "sd")
@@ -193,15 +194,23 @@ def test_custom_diffusion_problems_are_one_line_each(tmp_path):
     torch.save({"a": torch.zeros(32)}, folder / TOKEN_FILE)
     with pytest.raises(AttributionError, match="1 key\\(s\\) the UNet does not have"):
         StableDiffusionModel.load(tmp_path / "sd").with_custom(folder)
-    # diffusers' processor names are understood; a token the tokenizer has is refused
-    torch.save(
-        {key.replace("attn2.to_k", "attn2.processor.to_k_custom_diffusion"): torch.zeros(8, 32)},
-        folder / CUSTOM_WEIGHTS,
-    )
+    # diffusers' processor names are understood; a token the tokenizer has is refused, before any weight changes
+    base = StableDiffusionModel.load(tmp_path / "sd")
+    kv = {
+        n: p.detach() + 1 for n, p in base.unet.named_parameters() if n in select_parameters(base.unet, "cross-attn-kv")
+    }
+    processor = {n.replace(".attn2.to_", ".attn2.processor.to_").replace(".weight", "_custom_diffusion.weight"): v
+                 for n, v in kv.items()}  # fmt: skip
+    torch.save(processor, folder / CUSTOM_WEIGHTS)
+    model = StableDiffusionModel.load(tmp_path / "sd")
     with pytest.raises(AttributionError, match="token 'a' already exists in the tokenizer"):
-        model = StableDiffusionModel.load(tmp_path / "sd")
         model.with_custom(folder)
-    assert torch.equal(model.unet.state_dict()[key], StableDiffusionModel.load(tmp_path / "sd").unet.state_dict()[key])
+    assert torch.equal(model.unet.state_dict()[key], base.unet.state_dict()[key])
+    torch.save({"<new1>": torch.zeros(32)}, folder / TOKEN_FILE)
+    assert torch.equal(StableDiffusionModel.load(tmp_path / "sd").with_custom(folder).unet.state_dict()[key], kv[key])
+    torch.save({key: torch.zeros(8, 32)}, folder / CUSTOM_WEIGHTS)
+    with pytest.raises(AttributionError, match=f"lacks {len(kv) - 1} of the cross-attention K/V weights"):
+        StableDiffusionModel.load(tmp_path / "sd").with_custom(folder)
     with pytest.raises(AttributionError, match="missing Stable Diffusion folder"):
         StableDiffusionModel.load(tmp_path / "no" / "such" / "sd")
 
@@ -232,7 +241,7 @@ def test_images_encode_to_scaled_latents_the_mean_or_a_seeded_posterior_sample(t
 def test_memory_mapped_set_keeps_the_first_images_and_their_flips(tmp_path):
     import torch
 
-    from common.memmap import MemmapTrainingSet, open_array
+    from common.memmap import MemmapTrainingSet, open_array, sampled_fingerprint
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "latents.npy", rng.normal(size=(10, 4, 8, 8)).astype(np.float16))  # 5 images, then 5 flips
@@ -247,6 +256,7 @@ def test_memory_mapped_set_keeps_the_first_images_and_their_flips(tmp_path):
     assert isinstance(subset._arrays[0], np.memmap)  # still on disk
     full = MemmapTrainingSet(latents, text)
     assert len(full) == 5 and full.fingerprint != subset.fingerprint
+    assert full.fingerprint == sampled_fingerprint(latents, text)  # as before subsets existed: caches stay valid
     with pytest.raises(AttributionError, match="cannot keep 6 of 5 images"):
         MemmapTrainingSet(latents, text, count=6)
 
@@ -274,8 +284,8 @@ def test_joined_training_sets_index_as_one(tmp_path):
     assert torch.equal(both.text(idx), torch.cat([t.float() for t in text]))
     part = both.subset([3, 1])
     assert torch.equal(part.images([0, 1], True), both.images(torch.tensor([3, 1]), True))
-    other = ConcatTrainingSet([ex, laion.subset([0, 1, 2])])
-    assert other.fingerprint == both.fingerprint
+    assert both.images(torch.tensor([3, 4])).dtype == torch.float32  # one dtype whichever parts a batch reads
+    assert both.images(torch.tensor([], dtype=torch.long)).shape == (0, 4, 8, 8)
     assert ConcatTrainingSet([laion, ex]).fingerprint != both.fingerprint
     with pytest.raises(AttributionError, match="outside 0..4"):
         both.images(torch.tensor([5]))
@@ -307,6 +317,7 @@ def test_laion_arrays_of_the_wrong_layout_are_one_line(tmp_path, kwargs, count, 
 
 
 def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
+    import torch
     from PIL import Image
 
     from custom_diffusion.release import read_image
@@ -316,6 +327,18 @@ def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
     pixels = read_image(tmp_path / "wide.png", 10)
     assert pixels.shape == (3, 10, 10)
     assert np.allclose((pixels[0, 0].numpy() + 1) * 127.5, np.arange(5, 15) * 10, atol=1e-4)  # columns 5..14
+    # the authors' transforms (torchvision Resize, CenterCrop) on sizes whose rounding differs
+    from torchvision import transforms
+
+    reference = transforms.Compose(
+        [transforms.Resize(64, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(64),
+         transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for h, w in ((375, 500), (500, 375), (64, 97), (64, 64), (81, 64)):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
+        expected = reference(Image.open(tmp_path / "odd.png").convert("RGB"))
+        assert torch.allclose(read_image(tmp_path / "odd.png", 64), expected, atol=1e-5), (h, w)
 
 
 def write_abc(root):
@@ -360,7 +383,6 @@ def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path
     assert torch.equal(data.text(torch.arange(3)), model.encode_text([task.train_prompt]).expand(3, -1, -1))
     again = exemplar_set(model, task)
     assert torch.equal(again.images(torch.arange(3), True), data.images(torch.arange(3), True))  # seeded by image
-    assert not torch.equal(data.images(torch.arange(3)), data.images(torch.arange(3), True))
     query = task_query(model, task)
     assert query.image.shape == (4, 8, 8) and query.text.shape == (1, 77, 32) and query.extra["kind"] == "style"
     assert torch.equal(query.text[0], model.encode_text([task.prompt])[0])
@@ -425,10 +447,24 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
         main([*flags, "--method", "pixel"])
     assert exit_info.value.code == 2 and "task 3 lacks prompt" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "pixel").exists()
+    with pytest.raises(SystemExit):  # the Fisher is the base model's: it must be given
+        main([*flags, "--method", "unlearning"])
+    assert "pass --fisher.file" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # about a minute: multi-step unlearning on two customized models
 def test_attribute_script_unlearns_each_customized_model(tmp_path):
+    import torch
+
+    from common.diffusion.selection import select_parameters
+    from custom_diffusion.model import StableDiffusionModel
+
     run = abc_runner(tmp_path)
-    run("--method", "unlearning")
+    unet = StableDiffusionModel.load(tmp_path / "sd").unet
+    params = dict(unet.named_parameters())
+    fisher = {
+        n: torch.rand(params[n].shape, dtype=torch.float64) + 0.1 for n in select_parameters(unet, "cross-attn-kv")
+    }
+    torch.save(fisher, tmp_path / "sd_fisher.pt")  # as the release's: the base model's, by parameter name
+    run("--method", "unlearning", "--fisher.file", str(tmp_path / "sd_fisher.pt"))
     check_retrieval(tmp_path / "out", "unlearning")
