@@ -40,7 +40,6 @@ UNET_CONFIG = {
 }
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_COMPONENTS = "stabilityai/stable-diffusion-2"
-TEXT_LENGTH = 77
 
 
 def build_unet(**overrides) -> UNet2DConditionModel:
