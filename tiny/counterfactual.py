@@ -37,7 +37,7 @@ from tiny.train import recipe_of, train_tiny
 
 
 @cli
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="the original tiny model (its model.json holds the recipe)")
     parser.add_argument("--data", required=True, help="the training image folder")
@@ -59,7 +59,7 @@ def main() -> None:
     add_dataclass_arguments(parser, EvalConfig, "eval")
     add_dataclass_arguments(parser, TrainConfig, "train")
     add_method_arguments(parser)
-    args = load_preset(parser)
+    args = load_preset(parser, argv=argv)
     cfg = dataclass_from_args(EvalConfig, args, "eval")
     run = load_run(args.model, args.data, "cpu")
     model_cfg, recipe, info = recipe_of(args.model)
