@@ -468,3 +468,30 @@ def test_attribute_script_unlearns_each_customized_model(tmp_path):
     torch.save(fisher, tmp_path / "sd_fisher.pt")  # as the release's: the base model's, by parameter name
     run("--method", "unlearning", "--fisher.file", str(tmp_path / "sd_fisher.pt"))
     check_retrieval(tmp_path / "out", "unlearning")
+
+
+def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_path, capsys):
+    import json
+
+    from custom_diffusion.compare import main
+
+    def row(kind, recall, ap):
+        return {"recall@10": recall, "ap": ap, "kind": kind, "test_case": "x"}
+
+    (tmp_path / "unlearning").mkdir()
+    (tmp_path / "unlearning" / "retrieval.json").write_text(
+        json.dumps({"a": row("object", 1.0, 0.5), "b": row("object", 0.5, 0.3), "c": row("style", 0.0, 0.1)})
+    )
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "retrieval.json").write_text(json.dumps({"a": row("style", 0.0, 0.02)}))
+    main([str(tmp_path)])
+    table = (tmp_path / "retrieval.md").read_text().splitlines()
+    assert table[2] == "| random | – | – | 0.000 ± 0.000 | 0.020 ± 0.000 | 0.000 ± 0.000 | 0.020 ± 0.000 | 1 |"
+    # objects: recall (1 + 0.5) / 2 = 0.75 ± 0.25, AP 0.4 ± 0.1; all three: AP 0.3 ± 0.115
+    assert table[3].startswith(
+        "| unlearning | 0.750 ± 0.250 | 0.400 ± 0.100 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.500 ± 0.289 |"
+    )
+    assert (tmp_path / "object_vs_style.png").stat().st_size > 0  # unlearning has both kinds
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])
+    assert "no <method>/retrieval.json" in capsys.readouterr().err
