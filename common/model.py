@@ -103,13 +103,18 @@ class DiffusionModel(abc.ABC):
         )
 
 
+def read_json(path: str | Path, what: str, remedy: str = "copy it again"):
+    """A JSON file's contents; a missing or broken file is one line naming it (and ``remedy``)."""
+    require_file(path, what)
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AttributionError(f"{path} is damaged (not valid JSON); {remedy}") from None
+
+
 def read_model_json(path: str | Path) -> dict:
     """A model's JSON description; a missing or broken file is one line naming it."""
-    require_file(path, "model config")
-    try:
-        info = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AttributionError(f"{path} is damaged (not valid JSON); copy it again or retrain") from None
+    info = read_json(path, "model config", "copy it again or retrain")
     require(isinstance(info, dict), f"{path} is damaged (expected a JSON object)")
     return info
 

@@ -25,9 +25,9 @@ import torch
 from common.config import add_attribution_arguments, load_preset, method_from_args
 from common.errors import cli, require
 from common.evaluation.retrieval import average_precision, recall_at_k
-from common.evaluation.tables import mean_se
 from common.methods.base import run_method
 from common.outputs import write_json
+from custom_diffusion.compare import KINDS, group_stats
 from custom_diffusion.model import SD_V14, StableDiffusionModel
 from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set
 from custom_diffusion.tasks import TEST_CASES, Task, load_tasks
@@ -55,14 +55,10 @@ def query_retrieval(scores: np.ndarray, task: Task) -> dict:
 
 def retrieval_table(rows: dict[str, dict], method: str) -> str:
     """Mean ± SE of Recall@10 and mAP per test case, per concept kind and over all queries (markdown)."""
-    groups = [(case, [r for r in rows.values() if r["test_case"] == case]) for case in TEST_CASES]
-    groups += [(kind, [r for r in rows.values() if r["kind"] == kind]) for kind in ("object", "style")]
-    groups.append(("all", list(rows.values())))
+    per_case = {k: v for k, v in group_stats(rows, "test_case", TEST_CASES).items() if k != "all"}
     lines = [f"| {method} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
-    for name, members in groups:
-        if members:
-            recall, ap = (mean_se([r[key] for r in members]) for key in ("recall@10", "ap"))
-            lines.append(f"| {name} | {len(members)} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
+    for name, (n, recall, ap) in (per_case | group_stats(rows, "kind", KINDS)).items():
+        lines.append(f"| {name} | {n} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,14 +26,22 @@ def gather(out: Path) -> dict[str, dict[str, dict]]:
     return found
 
 
+def group_stats(rows: dict[str, dict], field: str, values) -> dict[str, tuple[int, tuple, tuple]]:
+    """name -> (queries, Recall@10 mean ± SE, AP mean ± SE) for each of ``values`` of ``field``, then "all".
+
+    Groups without queries are left out.
+    """
+    groups = [(v, [r for r in rows.values() if r[field] == v]) for v in values] + [("all", list(rows.values()))]
+    return {
+        name: (len(members), mean_se([r["recall@10"] for r in members]), mean_se([r["ap"] for r in members]))
+        for name, members in groups
+        if members
+    }
+
+
 def summary(rows: dict[str, dict]) -> dict[str, tuple[int, tuple[float, float], tuple[float, float]]]:
-    """group (object, style, all) -> (queries, Recall@10 mean ± SE, AP mean ± SE); groups without queries left out."""
-    out = {}
-    for group in (*KINDS, "all"):
-        members = [r for r in rows.values() if group in ("all", r["kind"])]
-        if members:
-            out[group] = (len(members), mean_se([r["recall@10"] for r in members]), mean_se([r["ap"] for r in members]))
-    return out
+    """Per concept kind (object, style) and over all queries: see :func:`group_stats`."""
+    return group_stats(rows, "kind", KINDS)
 
 
 def comparison_table(found: dict[str, dict[str, dict]]) -> str:

@@ -15,11 +15,11 @@ Two kinds of JSON (``sywang/GenDataAttribution`` on the Hugging Face Hub, extrac
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import AttributionError, require
+from common.model import read_json
 from custom_diffusion.model import CUSTOM_WEIGHTS, TOKEN_FILE
 
 TASK_FIELDS = ("synth_image_path", "prompt", "test_case", "test_case_ind", "model_path", "train_prompt", "category")
@@ -49,14 +49,6 @@ class Task:
     @property
     def kind(self) -> str:
         return KIND[self.test_case]
-
-
-def read_json(path: Path, what: str):
-    require(path.is_file(), f"missing {what}: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttributionError(f"{path} is not valid JSON ({err})") from None
 
 
 def benchmark_entry(root: Path, test_case: str, index: int) -> dict:
