@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Attribution by unlearning, end to end on the tiny benchmark (CPU, under ten minutes):
+# Attribution by unlearning, end to end on the tiny benchmark (2 CPU cores: 8-17 min measured):
 # build the shapes dataset, train the tiny model (or reuse it), generate queries, estimate the
 # Fisher, cache the pretrained losses, attribute each query.
 #
