@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.errors import AttributionError, first_line, require
-from common.model import DiffusionModel
+from common.model import DiffusionModel, set_token_embedding
 
 
 def require_source(source: str | Path, what: str) -> None:
@@ -83,21 +83,32 @@ class LatentDiffusionModel(DiffusionModel):
             self._tokenizer = self._component("tokenizer")
         return self._tokenizer
 
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """Token ids (B,77), padded to the full length (as SD's training)."""
+        return self.tokenizer(
+            captions, padding="max_length", max_length=self.text_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def has_token(self, token: str) -> bool:
+        return token in self.tokenizer.get_vocab()
+
+    def token_row(self, token: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(token))
+
+    def add_token(self, token: str, embedding: torch.Tensor) -> None:
+        require(not self.has_token(token), f"token {token!r} already exists in the tokenizer")
+        self.tokenizer.add_tokens(token)
+        set_token_embedding(self.text_encoder, len(self.tokenizer), self.token_row(token), embedding)
+
     @torch.no_grad()
     def encode_text(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
         """Conditions (B,77,D): ``last_hidden_state`` of the padded tokens, no attention mask (as SD's training)."""
-        encoder, tokenizer = self.text_encoder, self.tokenizer
+        encoder = self.text_encoder
         device = next(encoder.parameters()).device
-        out = []
-        for i in range(0, len(captions), batch_size):
-            ids = tokenizer(
-                captions[i : i + batch_size],
-                padding="max_length",
-                max_length=self.text_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out.append(encoder(input_ids=ids.to(device)).last_hidden_state.float().cpu())
+        out = [
+            encoder(input_ids=self.token_ids(captions[i : i + batch_size]).to(device)).last_hidden_state.float().cpu()
+            for i in range(0, len(captions), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, self.text_length, self.unet.config.cross_attention_dim)
 
     @torch.no_grad()

@@ -31,11 +31,13 @@ class DiffusionModel(abc.ABC):
         flips: whether training used random horizontal flips. When true, every method scores a
             training image as itself and flipped and keeps the max (the paper's setting); when
             false only the original orientation is scored.
+        token: the new token a customized model learned (None for a base model).
     """
 
     unet: torch.nn.Module
     scheduler: DDPMScheduler
     flips: bool = True
+    token: str | None = None  # a customized model's new token (e.g. "<new1>")
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -74,6 +76,24 @@ class DiffusionModel(abc.ABC):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Viewable pixels in [-1, 1] (B,3,H,W) float32 from model inputs (B,C,h,w) (identity in pixel space)."""
 
+    # The text side, for models that can learn a new token (customization): ``text_encoder`` is a
+    # transformers CLIP text model fed the ids of :meth:`token_ids`.
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """Token ids (B,L) of ``captions``, as :meth:`encode_text` feeds them to ``text_encoder``."""
+        raise AttributionError(f"{type(self).__name__} has no tokenizer that can learn a new token")
+
+    def has_token(self, token: str) -> bool:
+        """Whether ``token`` is already one piece of the vocabulary."""
+        raise AttributionError(f"{type(self).__name__} has no tokenizer that can learn a new token")
+
+    def token_row(self, token: str) -> int:
+        """The row of ``token`` in the text encoder's input embeddings."""
+        raise AttributionError(f"{type(self).__name__} has no tokenizer that can learn a new token")
+
+    def add_token(self, token: str, embedding: torch.Tensor) -> None:
+        """Add ``token`` to the vocabulary and its input ``embedding`` (D,) to ``text_encoder``."""
+        raise AttributionError(f"{type(self).__name__} has no tokenizer that can learn a new token")
+
     def fingerprint(self) -> str:
         """Identifies the denoiser's weights (for caches and rankings)."""
         state = self.unet.state_dict()
@@ -101,6 +121,14 @@ class DiffusionModel(abc.ABC):
             1 <= value <= self.num_train_timesteps,
             f"{what} = {value} does not fit the model's {self.num_train_timesteps} diffusion steps",
         )
+
+
+def set_token_embedding(text_encoder, vocab_size: int, row: int, embedding: torch.Tensor) -> None:
+    """Grow a transformers text encoder's input embeddings to ``vocab_size`` rows; set ``row`` to ``embedding`` (D,)."""
+    text_encoder.resize_token_embeddings(vocab_size, mean_resizing=False)  # the row is set right after
+    table = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        table.weight[row] = embedding.to(table.weight)
 
 
 def read_json(path: str | Path, what: str, remedy: str = "copy it again"):

@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError, first_line, require
 from common.latent import LatentDiffusionModel, require_source
-from common.model import load_state, read_pickle
+from common.model import DiffusionModel, load_state, read_pickle
 
 SD_V14 = "CompVis/stable-diffusion-v1-4"
 CUSTOM_WEIGHTS = "pytorch_custom_diffusion_weights.pt"
@@ -46,7 +46,6 @@ class StableDiffusionModel(LatentDiffusionModel):
         self.scheduler = scheduler
         self.flips = True  # SD's training flips; the paper scores both orientations and keeps the max
         self.set_components(components)
-        self.token: str | None = None
 
     @classmethod
     def load(cls, source: str | Path = SD_V14, device: torch.device | str = "cpu") -> StableDiffusionModel:
@@ -60,32 +59,41 @@ class StableDiffusionModel(LatentDiffusionModel):
         return cls(unet.eval().to(device), scheduler, source)
 
     def with_custom(self, folder: str | Path) -> StableDiffusionModel:
-        """This base model customized by the Custom Diffusion model in ``folder`` (its two files applied).
+        """This base model customized by the Custom Diffusion model in ``folder`` (see :func:`apply_custom`)."""
+        return apply_custom(self, folder)
 
-        The UNet's K/V weights and the text encoder's embeddings change in place: load a fresh base
-        model for each customized one.
-        """
-        folder = Path(folder)
-        require(folder.is_dir(), f"missing Custom Diffusion folder {folder}")
-        for name in (CUSTOM_WEIGHTS, TOKEN_FILE):
-            require((folder / name).is_file(), f"Custom Diffusion folder {folder} lacks {name}")
-        state = unet_names(read_pickle(folder / CUSTOM_WEIGHTS, "Custom Diffusion weights"))
-        own = self.unet.state_dict()
-        unknown = sorted(set(state) - set(own))
-        require(
-            not unknown,
-            f"{folder / CUSTOM_WEIGHTS} has {len(unknown)} key(s) the UNet does not have, e.g. {unknown[:1]}",
+
+def apply_custom(model: DiffusionModel, folder: str | Path) -> DiffusionModel:
+    """``model`` customized by the Custom Diffusion model in ``folder``: its two files applied, all checked first.
+
+    The UNet's K/V weights and the text encoder's embeddings change in place: load a fresh base model
+    for each customized one. Sets ``model.token`` to the new token.
+    """
+    folder = Path(folder)
+    require(folder.is_dir(), f"missing Custom Diffusion folder {folder}")
+    for name in (CUSTOM_WEIGHTS, TOKEN_FILE):
+        require((folder / name).is_file(), f"Custom Diffusion folder {folder} lacks {name}")
+    state = unet_names(read_pickle(folder / CUSTOM_WEIGHTS, "Custom Diffusion weights"))
+    own = model.unet.state_dict()
+    unknown = sorted(set(state) - set(own))
+    require(
+        not unknown, f"{folder / CUSTOM_WEIGHTS} has {len(unknown)} key(s) the UNet does not have, e.g. {unknown[:1]}"
+    )
+    missing = sorted(set(select_parameters(model.unet, "cross-attn-kv")) - set(state))
+    require(
+        not missing,
+        f"{folder / CUSTOM_WEIGHTS} lacks {len(missing)} of the cross-attention K/V weights, e.g. {missing[:1]}",
+    )
+    for key in (k for k, v in state.items() if v.shape != own[k].shape):
+        raise AttributionError(
+            f"{folder / CUSTOM_WEIGHTS}: {key} is {tuple(state[key].shape)}, the UNet's is {tuple(own[key].shape)}"
         )
-        missing = sorted(set(select_parameters(self.unet, "cross-attn-kv")) - set(state))
-        require(
-            not missing,
-            f"{folder / CUSTOM_WEIGHTS} lacks {len(missing)} of the cross-attention K/V weights, e.g. {missing[:1]}",
-        )
-        token, embedding = read_token(folder / TOKEN_FILE, self.tokenizer, self.text_encoder)  # checked first
-        dtype = next(self.unet.parameters()).dtype
-        load_state(self.unet, {k: v.to(dtype) for k, v in state.items()}, folder / CUSTOM_WEIGHTS, strict=False)
-        self.token = add_token(self.tokenizer, self.text_encoder, token, embedding)
-        return self
+    token, embedding = read_token(folder / TOKEN_FILE, model)  # checked before anything changes
+    dtype = next(model.unet.parameters()).dtype
+    load_state(model.unet, {k: v.to(dtype) for k, v in state.items()}, folder / CUSTOM_WEIGHTS, strict=False)
+    model.add_token(token, embedding)
+    model.token = token
+    return model
 
 
 def unet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,39 +102,28 @@ def unet_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {pattern.sub(r".\1.", k): v for k, v in state.items()}
 
 
-def read_token(path: Path, tokenizer, text_encoder) -> tuple[str, torch.Tensor]:
-    """The new token and its embedding from a ``{token: embedding (D,)}`` file, checked against the text side."""
+def read_token(path: Path, model: DiffusionModel) -> tuple[str, torch.Tensor]:
+    """The new token and its embedding from a ``{token: embedding (D,)}`` file, checked against ``model``'s text."""
     entry = read_pickle(path, "token embedding")
     require(len(entry) == 1, f"{path} should hold one token's embedding, not {len(entry)}")
     ((token, embedding),) = entry.items()
-    width = text_encoder.get_input_embeddings().embedding_dim
+    width = model.text_encoder.get_input_embeddings().embedding_dim
     require(
         embedding.shape == (width,),
         f"{path}: embedding of shape {tuple(embedding.shape)} for a text encoder of width {width}",
     )
-    require(token not in tokenizer.get_vocab(), f"{path}: token {token!r} already exists in the tokenizer")
+    require(not model.has_token(token), f"{path}: token {token!r} already exists in the tokenizer")
     return token, embedding
 
 
-def add_token(tokenizer, text_encoder, token: str, embedding: torch.Tensor) -> str:
-    """Add ``token`` to the tokenizer and its input ``embedding`` (D,) to the text encoder."""
-    require(token not in tokenizer.get_vocab(), f"token {token!r} already exists in the tokenizer")
-    tokenizer.add_tokens(token)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    table = text_encoder.get_input_embeddings()
-    with torch.no_grad():
-        table.weight[tokenizer.convert_tokens_to_ids(token)] = embedding.to(table.weight)
-    return token
-
-
-def save_custom(model: StableDiffusionModel, folder: str | Path, selection: str = "cross-attn-kv") -> None:
-    """Write ``model``'s fine-tuned weights and new token as the release's two files."""
-    require(model.token is not None, "the model has no new token to save")
+def save_custom(model: DiffusionModel, folder: str | Path, selection: str = "cross-attn-kv") -> None:
+    """Write ``model``'s fine-tuned weights and new token (``model.token``) as the release's two files."""
+    token = getattr(model, "token", None)
+    require(token is not None, "the model has no new token to save")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params = dict(model.unet.named_parameters())
     torch.save({n: params[n].detach().cpu().clone() for n in select_parameters(model.unet, selection)},
                folder / CUSTOM_WEIGHTS)  # fmt: skip
-    row = model.tokenizer.convert_tokens_to_ids(model.token)
-    torch.save({model.token: model.text_encoder.get_input_embeddings().weight[row].detach().cpu().clone()},
-               folder / TOKEN_FILE)  # fmt: skip
+    row = model.text_encoder.get_input_embeddings().weight[model.token_row(token)]
+    torch.save({token: row.detach().cpu().clone()}, folder / TOKEN_FILE)

@@ -148,7 +148,7 @@ def test_custom_diffusion_files_round_trip_through_the_base_models_code_path(tmp
     import torch
 
     from common.diffusion.selection import select_parameters
-    from custom_diffusion.model import StableDiffusionModel, add_token, read_token, save_custom
+    from custom_diffusion.model import StableDiffusionModel, read_token, save_custom
 
     write_stable_diffusion(tmp_path / "sd")
     base = StableDiffusionModel.load(tmp_path / "sd")
@@ -162,8 +162,9 @@ def test_custom_diffusion_files_round_trip_through_the_base_models_code_path(tmp
         for n in names:
             params[n].add_(0.1 * torch.randn_like(params[n]))
     torch.save({"<new1>": torch.randn(32)}, tmp_path / "token.bin")
-    token, embedding = read_token(tmp_path / "token.bin", tuned.tokenizer, tuned.text_encoder)
-    tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, token, embedding)
+    token, embedding = read_token(tmp_path / "token.bin", tuned)
+    tuned.add_token(token, embedding)
+    tuned.token = token
     save_custom(tuned, tmp_path / "custom")
     saved = torch.load(tmp_path / "custom" / "pytorch_custom_diffusion_weights.pt", weights_only=True)
     assert sorted(saved) == sorted(names) and all("attn2" in n for n in names)
@@ -346,7 +347,7 @@ def write_abc(root):
     import torch
     from PIL import Image
 
-    from custom_diffusion.model import StableDiffusionModel, add_token, save_custom
+    from custom_diffusion.model import StableDiffusionModel, save_custom
 
     write_stable_diffusion(root / "sd")
     tasks = write_benchmark(root / "abc")
@@ -357,7 +358,8 @@ def write_abc(root):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
     for model_path in sorted({t["model_path"] for t in tasks}):
         tuned = StableDiffusionModel.load(root / "sd")
-        tuned.token = add_token(tuned.tokenizer, tuned.text_encoder, "<new1>", torch.randn(32))
+        tuned.add_token("<new1>", torch.randn(32))
+        tuned.token = "<new1>"
         save_custom(tuned, root / "abc" / model_path)
     write_laion(root / "abc")
     return tasks
@@ -495,3 +497,51 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty")])
     assert "no <method>/retrieval.json" in capsys.readouterr().err
+
+
+def test_finetuning_script_trains_kv_and_the_token_only_and_its_files_load_back(tmp_path, capsys):
+    import json
+
+    import torch
+    from PIL import Image
+
+    from common.diffusion.selection import select_parameters
+    from custom_diffusion.finetune import main
+    from custom_diffusion.model import StableDiffusionModel
+
+    write_stable_diffusion(tmp_path / "sd")
+    write_laion(tmp_path)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"dog{i}.png")
+        Image.fromarray(rng.integers(0, 255, (70, 64, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "my_dog"
+    argv = ["--exemplars", *map(str, paths), "--prompt", "a <new1> dog", "--out", str(out), "--base",
+            str(tmp_path / "sd"), "--laion", str(tmp_path), "--laion-count", "4", "--device", "cpu",
+            "--finetune.steps", "3", "--finetune.lr", "1e-2", "--finetune.init_word", "g"]  # fmt: skip
+    main(argv)
+    assert "Custom Diffusion model in" in capsys.readouterr().out
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["regularisation"] == 4 and summary["finetune"]["steps"] == 3
+    base = StableDiffusionModel.load(tmp_path / "sd")
+    tuned = StableDiffusionModel.load(tmp_path / "sd").with_custom(out)
+    kv = set(select_parameters(base.unet, "cross-attn-kv"))
+    before, after = base.unet.state_dict(), tuned.unet.state_dict()
+    assert all(not torch.equal(before[n], after[n]) for n in kv)  # every K/V weight moved
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in kv)  # nothing else did
+    row = tuned.token_row("<new1>")
+    table = tuned.text_encoder.get_input_embeddings().weight
+    g = base.token_ids(["g"])[0, 1]  # the test vocabulary is letters: "g</w>" is one token
+    assert row == len(table) - 1 and not torch.equal(table[row], table[g])  # started from "g", then learned
+    assert torch.equal(table[:row], base.text_encoder.get_input_embeddings().weight)  # the vocabulary is untouched
+    # the same command again: the same model (every draw keyed); refused without --overwrite
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "pass --overwrite" in capsys.readouterr().err
+    main([*argv[:6], str(tmp_path / "again"), *argv[7:]])
+    again = StableDiffusionModel.load(tmp_path / "sd").with_custom(tmp_path / "again")
+    assert all(torch.equal(after[n], again.unet.state_dict()[n]) for n in kv)
+    with pytest.raises(SystemExit):
+        main([*argv[:4], "a dog", *argv[5:], "--overwrite"])
+    assert "does not contain the new token '<new1>'" in capsys.readouterr().err

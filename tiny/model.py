@@ -7,7 +7,10 @@ weight selection (cross-attention keys and values) has the same meaning as in St
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from common.errors import AttributionError, require
-from common.model import DiffusionModel, load_state, read_model_json, read_safetensors
+from common.model import DiffusionModel, load_state, read_model_json, read_safetensors, set_token_embedding
 
 # open_clip's BPE vocabulary (shipped inside the package, nothing downloaded).
 VOCAB_SIZE = 49408
@@ -88,11 +91,28 @@ def build_scheduler(cfg: TinyModelConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
 
 
-def tokenize(captions: list[str], context_length: int) -> torch.Tensor:
-    """Token ids (B, context_length) from open_clip's offline BPE tokenizer."""
-    from open_clip.tokenizer import tokenize as clip_tokenize
+@functools.cache
+def _bpe():
+    from open_clip.tokenizer import SimpleTokenizer
 
-    return clip_tokenize(captions, context_length=context_length)
+    return SimpleTokenizer()
+
+
+def tokenize(captions: list[str], context_length: int, added: Mapping[str, int] | None = None) -> torch.Tensor:
+    """Token ids (B, context_length) from open_clip's offline BPE tokenizer.
+
+    ``added`` maps new tokens (e.g. ``"<new1>"``) to their ids: each occurrence becomes that one id and
+    the text around it is encoded as usual (without ``added`` this is open_clip's ``tokenize``).
+    """
+    bpe = _bpe()
+    pattern = re.compile("(" + "|".join(re.escape(t) for t in added) + ")") if added else None
+    out = torch.zeros(len(captions), context_length, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        pieces = pattern.split(caption) if pattern else [caption]
+        ids = [i for p in pieces for i in ([added[p]] if added and p in added else bpe.encode(p))]
+        ids = [SOT, *ids[: context_length - 2], EOT]  # cut as open_clip does: the end token stays
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
 
 
 class TinyTextToImage(DiffusionModel):
@@ -114,6 +134,25 @@ class TinyTextToImage(DiffusionModel):
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
         self.scheduler = build_scheduler(cfg)
         self.flips = flips
+        self.added_tokens: dict[str, int] = {}  # new tokens (customization) and their embedding rows
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        return tokenize(captions, self.cfg.context_length, self.added_tokens)
+
+    def has_token(self, token: str) -> bool:
+        words = _bpe().encoder
+        return token in self.added_tokens or token in words or f"{token}</w>" in words
+
+    def token_row(self, token: str) -> int:
+        require(token in self.added_tokens, f"{token!r} is not a token added to this model")
+        return self.added_tokens[token]
+
+    def add_token(self, token: str, embedding: torch.Tensor) -> None:
+        require(not self.has_token(token), f"token {token!r} already exists in the tokenizer")
+        require(token.strip() == token and token, f"a new token must be a non-empty word, not {token!r}")
+        row = VOCAB_SIZE + len(self.added_tokens)
+        set_token_embedding(self.text_encoder, row + 1, row, embedding)
+        self.added_tokens[token] = row
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -121,7 +160,7 @@ class TinyTextToImage(DiffusionModel):
         device = next(self.text_encoder.parameters()).device
         out = []
         for i in range(0, len(captions), batch_size):
-            ids = tokenize(captions[i : i + batch_size], self.cfg.context_length).to(device)
+            ids = self.token_ids(captions[i : i + batch_size]).to(device)
             out.append(self.text_encoder(input_ids=ids).last_hidden_state.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.cfg.context_length, self.cfg.text_dim)
 
@@ -143,7 +182,8 @@ class TinyTextToImage(DiffusionModel):
         tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
         tensors |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in self.text_encoder.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"))
-        info = {"model": asdict(self.cfg)} | (extra or {})
+        info = {"model": asdict(self.cfg)} | ({"added_tokens": self.added_tokens} if self.added_tokens else {})
+        info |= extra or {}
         (folder / "model.json").write_text(json.dumps(info, indent=2) + "\n")
 
     @classmethod
@@ -161,6 +201,12 @@ class TinyTextToImage(DiffusionModel):
         path = folder / "model.safetensors"
         tensors = read_safetensors(path)
         load_state(model.unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, path)
+        for token in info.get("added_tokens", {}):  # rows in order: each token gets its saved row
+            model.add_token(token, torch.zeros(cfg.text_dim))
+        require(
+            model.added_tokens == info.get("added_tokens", {}),
+            f"{folder / 'model.json'} is damaged (added_tokens out of order)",
+        )
         text = {k[5:]: v for k, v in tensors.items() if k.startswith("text.")}
         load_state(model.text_encoder, text, path, strict=False)
         model.unet.eval()
