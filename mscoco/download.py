@@ -11,23 +11,19 @@
 - ``coco``: COCO 2017 train images and caption annotations (images.cocodataset.org), for captions and
   viewable images in the outputs; scoring does not need them.
 
-Each archive is extracted into a scratch folder and its files moved into DATA only when complete, and
-recorded in ``DATA/.extracted.json``: a rerun skips what is complete, and a partial download or a
-damaged archive is named in one line. The report at the end lists every file with its shape and
+Archives are extracted as :mod:`common.download` does: a rerun skips what is complete, and a partial
+download or a damaged archive is named in one line. The report at the end lists every file with its shape and
 checks the arrays against each other.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import urllib.request
 import zipfile
 from pathlib import Path
 
-from common.errors import AttributionError, cli, first_line, require
+from common.download import download, extract, extracted_record, hub_snapshot, is_extracted, record, volumes
+from common.errors import AttributionError, cli, require
 from mscoco import release
 
 REPO = "sywang/AttributeByUnlearning"
@@ -45,88 +41,20 @@ COCO = {
 }
 
 
-def volumes(archive: Path) -> list[Path]:
-    """The archive itself, or its split volumes ``.001, .002, ...`` in order (empty if none is there)."""
-    if archive.exists():
-        return [archive]
-    parts = [p for p in archive.parent.glob(archive.name + ".*") if p.suffix[1:].isdigit()]
-    parts.sort(key=lambda p: int(p.suffix[1:]))
-    numbers = [int(p.suffix[1:]) for p in parts]
-    require(numbers == list(range(1, len(parts) + 1)), f"{archive}: split volumes {numbers} are not 1..{len(parts)}")
-    return parts
-
-
-def open_archive(archive: Path):
-    """A py7zr reader over one archive or its split volumes; a damaged archive is one line."""
-    import multivolumefile
-    import py7zr
-
-    parts = volumes(archive)
-    require(bool(parts), f"missing archive {archive} (or its volumes {archive.name}.001, ...)")
-    try:
-        if len(parts) == 1 and parts[0] == archive:
-            return py7zr.SevenZipFile(archive, "r")
-        return py7zr.SevenZipFile(multivolumefile.open(archive, mode="rb"), "r")
-    except Exception as err:  # noqa: BLE001 - py7zr, lzma and I/O errors all mean a damaged download
-        raise AttributionError(f"{archive} is damaged or incomplete ({first_line(err)}); download it again") from None
-
-
-def extract(archive: Path, out: Path) -> list[str]:
-    """Extract into ``out/.partial/``, then move every top-level entry into ``out``; returns their names.
-
-    A crash or a damaged volume leaves DATA as it was (the scratch folder is cleared on the next run).
-    """
-    scratch = out / ".partial" / archive.name
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    with open_archive(archive) as z:
-        try:
-            z.extractall(path=scratch)
-        except Exception as err:  # noqa: BLE001 - CRC, LZMA and I/O errors all mean a damaged download
-            raise AttributionError(
-                f"{archive} is damaged or incomplete ({first_line(err)}); download it again"
-            ) from None
-    names = sorted(p.name for p in scratch.iterdir())
-    require(bool(names), f"{archive} is empty")
-    for name in names:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(scratch / name, target)
-    shutil.rmtree(out / ".partial", ignore_errors=True)
-    return names
-
-
-def extracted_record(out: Path) -> dict:
-    path = out / ".extracted.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def record(out: Path, archive: str, parts: list[Path]) -> None:
-    done = extracted_record(out) | {archive: [p.stat().st_size for p in parts]}
-    tmp = out / ".extracted.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    os.replace(tmp, out / ".extracted.json")
-
-
 def fetch_release(archives: Path | None, out: Path) -> Path:
     """The folder holding ``mscoco/...`` archives: ``archives`` as given, or a snapshot of the Hub dataset."""
     if archives is not None:
         require(archives.is_dir(), f"missing archives folder {archives}")
         return archives
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(repo_id=REPO, repo_type="dataset", allow_patterns=["mscoco/*"], local_dir=out / "hub")
-        )
-    except Exception as err:  # noqa: BLE001 - network, authentication and hub errors alike
-        raise AttributionError(f"cannot download {REPO} from the Hugging Face Hub ({err.__class__.__name__})") from None
+    return hub_snapshot(REPO, ["mscoco/*"], out / "hub")
 
 
 def get_release(out: Path, archives: Path | None) -> None:
-    done = extracted_record(out)
-    todo = {a: files for a, files in ARCHIVES.items() if a not in done or not all((out / f).exists() for f in files)}
+    todo = {
+        a: files
+        for a, files in ARCHIVES.items()
+        if not is_extracted(out, a) or not all((out / f).exists() for f in files)
+    }
     if not todo:
         print("release: already extracted")
         return
@@ -139,21 +67,6 @@ def get_release(out: Path, archives: Path | None) -> None:
         names = extract(archive, out)
         print(f"  -> {', '.join(names)}")
         record(out, name, volumes(archive))
-
-
-def download(url: str, path: Path) -> None:
-    """Download with resume (HTTP Range) into ``path``."""
-    part = path.with_name(path.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            resumed = have and response.status == 206  # a server that ignores Range sends the whole file again
-            with open(part, "ab" if resumed else "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
-    except OSError as err:
-        raise AttributionError(f"cannot download {url} ({err}); rerun to resume") from None
-    os.replace(part, path)
 
 
 def get_coco(out: Path) -> None:

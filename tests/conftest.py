@@ -46,3 +46,19 @@ def data(model: TinyTextToImage) -> ArrayTrainingSet:
 @pytest.fixture
 def query(data: ArrayTrainingSet) -> Query:
     return Query("q0", data.images(torch.tensor([3]))[0].clone(), data.text(torch.tensor([3]), 0).clone(), "a query")
+
+
+def pack_7z(files_dir: Path, archive: Path, names: list[str], volume: int | None = None) -> None:
+    """A 7z archive of ``files_dir/<name>`` (files or folders), split into 7-zip's ``.001, .002, ...`` if ``volume``."""
+    import multivolumefile
+    import py7zr
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    target = multivolumefile.open(archive, mode="wb", volume=volume) if volume else archive
+    with py7zr.SevenZipFile(target, "w") as z:
+        for name in names:
+            z.writeall(files_dir / name, name) if (files_dir / name).is_dir() else z.write(files_dir / name, name)
+    if volume:
+        target.close()
+        for part in sorted(archive.parent.glob(archive.name + ".0*")):  # 7-zip's names: .001, not .0001
+            part.rename(part.with_suffix(f".{int(part.suffix[1:]):03d}"))

@@ -545,3 +545,68 @@ def test_finetuning_script_trains_kv_and_the_token_only_and_its_files_load_back(
     with pytest.raises(SystemExit):
         main([*argv[:4], "a dog", *argv[5:], "--overwrite"])
     assert "does not contain the new token '<new1>'" in capsys.readouterr().err
+
+
+def write_hub(files, hub):
+    """The two hub datasets' files and the task lists, from an extracted AbC folder, in the release's layout."""
+    import json
+    import shutil
+
+    from tests.conftest import pack_7z
+
+    tasks = json.loads((files / "tasks.json").read_text())
+    (hub / "tasks").mkdir(parents=True)
+    (hub / "tasks" / "all_tasks.json").write_text(json.dumps(tasks))
+    (hub / "tasks" / "demo_task.json").write_text(json.dumps(tasks[:1]))
+    shutil.copytree(files / "json", hub / "json")
+    for name in ("imagenet_class_to_categories.json", "path_to_prompts.json"):
+        (hub / name).write_text("{}")
+    (hub / "abc").mkdir()
+    (hub / "abc" / "sd_fisher.pt").write_bytes(b"fisher")
+    pack_7z(files, hub / "exemplar" / "exemplar.7z", ["exemplar"], volume=100)
+    pack_7z(files, hub / "synth_test" / "synth_test.7z", ["synth"])
+    pack_7z(files, hub / "models_test" / "models_test.7z", ["models"], volume=100)
+    big = hub / "abc" / "laion_latents_text_embeddings" / "laion_latents_text_embeddings.7z"
+    pack_7z(files, big, ["laion_latents.npy", "laion_text_embeddings.npy"], volume=2_000)
+    return tasks
+
+
+def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_complete(tmp_path, capsys):
+    from custom_diffusion.download import main
+
+    write_benchmark(tmp_path / "files")
+    write_laion(tmp_path / "files")
+    write_hub(tmp_path / "files", tmp_path / "hub")
+    assert len(list((tmp_path / "hub" / "models_test").iterdir())) > 1  # split volumes
+    out = tmp_path / "data"
+    args = ["--out", str(out), "--archives", str(tmp_path / "hub"), "--laion-count", "6"]
+    main([*args, "--select", "demo"])  # the demo task: one model, its exemplars, one synthesized image
+    assert "demo_task.json: 1 tasks of 1 models" in capsys.readouterr().out
+    assert (out / "models/bamfg/100_0/<new1>.bin").is_file() and not (out / "models/bamfg/101_0").exists()
+    assert sorted(p.name for p in (out / "synth/bamfg/gpt/100_0/samples").iterdir()) == ["00000.png"]
+    assert len(list((out / "exemplar/bamfg/images/100_0").iterdir())) == 2 and (out / "sd_fisher.pt").is_file()
+    main(args)  # then everything
+    printed = capsys.readouterr().out
+    assert "all_tasks.json: 4 tasks of 2 models" in printed and "LAION arrays: 6 images" in printed
+    assert (out / "models/bamfg/101_0/pytorch_custom_diffusion_weights.pt").is_file()
+    assert (out / "laion_latents.npy").read_bytes() == (tmp_path / "files" / "laion_latents.npy").read_bytes()
+    assert len(list((tmp_path / "hub" / "models_test").iterdir())) > 1  # the user's folder is left alone
+    stamp = (out / "laion_latents.npy").stat().st_mtime_ns
+    main(args)
+    assert "already extracted" in capsys.readouterr().out and (out / "laion_latents.npy").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):
+        main([*args, "--select", "test_artchive"])
+    assert "tasks/all_tasks.json has no task of test_artchive" in capsys.readouterr().err
+
+
+def test_download_names_a_missing_volume_and_extracts_nothing_of_that_archive(tmp_path, capsys):
+    from custom_diffusion.download import main
+
+    write_benchmark(tmp_path / "files")
+    write_laion(tmp_path / "files")
+    write_hub(tmp_path / "files", tmp_path / "hub")
+    sorted((tmp_path / "hub" / "models_test").iterdir())[1].unlink()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "data"), "--archives", str(tmp_path / "hub")])
+    assert "split volumes [1, 3" in capsys.readouterr().err
+    assert (tmp_path / "data" / "synth").is_dir() and not (tmp_path / "data" / "models").exists()

@@ -388,19 +388,10 @@ def test_attribute_script_gives_the_same_scores_on_two_processes(tmp_path):
 
 def make_archives(files_dir, archives_dir):
     """The release's three archives from a folder of extracted files; the large one split into .001, .002, ..."""
-    import multivolumefile
-    import py7zr
+    from tests.conftest import pack_7z
 
     def pack(archive, names, volume=None):
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        target = multivolumefile.open(archive, mode="wb", volume=volume) if volume else archive
-        with py7zr.SevenZipFile(target, "w") as z:
-            for name in names:
-                z.writeall(files_dir / name, name) if (files_dir / name).is_dir() else z.write(files_dir / name, name)
-        if volume:
-            target.close()
-            for part in sorted(archive.parent.glob(archive.name + ".0*")):  # 7-zip's names: .001, not .0001
-                part.rename(part.with_suffix(f".{int(part.suffix[1:]):03d}"))
+        pack_7z(files_dir, archive, names, volume)
 
     root = archives_dir / "mscoco"
     pack(root / "model_fisher.7z", [release.MODEL, release.FISHER, "config.json"])
