@@ -34,7 +34,7 @@ from common import keyed_random
 from common.config import add_dataclass_arguments, dataclass_from_args, resolve_device
 from common.data import ArrayTrainingSet
 from common.diffusion.loss import per_sample_loss, unet_denoiser
-from common.diffusion.selection import select_parameters
+from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, cli, require
 from common.model import DiffusionModel
 from common.outputs import write_json
@@ -56,6 +56,10 @@ class FinetuneConfig:
     num_regularisation: int = field(default=200, metadata={"help": "pretraining images drawn from (keyed sample)"})
     token: str = field(default="<new1>", metadata={"help": "the new token (must appear in the prompt)"})
     init_word: str = field(default="ktn", metadata={"help": "a rare word whose embedding starts the new token's"})
+    selection: str = field(
+        default="cross-attn-kv",
+        metadata={"help": "UNet weights trained (Custom Diffusion: cross-attn-kv; see common.diffusion.selection)"},
+    )
     flips: bool = field(default=True, metadata={"help": "random horizontal flips of the exemplars"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of every draw"})
@@ -64,6 +68,7 @@ class FinetuneConfig:
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be positive")
         require(self.lr > 0 and self.prior_weight >= 0, "lr must be positive and prior_weight non-negative")
         require(self.token.strip() == self.token and self.token, f"token must be one word, not {self.token!r}")
+        check_selection(self.selection)
 
 
 @contextmanager
@@ -138,7 +143,7 @@ def finetune(
     row = model.token_row(cfg.token)
     unet, device = model.unet, model.device
     params = dict(unet.named_parameters())
-    names = select_parameters(unet, "cross-attn-kv")
+    names = select_parameters(unet, cfg.selection)
     unet.requires_grad_(False)
     for n in names:
         params[n].requires_grad_(True)
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     originals, flips = encode(model, args.exemplars, cfg.seed)
     exemplars = ArrayTrainingSet(originals, torch.zeros(len(originals), 1, 1), flipped=flips)  # text unused
     summary = finetune(model, exemplars, args.prompt, laion, cfg)
-    save_custom(model, out)
+    save_custom(model, out, cfg.selection)
     write_json(out / "finetune.json", summary | {"exemplars": [str(p) for p in args.exemplars], "base": str(args.base)})
     print(f"Custom Diffusion model in {out}: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
 

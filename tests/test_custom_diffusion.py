@@ -610,3 +610,81 @@ def test_download_names_a_missing_volume_and_extracts_nothing_of_that_archive(tm
         main(["--out", str(tmp_path / "data"), "--archives", str(tmp_path / "hub")])
     assert "split volumes [1, 3" in capsys.readouterr().err
     assert (tmp_path / "data" / "synth").is_dir() and not (tmp_path / "data" / "models").exists()
+
+
+def write_twin(root, concepts_extra=""):
+    """A micro tiny base model (random weights), its 24-image pretraining set and a two-concept file."""
+    import torch
+
+    from tests.conftest import micro_config
+    from tiny import shapes
+    from tiny.model import TinyTextToImage
+
+    shapes.generate(root / "data", 24, resolution=8)
+    torch.manual_seed(0)
+    TinyTextToImage(micro_config()).save(root / "base")
+    (root / "concepts.yaml").write_text(
+        "finetune: {steps: 2, batch_size: 2, lr: 0.01, num_regularisation: 8, init_word: thing}\n"
+        "queries: {per_concept: 2, num_steps: 4, guidance_scale: 1.0}\n"
+        "prompts:\n"
+        "  object: {train: 'a <new1> shape', query: 'a {colour} <new1> shape'}\n"
+        "  style: {train: 'a shape in <new1> style', query: 'a {colour} {shape} in <new1> style'}\n"
+        "concepts:\n"
+        "  - {name: ring, kind: object, shape: ring, exemplars: 2, split: tune}\n"
+        "  - {name: stripes, kind: style, style: stripes, exemplars: 3, split: report}\n" + concepts_extra
+    )
+
+
+def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_path, capsys):
+    import json
+
+    from custom_diffusion.model import apply_custom
+    from custom_diffusion.tiny_abc import main
+    from tiny.model import TinyTextToImage
+
+    write_twin(tmp_path)
+    common = ["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+              "--concepts", str(tmp_path / "concepts.yaml"), "--device", "cpu"]  # fmt: skip
+    main(["prepare", *common])
+    assert len(list((tmp_path / "out/concepts/stripes/images").iterdir())) == 3
+    model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring")
+    assert model.token == "<new1>" and model.token_ids(["a <new1> shape"])[0, 2] == model.token_row("<new1>")
+    query = json.loads((tmp_path / "out/queries/stripes/q001/query.json").read_text())
+    assert "in <new1> style" in query["prompt"]
+    main(["prepare", *common])
+    assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
+    main(["attribute", *common, "--method", "pixel", "--no-plot"])
+    rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
+    assert sorted(rows) == ["ring/q000", "ring/q001", "stripes/q000", "stripes/q001"]
+    assert all(
+        0 <= r["ap"] <= 1 and r["kind"] == ("object" if k.startswith("ring") else "style") for k, r in rows.items()
+    )
+    scores = np.load(tmp_path / "out/pixel/stripes/q000/scores.npy")
+    assert scores.shape == (3 + 24,)  # the exemplars, then the pretraining set
+    table = (tmp_path / "out/pixel/retrieval.md").read_text()
+    assert "| stripes | 2 |" in table and "| object | 2 |" in table
+    argv = ["attribute", *common, "--method", "unlearning", "--config", "tiny/configs/tiny.yaml", "--preset", "micro"]
+    main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
+    rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
+    assert sorted(rows) == ["stripes/q000", "stripes/q001"]
+    assert (tmp_path / "out/cache/base_fisher.safetensors").is_file()  # the base model's, for every concept
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("  - {name: ring, kind: object, shape: ring, exemplars: 1, split: report}\n", "repeated or bad name 'ring'"),
+        ("  - {name: blob, kind: object, exemplars: 1, split: report}\n", "an object concept needs a shape"),
+        ("  - {name: x, kind: texture, shape: ring, exemplars: 1, split: report}\n", "kind must be one of object"),
+        ("  - {name: x, kind: style, style: dots, exemplars: 1, split: report}\n", "unknown style 'dots'"),
+        ("  - {name: x, kind: style, style: outline, exemplars: 0, split: report}\n", "exemplars must be a positive"),
+    ],
+)
+def test_tiny_twin_concept_problems_are_one_line(tmp_path, capsys, extra, message):
+    from custom_diffusion.tiny_abc import main
+
+    write_twin(tmp_path, extra)
+    with pytest.raises(SystemExit):
+        main(["prepare", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"),
+              "--out", str(tmp_path / "out"), "--concepts", str(tmp_path / "concepts.yaml")])  # fmt: skip
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -35,6 +35,8 @@ BACKGROUNDS = {"black": (10, 10, 10), "gray": (120, 120, 120), "white": (240, 24
 SIZES = {"small": (0.22, 0.28), "large": (0.36, 0.44)}  # half-extent as a fraction of the image side
 VERTICAL = {"top": 0.28, "middle": 0.5, "bottom": 0.72}  # centre as a fraction of the image height
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+NEW_SHAPES = ("ring", "cross", "hourglass", "arch")  # never in the pretraining set
+STYLES = ("solid", "outline", "stripes", "checker")  # renderings; the pretraining set is all solid
 
 
 @dataclass
@@ -89,15 +91,44 @@ def _shape_mask(spec: ShapeSpec, side: int) -> np.ndarray:
         return np.abs(dx) + np.abs(dy) <= 1.0
     if spec.shape == "triangle":  # apex up, so it is symmetric under a horizontal flip
         return (dy <= 0.9) & (dy >= -1.0) & (np.abs(dx) <= (dy + 1.0) / 1.9)
-    raise ValueError(f"unknown shape {spec.shape!r}; choose from {SHAPES}")
+    # Shapes the pretraining set never shows (new concepts for the customized-model twin); all mirror-symmetric.
+    if spec.shape == "ring":
+        return (dx**2 + dy**2 <= 1.0) & (dx**2 + dy**2 >= 0.45**2)
+    if spec.shape == "cross":
+        return ((np.abs(dx) <= 0.3) & (np.abs(dy) <= 0.95)) | ((np.abs(dy) <= 0.3) & (np.abs(dx) <= 0.95))
+    if spec.shape == "hourglass":  # two triangles meeting at the centre
+        return (np.abs(dy) <= 0.9) & (np.abs(dx) <= np.abs(dy) + 0.08)
+    if spec.shape == "arch":  # a half disc over a bar: apex up, open below
+        top = (dy <= 0) & (dx**2 + dy**2 <= 0.95**2)
+        return top | ((dy > 0) & (dy <= 0.8) & (np.abs(dx) >= 0.45) & (np.abs(dx) <= 0.95))
+    raise ValueError(f"unknown shape {spec.shape!r}; choose from {SHAPES + NEW_SHAPES}")
 
 
-def render(spec: ShapeSpec, resolution: int, supersample: int = 4) -> np.ndarray:
+def _style_mask(mask: np.ndarray, style: str) -> np.ndarray:
+    """The pixels of ``mask`` painted in a rendering ``style`` (supersampled grid; solid: all of them)."""
+    side = mask.shape[0]
+    y, x = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    band = max(1, side // 16)  # one image pixel at 4x supersampling of a 16-px image
+    if style == "solid":
+        return mask
+    if style == "outline":  # the shape's border only, one image pixel wide
+        inner = mask.copy()
+        for dy_, dx_ in ((band, 0), (-band, 0), (0, band), (0, -band)):
+            inner &= np.roll(mask, (dy_, dx_), axis=(0, 1))
+        return mask & ~inner
+    if style == "stripes":  # horizontal bands, one image pixel each
+        return mask & ((y // band) % 2 == 0)
+    if style == "checker":
+        return mask & (((y // band) + (x // band)) % 2 == 0)
+    raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
+
+
+def render(spec: ShapeSpec, resolution: int, supersample: int = 4, style: str = "solid") -> np.ndarray:
     """Render one image as uint8 (resolution, resolution, 3), anti-aliased by box filtering."""
     side = resolution * supersample
     canvas = np.empty((side, side, 3), dtype=np.float64)
     canvas[:] = BACKGROUNDS[spec.background]
-    canvas[_shape_mask(spec, side)] = COLOURS[spec.colour]
+    canvas[_style_mask(_shape_mask(spec, side), style)] = COLOURS[spec.colour]
     pooled = canvas.reshape(resolution, supersample, resolution, supersample, 3).mean(axis=(1, 3))
     return np.round(pooled).astype(np.uint8)
 

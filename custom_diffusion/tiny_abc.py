@@ -1,0 +1,243 @@
+"""The CPU twin of AbC: concepts the tiny model never saw, taught by Custom Diffusion, attributed with known answers.
+
+    python -m custom_diffusion.tiny_abc prepare --base MODEL --data DATA --out OUT [--concepts YAML]
+    python -m custom_diffusion.tiny_abc attribute --base MODEL --data DATA --out OUT --method NAME \\
+        [--config tiny/configs/tiny.yaml --preset leave_k_out] [--split report] [--tag NAME]
+
+``prepare`` takes each concept of the concepts file (custom_diffusion/configs/tiny_concepts.yaml):
+renders its exemplars (``OUT/concepts/<name>/``: images and metadata.jsonl), fine-tunes the base model
+on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files and finetune.json)
+and generates its queries (``OUT/queries/<name>/``). ``attribute`` ranks each query's training set,
+the concept's exemplars (first, under the training prompt) then the pretraining set, with one
+registered method, as custom_diffusion.attribute does for Stable Diffusion: the unlearning method's
+Fisher is the base model's on the pretraining set (computed once, ``OUT/cache/base_fisher.safetensors``),
+as AbC uses SD v1.4's. Outputs: ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs),
+``OUT/<tag>/retrieval.json`` (Recall@K and AP per query) and ``retrieval.md`` (per concept, per kind);
+``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from common import keyed_random
+from common.config import add_attribution_arguments, load_preset, method_from_args, resolve_device
+from common.data import ArrayTrainingSet, ConcatTrainingSet
+from common.errors import AttributionError, cli, require, require_file
+from common.methods.base import run_method
+from common.outputs import write_json
+from common.queries import generate_queries, load_queries
+from custom_diffusion.attribute import RECALL_KS
+from custom_diffusion.compare import KINDS, group_stats
+from custom_diffusion.finetune import FinetuneConfig, finetune
+from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
+from tiny import shapes
+from tiny.data import load_image_folder
+from tiny.model import TinyTextToImage
+from tiny.pipeline import load_run, set_threads, training_set
+
+CONCEPTS = Path(__file__).parent / "configs" / "tiny_concepts.yaml"
+SPLITS = ("tune", "report")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept to teach: what its exemplars look like and which prompts name it."""
+
+    name: str
+    kind: str
+    shape: str | None
+    style: str
+    exemplars: int
+    split: str
+    train_prompt: str
+    query_template: str
+
+
+def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
+    """The concepts and the file's settings (finetune, queries); one line for the first bad entry."""
+    require_file(path, "concepts file")
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise AttributionError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    require(isinstance(spec.get("concepts"), list) and spec["concepts"], f"{path} lists no concepts")
+    prompts = spec.get("prompts", {})
+    out, seen = [], set()
+    for i, entry in enumerate(spec["concepts"]):
+        where = f"{path} concept {i}"
+        require(isinstance(entry, dict) and "name" in entry, f"{where} has no name")
+        name, kind = str(entry["name"]), entry.get("kind")
+        require(name not in seen and "/" not in name, f"{where}: repeated or bad name {name!r}")
+        require(kind in KINDS, f"{where} ({name}): kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        shape, style = entry.get("shape"), entry.get("style", "solid")
+        require(
+            shape is None or shape in shapes.SHAPES + shapes.NEW_SHAPES, f"{where} ({name}): unknown shape {shape!r}"
+        )
+        require(style in shapes.STYLES, f"{where} ({name}): unknown style {style!r}")
+        require(kind == "style" or shape is not None, f"{where} ({name}): an object concept needs a shape")
+        count = entry.get("exemplars")
+        require(isinstance(count, int) and count >= 1, f"{where} ({name}): exemplars must be a positive count")
+        require(entry.get("split") in SPLITS, f"{where} ({name}): split must be tune or report")
+        texts = prompts.get(kind, {})
+        require("<new1>" in texts.get("train", "") and "<new1>" in texts.get("query", ""),
+                f"{path}: prompts.{kind} needs train and query prompts with <new1>")  # fmt: skip
+        seen.add(name)
+        out.append(Concept(name, kind, shape, style, count, entry["split"], texts["train"], texts["query"]))
+    return out, spec
+
+
+def concept_seed(concept: Concept, seed: int, purpose: int) -> int:
+    return keyed_random.key_seed(seed, purpose, *concept.name.encode())
+
+
+def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int = 0) -> None:
+    """The concept's exemplars as an image folder (metadata.jsonl captions: the training prompt)."""
+    rng = np.random.default_rng(concept_seed(concept, seed, 0))
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(concept.exemplars):
+        spec = shapes.sample_spec(rng)
+        spec = replace(spec, shape=concept.shape or spec.shape)
+        name = f"images/{i:02d}.png"
+        Image.fromarray(shapes.render(spec, resolution, style=concept.style)).save(folder / name)
+        lines.append({"file_name": name, "text": concept.train_prompt, "attributes": spec.attributes()})
+    with open(folder / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def query_prompts(concept: Concept, count: int, seed: int) -> list[tuple[str, dict]]:
+    """``count`` prompts from the concept's template, slots drawn from the shapes grammar (seeded)."""
+    rng = np.random.default_rng(concept_seed(concept, seed, 1))
+    out = []
+    for _ in range(count):
+        attrs = shapes.sample_spec(rng).attributes()
+        out.append((concept.query_template.format(**attrs), attrs | {"concept": concept.name, "kind": concept.kind}))
+    return out
+
+
+def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str) -> None:
+    """Exemplars, the Custom Diffusion model and the queries of every concept not done yet."""
+    ft, qs = spec.get("finetune", {}), spec.get("queries", {})
+    pretraining = None
+    for concept in concepts:
+        folder, model_dir, query_dir = (out / sub / concept.name for sub in ("concepts", "models", "queries"))
+        if (query_dir / f"q{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
+            print(f"{concept.name}: ready")
+            continue
+        model = TinyTextToImage.load(base)
+        if not (model_dir / CUSTOM_WEIGHTS).exists():
+            t0 = time.time()
+            render_exemplars(concept, folder, model.cfg.resolution, int(ft.get("seed", 0)))
+            if pretraining is None:
+                pretraining = load_run(base, data_dir, "cpu").data
+            pixels = load_image_folder(folder, model.cfg.resolution).pixels
+            exemplars = ArrayTrainingSet(pixels, torch.zeros(len(pixels), 1, 1))  # the prompt is given apart
+            cfg = FinetuneConfig(**ft)
+            model.to(resolve_device(device))
+            summary = finetune(model, exemplars, concept.train_prompt, pretraining, cfg)
+            save_custom(model, model_dir, cfg.selection)
+            write_json(model_dir / "finetune.json", summary | {"concept": concept.name, "base": str(base)})
+            print(f"{concept.name}: fine-tuned in {time.time() - t0:.0f} s, loss "
+                  f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")  # fmt: skip
+        model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
+        prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
+        generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
+                         guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
+        print(f"{concept.name}: {len(prompts)} queries")
+
+
+def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folder) -> ConcatTrainingSet:
+    """The concept's exemplars under their training prompt (the customized text encoder), then the pretraining set."""
+    exemplars = load_image_folder(folder, model.cfg.resolution)
+    return ConcatTrainingSet([training_set(model, exemplars), training_set(model, pretraining_folder)])
+
+
+def query_row(scores: np.ndarray, n_exemplars: int, concept: Concept) -> dict:
+    from common.evaluation.retrieval import average_precision, recall_at_k
+
+    relevant = list(range(n_exemplars))
+    row = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in RECALL_KS}
+    return row | {"ap": average_precision(scores, relevant), "concept": concept.name, "kind": concept.kind}
+
+
+def retrieval_table(rows: dict[str, dict], concepts: list[Concept], tag: str) -> str:
+    """Mean ± SE of Recall@10 and mAP per concept, per kind and over all queries (markdown)."""
+    per_concept = {k: v for k, v in group_stats(rows, "concept", [c.name for c in concepts]).items() if k != "all"}
+    lines = [f"| {tag} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
+    for name, (n, recall, ap) in (per_concept | group_stats(rows, "kind", KINDS)).items():
+        lines.append(f"| {name} | {n} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def base_fisher(base: Path, data_dir: Path, out: Path, cfg, device: str) -> Path:
+    """The base model's Fisher on the pretraining set, estimated once (AbC uses SD v1.4's for every model)."""
+    from common.unlearning.fisher import cached_fisher
+
+    path = out / "cache" / "base_fisher.safetensors"
+    run = load_run(base, data_dir, device)
+    cached_fisher(run.model, run.data, cfg, path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=["prepare", "attribute"], help="what to do")
+    parser.add_argument("--base", required=True, help="the tiny pretrained model folder")
+    parser.add_argument("--data", required=True, help="its training images (image folder)")
+    parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
+    parser.add_argument("--split", choices=["all", *SPLITS], default="all", help="which concepts")
+    parser.add_argument("--tag", default=None, help="output folder name under OUT (default: the method's)")
+    parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
+    add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
+    return parser
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = load_preset(build_parser(), argv=argv)
+    set_threads()
+    concepts, spec = load_concepts(args.concepts)
+    chosen = [c for c in concepts if args.split in ("all", c.split)]
+    base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
+    if args.step == "prepare":
+        prepare(base, data_dir, out, chosen, spec, args.device)
+        return
+    cls, cfg = method_from_args(args)
+    fisher = getattr(cfg, "fisher", None)
+    if fisher is not None and not fisher.file and cfg.unlearn.method == "newton":
+        cfg.fisher.file = str(base_fisher(base, data_dir, out, fisher, args.device))
+    tag = args.tag or cls.name
+    pretraining_folder = load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution)
+    rows: dict[str, dict] = {}
+    for concept in chosen:
+        model_dir = out / "models" / concept.name
+        require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.name} is not prepared: run the prepare step first")
+        model = apply_custom(TinyTextToImage.load(base), model_dir)
+        data = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
+        queries = load_queries(out / "queries" / concept.name)
+        method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data,
+                     out / "cache" / tag / concept.name)  # fmt: skip
+        folders = run_method(method, queries, out / tag / concept.name, args.top_k, args.overwrite,
+                             plot=not args.no_plot)  # fmt: skip
+        for query, folder in zip(queries, folders, strict=True):
+            rows[f"{concept.name}/{query.id}"] = query_row(np.load(folder / "scores.npy"), concept.exemplars, concept)
+    path = out / tag / "retrieval.json"
+    rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
+    write_json(path, rows)
+    table = retrieval_table(rows, concepts, tag)
+    (out / tag / "retrieval.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
