@@ -41,7 +41,7 @@ from custom_diffusion.compare import KINDS, group_stats
 from custom_diffusion.finetune import FinetuneConfig, finetune
 from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
 from tiny import shapes
-from tiny.data import load_image_folder
+from tiny.data import ImageFolder, load_image_folder
 from tiny.model import TinyTextToImage
 from tiny.pipeline import load_run, set_threads, training_set
 
@@ -179,14 +179,23 @@ def retrieval_table(rows: dict[str, dict], concepts: list[Concept], tag: str) ->
     return "\n".join(lines) + "\n"
 
 
-def base_fisher(base: Path, data_dir: Path, out: Path, cfg, device: str) -> Path:
-    """The base model's Fisher on the pretraining set, estimated once (AbC uses SD v1.4's for every model)."""
+def base_fisher(base: Path, data_dir: Path, out: Path, cfg, pool: int | None, device: str) -> Path:
+    """The base model's Fisher on the ranked pretraining images, estimated once (AbC uses SD v1.4's for every model)."""
     from common.unlearning.fisher import cached_fisher
 
     path = out / "cache" / "base_fisher.safetensors"
     run = load_run(base, data_dir, device)
-    cached_fisher(run.model, run.data, cfg, path)
+    cached_fisher(run.model, run.data.subset(range(min(pool or len(run.data), len(run.data)))), cfg, path)
     return path
+
+
+def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:
+    """The first ``count`` images of ``folder`` (all when None)."""
+    if count is None:
+        return folder
+    require(1 <= count <= len(folder), f"--pool {count}: the pretraining folder has {len(folder)} images")
+    attributes = folder.attributes[:count] if folder.attributes is not None else None
+    return ImageFolder(folder.root, folder.pixels[:count], folder.captions[:count], folder.paths[:count], attributes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="its training images (image folder)")
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
     parser.add_argument("--split", choices=["all", *SPLITS], default="all", help="which concepts")
+    parser.add_argument("--pool", type=int, default=None, help="pretraining images ranked: the first N (all)")
     parser.add_argument("--tag", default=None, help="output folder name under OUT (default: the method's)")
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
@@ -215,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     cls, cfg = method_from_args(args)
     fisher = getattr(cfg, "fisher", None)
     if fisher is not None and not fisher.file and cfg.unlearn.method == "newton":
-        cfg.fisher.file = str(base_fisher(base, data_dir, out, fisher, args.device))
+        cfg.fisher.file = str(base_fisher(base, data_dir, out, fisher, args.pool, args.device))
     tag = args.tag or cls.name
-    pretraining_folder = load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution)
+    pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), args.pool)
     rows: dict[str, dict] = {}
     for concept in chosen:
         model_dir = out / "models" / concept.name

@@ -653,14 +653,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert "in <new1> style" in query["prompt"]
     main(["prepare", *common])
     assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
-    main(["attribute", *common, "--method", "pixel", "--no-plot"])
+    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
     rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
     assert sorted(rows) == ["ring/q000", "ring/q001", "stripes/q000", "stripes/q001"]
     assert all(
         0 <= r["ap"] <= 1 and r["kind"] == ("object" if k.startswith("ring") else "style") for k, r in rows.items()
     )
     scores = np.load(tmp_path / "out/pixel/stripes/q000/scores.npy")
-    assert scores.shape == (3 + 24,)  # the exemplars, then the pretraining set
+    assert scores.shape == (3 + 20,)  # the exemplars, then the first 20 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
     argv = ["attribute", *common, "--method", "unlearning", "--config", "tiny/configs/tiny.yaml", "--preset", "micro"]
