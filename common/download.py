@@ -65,7 +65,8 @@ def extract(archive: Path, out: Path, prefixes: Iterable[str] | None = None) -> 
     with open_archive(archive) as z:
         try:
             names = [n for n in z.getnames() if _wanted(n, prefixes)]
-            require(bool(names), f"{archive} holds none of the {len(prefixes or [])} selected paths")
+            require(bool(names), f"{archive} is empty" if prefixes is None else
+                    f"{archive} holds none of the {len(prefixes)} selected paths")  # fmt: skip
             if prefixes is None:
                 z.extractall(path=scratch)
             else:
@@ -96,6 +97,8 @@ def extracted_record(out: Path) -> dict:
 def is_extracted(out: Path, archive: str, prefixes: Iterable[str] | None = None) -> bool:
     """Whether ``archive`` (or its members under ``prefixes``) was extracted by an earlier run."""
     done = extracted_record(out).get(archive)
+    if isinstance(done, list):  # the record's first form: volume sizes of a full extraction
+        return True
     if not isinstance(done, dict):
         return False
     taken = set(done.get("prefixes", []))
@@ -111,6 +114,15 @@ def record(out: Path, archive: str, parts: list[Path], prefixes: Iterable[str] |
     tmp = out / ".extracted.json.tmp"
     tmp.write_text(json.dumps(done, indent=2) + "\n")
     os.replace(tmp, out / ".extracted.json")
+
+
+def release_files(source: Path | None, out: Path, repo: str, patterns: list[str]) -> Path:
+    """The folder holding ``repo``'s files matching ``patterns``: ``source`` if given (the same layout, copied
+    from elsewhere), else a Hub snapshot in ``out/hub``."""
+    if source is not None:
+        require(source.is_dir(), f"missing archives folder {source}")
+        return source
+    return hub_snapshot(repo, patterns, out / "hub")
 
 
 def hub_snapshot(repo: str, patterns: list[str], local_dir: Path) -> Path:

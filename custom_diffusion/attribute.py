@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def query_retrieval(scores: np.ndarray, task: Task) -> dict:
-    """Recall@K and AP of a query's exemplars, which are the first rows of its training set."""
-    relevant = list(range(len(task.exemplars)))
+def retrieval_row(scores: np.ndarray, num_relevant: int, **fields) -> dict:
+    """Recall@K and AP of the relevant items, which are the first ``num_relevant`` rows (exemplars first)."""
+    relevant = list(range(num_relevant))
     row = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in RECALL_KS}
-    return row | {"ap": average_precision(scores, relevant), "test_case": task.test_case, "kind": task.kind}
+    return row | {"ap": average_precision(scores, relevant)} | fields
 
 
-def retrieval_table(rows: dict[str, dict], method: str) -> str:
-    """Mean ± SE of Recall@10 and mAP per test case, per concept kind and over all queries (markdown)."""
-    per_case = {k: v for k, v in group_stats(rows, "test_case", TEST_CASES).items() if k != "all"}
-    lines = [f"| {method} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
-    for name, (n, recall, ap) in (per_case | group_stats(rows, "kind", KINDS)).items():
+def retrieval_table(rows: dict[str, dict], title: str, groups: list[tuple[str, Sequence[str]]]) -> str:
+    """Mean ± SE of Recall@10 and mAP per value of each (field, values) in ``groups``, then over all queries."""
+    lines = [f"| {title} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
+    stats = {}
+    for field, values in groups:
+        stats |= {k: v for k, v in group_stats(rows, field, values).items() if k != "all"}
+    stats["all"] = group_stats(rows, groups[0][0], [])["all"]
+    for name, (n, recall, ap) in stats.items():
         lines.append(f"| {name} | {n} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -98,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         method = cls(cfg, model.prepare_for_gradients(accelerator.device), data, cache, accelerator=accelerator)
         folders = run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
         for task, folder in zip(group, folders, strict=True):
-            rows[task.id] = query_retrieval(np.load(folder / "scores.npy"), task)
+            scores = np.load(folder / "scores.npy")
+            rows[task.id] = retrieval_row(scores, len(task.exemplars), test_case=task.test_case, kind=task.kind)
         del model, data, method  # one Stable Diffusion at a time on the device
     if accelerator.is_main_process:
         path = out / cls.name / "retrieval.json"
         rows = (json.loads(path.read_text()) if path.exists() else {}) | rows  # earlier runs' queries kept
         write_json(path, rows)
-        table = retrieval_table(rows, cls.name)
+        table = retrieval_table(rows, cls.name, [("test_case", TEST_CASES), ("kind", KINDS)])
         (out / cls.name / "retrieval.md").write_text(table)
         print(table)
 

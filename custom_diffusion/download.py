@@ -23,7 +23,8 @@ tasks use: ``demo`` (the demo task), a test case (e.g. ``test_artchive``: its 10
 selection saves disk and extraction time, not download. ``--archives FOLDER`` reads the hub files
 from a folder with the same layout (copied from elsewhere) instead of the Hub. Archives are extracted
 as :mod:`common.download` does (complete or not at all, recorded, skipped on a rerun); their volumes
-are deleted once extracted unless ``--keep-archives``. The report at the end checks every selected
+are deleted once fully extracted (not after a selection, which the next selection needs) unless
+``--keep-archives``. The report at the end checks every selected
 task's files and the LAION arrays.
 """
 
@@ -35,7 +36,7 @@ import os
 import shutil
 from pathlib import Path
 
-from common.download import download, extract, hub_snapshot, is_extracted, record, volumes
+from common.download import download, extract, is_extracted, record, release_files, volumes
 from common.errors import AttributionError, cli, require
 from common.model import read_json
 from custom_diffusion.release import LAION_COUNT, LAION_LATENTS, LAION_TEXT, SD_FISHER, load_laion
@@ -97,14 +98,6 @@ def task_prefixes(tasks: list[Task], out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in paths)
 
 
-def hub_files(source: Path | None, out: Path, repo: str, patterns: list[str]) -> Path:
-    """The folder holding ``repo``'s files matching ``patterns``: ``source`` if given, else a Hub snapshot."""
-    if source is not None:
-        require(source.is_dir(), f"missing archives folder {source}")
-        return source
-    return hub_snapshot(repo, patterns, out / "hub")
-
-
 def get_plain(out: Path, source: Path | None, cases: list[str]) -> None:
     """The benchmark JSONs, the two ImageNet/prompt maps and sd_fisher.pt, copied into DATA."""
     wanted = {f"json/{c}.json": BENCHMARK_REPO for c in cases} | dict.fromkeys(PLAIN, BENCHMARK_REPO)
@@ -117,7 +110,7 @@ def get_plain(out: Path, source: Path | None, cases: list[str]) -> None:
         names = [n for n, r in wanted.items() if r == repo and not target(n).is_file()]
         if not names:
             continue
-        folder = hub_files(source, out, repo, names)
+        folder = release_files(source, out, repo, names)
         for name in names:
             require((folder / name).is_file(), f"the {repo} files lack {name}")
             target(name).parent.mkdir(parents=True, exist_ok=True)
@@ -129,13 +122,14 @@ def get_archive(out: Path, source: Path | None, name: str, prefixes: list[str] |
     if is_extracted(out, name, prefixes) and all((out / y).exists() for y in yields):
         print(f"{Path(name).name}: already extracted")
         return
-    folder = hub_files(source, out, repo, [f"{name}.*", name])
+    folder = release_files(source, out, repo, [f"{name}.*", name])
     archive = folder / name
     print(f"extracting {archive.name}" + (f" ({len(prefixes)} selected paths)" if prefixes else ""))
     extract(archive, out, prefixes)
     parts = volumes(archive)
     record(out, name, parts, prefixes)
-    if not keep and source is None:  # a hub download is ours to delete; a folder given by the user is not
+    if not keep and source is None and prefixes is None:  # ours to delete once fully extracted; a selection
+        # leaves them for the next selection (the archives hold every test case); a user's folder is never touched
         for part in parts:
             os.remove(part)
 

@@ -98,7 +98,7 @@ def init_embedding(model: DiffusionModel, word: str) -> torch.Tensor:
 
 def _draws(cfg: FinetuneConfig, step: int, num_exemplars: int, num_regular: int, num_captions: int, t_max: int):
     slots = torch.arange(cfg.batch_size)
-    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, FINETUNE, step, slots), 6)
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, FINETUNE, step, slots), 7)
     return {
         "exemplar": keyed_random.below(u[:, 0], num_exemplars),
         "flip": (u[:, 1] < 0.5) & cfg.flips,
@@ -106,9 +106,26 @@ def _draws(cfg: FinetuneConfig, step: int, num_exemplars: int, num_regular: int,
         "regular_flip": u[:, 3] < 0.5,
         "caption": keyed_random.below(u[:, 4], num_captions),
         "t": keyed_random.below(u[:, 5], t_max),
+        "regular_t": keyed_random.below(u[:, 6], t_max),
         "keys": keyed_random.key_rows(cfg.seed, FINETUNE, step, 1 + slots, 0),  # the exemplars' noise
         "regular_keys": keyed_random.key_rows(cfg.seed, FINETUNE, step, 1 + slots, 1),
     }
+
+
+def _step_loss(model, denoise, schedule, exemplars, pretraining, pool, ids, d, cfg: FinetuneConfig) -> torch.Tensor:
+    """The exemplars' loss under the prompt plus ``prior_weight`` x the regularisation images' under their captions."""
+    device, dtype = model.device, model.dtype
+    x0 = exemplars.images(d["exemplar"], d["flip"]).to(device=device, dtype=dtype)
+    text = model.text_encoder(input_ids=ids.expand(len(x0), -1)).last_hidden_state.to(dtype)
+    noise = keyed_random.keyed_normal(d["keys"], x0.shape[1:], dtype=x0.dtype, device=device)
+    loss = per_sample_loss(denoise, x0, text, d["t"].to(device), noise, schedule).mean()
+    if pool is None:
+        return loss
+    idx = pool[d["regular"]]
+    xr = pretraining.images(idx, d["regular_flip"] & model.flips).to(device=device, dtype=dtype)
+    tr = pretraining.text(idx, d["caption"]).to(device=device, dtype=dtype)
+    nr = keyed_random.keyed_normal(d["regular_keys"], xr.shape[1:], dtype=xr.dtype, device=device)
+    return loss + cfg.prior_weight * per_sample_loss(denoise, xr, tr, d["regular_t"].to(device), nr, schedule).mean()
 
 
 def regularisation_indices(num_images: int, cfg: FinetuneConfig) -> torch.Tensor:
@@ -141,10 +158,11 @@ def finetune(
     model.add_token(cfg.token, embedding.detach())
     model.token = cfg.token
     row = model.token_row(cfg.token)
-    unet, device = model.unet, model.device
+    unet = model.unet
     params = dict(unet.named_parameters())
     names = select_parameters(unet, cfg.selection)
     unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)  # only the new token's row learns, through the hook's parameter
     for n in names:
         params[n].requires_grad_(True)
     opt = torch.optim.AdamW(
@@ -152,36 +170,30 @@ def finetune(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    ids = model.token_ids([prompt]).to(device)
+    ids = model.token_ids([prompt]).to(model.device)
     pool = regularisation_indices(len(pretraining), cfg) if regular else None
     denoise, schedule = unet_denoiser(unet), model.alphas_cumprod
     losses: list[float] = []
     t0 = time.time()
     unet.train()
-    with trainable_token(model, row, embedding):
-        for step in tqdm(range(cfg.steps), desc="fine-tune", disable=not progress):
-            d = _draws(cfg, step, len(exemplars), len(pool) if regular else 1,
-                       pretraining.num_captions if regular else 1, model.num_train_timesteps)  # fmt: skip
-            x0 = exemplars.images(d["exemplar"], d["flip"]).to(device=device, dtype=model.dtype)
-            text = model.text_encoder(input_ids=ids.expand(cfg.batch_size, -1)).last_hidden_state.to(model.dtype)
-            noise = keyed_random.keyed_normal(d["keys"], x0.shape[1:], dtype=x0.dtype, device=device)
-            t = d["t"].to(device)
-            loss = per_sample_loss(denoise, x0, text, t, noise, schedule).mean()
-            if regular:
-                idx = pool[d["regular"]]
-                xr = pretraining.images(idx, d["regular_flip"] & model.flips).to(device=device, dtype=model.dtype)
-                tr = pretraining.text(idx, d["caption"]).to(device=device, dtype=model.dtype)
-                nr = keyed_random.keyed_normal(d["regular_keys"], xr.shape[1:], dtype=xr.dtype, device=device)
-                loss = loss + cfg.prior_weight * per_sample_loss(denoise, xr, tr, t, nr, schedule).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([params[n] for n in names] + [embedding], cfg.grad_clip)
-            opt.step()
-            if not torch.isfinite(loss):
-                raise AttributionError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower lr")
-            losses.append(loss.item())
-    unet.requires_grad_(False).eval()
+    try:
+        with trainable_token(model, row, embedding):
+            for step in tqdm(range(cfg.steps), desc="fine-tune", disable=not progress):
+                d = _draws(cfg, step, len(exemplars), len(pool) if regular else 1,
+                           pretraining.num_captions if regular else 1, model.num_train_timesteps)  # fmt: skip
+                loss = _step_loss(model, denoise, schedule, exemplars, pretraining, pool, ids, d, cfg)
+                if not torch.isfinite(loss):  # before any update: the weights stay as the last good step left them
+                    raise AttributionError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([params[n] for n in names] + [embedding], cfg.grad_clip)
+                opt.step()
+                losses.append(loss.item())
+    finally:
+        unet.requires_grad_(False).eval()
+        for n in names:
+            params[n].grad = None
     tenth = max(1, len(losses) // 10)
     return {
         "first_loss": sum(losses[:tenth]) / tenth,

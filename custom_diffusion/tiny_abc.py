@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +32,13 @@ from PIL import Image
 from common import keyed_random
 from common.config import add_attribution_arguments, load_preset, method_from_args, resolve_device
 from common.data import ArrayTrainingSet, ConcatTrainingSet
-from common.errors import AttributionError, cli, require, require_file
+from common.errors import AttributionError, cli, first_line, require, require_file
 from common.methods.base import run_method
+from common.model import read_json
 from common.outputs import write_json
 from common.queries import generate_queries, load_queries
-from custom_diffusion.attribute import RECALL_KS
-from custom_diffusion.compare import KINDS, group_stats
+from custom_diffusion.attribute import retrieval_row, retrieval_table
+from custom_diffusion.compare import KINDS
 from custom_diffusion.finetune import FinetuneConfig, finetune
 from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
 from tiny import shapes
@@ -69,9 +70,10 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
     try:
         spec = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
-        raise AttributionError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise AttributionError(f"{path} is not valid YAML ({first_line(err)})") from None
     require(isinstance(spec.get("concepts"), list) and spec["concepts"], f"{path} lists no concepts")
     prompts = spec.get("prompts", {})
+    token = str((spec.get("finetune") or {}).get("token", "<new1>"))
     out, seen = [], set()
     for i, entry in enumerate(spec["concepts"]):
         where = f"{path} concept {i}"
@@ -89,8 +91,8 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
         require(isinstance(count, int) and count >= 1, f"{where} ({name}): exemplars must be a positive count")
         require(entry.get("split") in SPLITS, f"{where} ({name}): split must be tune or report")
         texts = prompts.get(kind, {})
-        require("<new1>" in texts.get("train", "") and "<new1>" in texts.get("query", ""),
-                f"{path}: prompts.{kind} needs train and query prompts with <new1>")  # fmt: skip
+        require(token in texts.get("train", "") and token in texts.get("query", ""),
+                f"{path}: prompts.{kind} needs train and query prompts with {token}")  # fmt: skip
         seen.add(name)
         out.append(Concept(name, kind, shape, style, count, entry["split"], texts["train"], texts["query"]))
     return out, spec
@@ -132,6 +134,7 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
     for concept in concepts:
         folder, model_dir, query_dir = (out / sub / concept.name for sub in ("concepts", "models", "queries"))
         if (query_dir / f"q{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
+            check_prepared(concept, model_dir)
             print(f"{concept.name}: ready")
             continue
         model = TinyTextToImage.load(base)
@@ -146,9 +149,10 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
             model.to(resolve_device(device))
             summary = finetune(model, exemplars, concept.train_prompt, pretraining, cfg)
             save_custom(model, model_dir, cfg.selection)
-            write_json(model_dir / "finetune.json", summary | {"concept": concept.name, "base": str(base)})
+            write_json(model_dir / "finetune.json", summary | {"concept": asdict(concept), "base": str(base)})
             print(f"{concept.name}: fine-tuned in {time.time() - t0:.0f} s, loss "
                   f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")  # fmt: skip
+        check_prepared(concept, model_dir)
         model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
         prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
         generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
@@ -156,34 +160,28 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
         print(f"{concept.name}: {len(prompts)} queries")
 
 
-def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folder) -> ConcatTrainingSet:
-    """The concept's exemplars under their training prompt (the customized text encoder), then the pretraining set."""
+def check_prepared(concept: Concept, model_dir: Path) -> None:
+    """Refuse a concept whose entry changed since its model was fine-tuned (its outputs would mix)."""
+    info = read_json(model_dir / "finetune.json", "fine-tuning record")
+    require(
+        info.get("concept") == asdict(concept),
+        f"concept {concept.name} changed since {model_dir} was made: remove its folders under concepts/, models/ "
+        "and queries/ to prepare it again",
+    )
+
+
+def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folder) -> tuple[ConcatTrainingSet, int]:
+    """The concept's exemplars under their training prompt (the customized text encoder), then the pretraining set;
+    and the number of exemplars (read from the folder: what the model was fine-tuned on)."""
     exemplars = load_image_folder(folder, model.cfg.resolution)
-    return ConcatTrainingSet([training_set(model, exemplars), training_set(model, pretraining_folder)])
-
-
-def query_row(scores: np.ndarray, n_exemplars: int, concept: Concept) -> dict:
-    from common.evaluation.retrieval import average_precision, recall_at_k
-
-    relevant = list(range(n_exemplars))
-    row = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in RECALL_KS}
-    return row | {"ap": average_precision(scores, relevant), "concept": concept.name, "kind": concept.kind}
-
-
-def retrieval_table(rows: dict[str, dict], concepts: list[Concept], tag: str) -> str:
-    """Mean ± SE of Recall@10 and mAP per concept, per kind and over all queries (markdown)."""
-    per_concept = {k: v for k, v in group_stats(rows, "concept", [c.name for c in concepts]).items() if k != "all"}
-    lines = [f"| {tag} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
-    for name, (n, recall, ap) in (per_concept | group_stats(rows, "kind", KINDS)).items():
-        lines.append(f"| {name} | {n} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
-    return "\n".join(lines) + "\n"
+    return ConcatTrainingSet([training_set(model, exemplars), training_set(model, pretraining_folder)]), len(exemplars)
 
 
 def base_fisher(base: Path, data_dir: Path, out: Path, cfg, pool: int | None, device: str) -> Path:
     """The base model's Fisher on the ranked pretraining images, estimated once (AbC uses SD v1.4's for every model)."""
     from common.unlearning.fisher import cached_fisher
 
-    path = out / "cache" / "base_fisher.safetensors"
+    path = out / "cache" / f"base_fisher-pool{pool or 'all'}.safetensors"  # one per ranked set
     run = load_run(base, data_dir, device)
     cached_fisher(run.model, run.data.subset(range(min(pool or len(run.data), len(run.data)))), cfg, path)
     return path
@@ -233,18 +231,22 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = out / "models" / concept.name
         require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.name} is not prepared: run the prepare step first")
         model = apply_custom(TinyTextToImage.load(base), model_dir)
-        data = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
+        check_prepared(concept, model_dir)
+        data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
         queries = load_queries(out / "queries" / concept.name)
         method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data,
                      out / "cache" / tag / concept.name)  # fmt: skip
         folders = run_method(method, queries, out / tag / concept.name, args.top_k, args.overwrite,
                              plot=not args.no_plot)  # fmt: skip
         for query, folder in zip(queries, folders, strict=True):
-            rows[f"{concept.name}/{query.id}"] = query_row(np.load(folder / "scores.npy"), concept.exemplars, concept)
+            scores = np.load(folder / "scores.npy")
+            rows[f"{concept.name}/{query.id}"] = retrieval_row(
+                scores, num_exemplars, concept=concept.name, kind=concept.kind
+            )
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
     write_json(path, rows)
-    table = retrieval_table(rows, concepts, tag)
+    table = retrieval_table(rows, tag, [("concept", [c.name for c in concepts]), ("kind", KINDS)])
     (out / tag / "retrieval.md").write_text(table)
     print(table)
 

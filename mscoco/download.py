@@ -22,8 +22,8 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from common.download import download, extract, extracted_record, hub_snapshot, is_extracted, record, volumes
-from common.errors import AttributionError, cli, require
+from common.download import download, extract, extracted_record, is_extracted, record, release_files, volumes
+from common.errors import AttributionError, cli
 from mscoco import release
 
 REPO = "sywang/AttributeByUnlearning"
@@ -41,14 +41,6 @@ COCO = {
 }
 
 
-def fetch_release(archives: Path | None, out: Path) -> Path:
-    """The folder holding ``mscoco/...`` archives: ``archives`` as given, or a snapshot of the Hub dataset."""
-    if archives is not None:
-        require(archives.is_dir(), f"missing archives folder {archives}")
-        return archives
-    return hub_snapshot(REPO, ["mscoco/*"], out / "hub")
-
-
 def get_release(out: Path, archives: Path | None) -> None:
     todo = {
         a: files
@@ -58,7 +50,7 @@ def get_release(out: Path, archives: Path | None) -> None:
     if not todo:
         print("release: already extracted")
         return
-    source = fetch_release(archives, out)
+    source = release_files(archives, out, REPO, ["mscoco/*"])
     for name in todo:
         archive = source / name
         if not volumes(archive):  # a flat folder of archives also works

@@ -542,6 +542,7 @@ def test_finetuning_script_trains_kv_and_the_token_only_and_its_files_load_back(
     main([*argv[:6], str(tmp_path / "again"), *argv[7:]])
     again = StableDiffusionModel.load(tmp_path / "sd").with_custom(tmp_path / "again")
     assert all(torch.equal(after[n], again.unet.state_dict()[n]) for n in kv)
+    assert torch.equal(again.text_encoder.get_input_embeddings().weight[row], table[row])
     with pytest.raises(SystemExit):
         main([*argv[:4], "a dog", *argv[5:], "--overwrite"])
     assert "does not contain the new token '<new1>'" in capsys.readouterr().err
@@ -578,6 +579,7 @@ def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_c
     write_laion(tmp_path / "files")
     write_hub(tmp_path / "files", tmp_path / "hub")
     assert len(list((tmp_path / "hub" / "models_test").iterdir())) > 1  # split volumes
+    listing = sorted((tmp_path / "hub").rglob("*"))
     out = tmp_path / "data"
     args = ["--out", str(out), "--archives", str(tmp_path / "hub"), "--laion-count", "6"]
     main([*args, "--select", "demo"])  # the demo task: one model, its exemplars, one synthesized image
@@ -590,7 +592,7 @@ def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_c
     assert "all_tasks.json: 4 tasks of 2 models" in printed and "LAION arrays: 6 images" in printed
     assert (out / "models/bamfg/101_0/pytorch_custom_diffusion_weights.pt").is_file()
     assert (out / "laion_latents.npy").read_bytes() == (tmp_path / "files" / "laion_latents.npy").read_bytes()
-    assert len(list((tmp_path / "hub" / "models_test").iterdir())) > 1  # the user's folder is left alone
+    assert sorted((tmp_path / "hub").rglob("*")) == listing  # the user's folder is left alone
     stamp = (out / "laion_latents.npy").stat().st_mtime_ns
     main(args)
     assert "already extracted" in capsys.readouterr().out and (out / "laion_latents.npy").stat().st_mtime_ns == stamp
@@ -663,11 +665,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert scores.shape == (3 + 20,)  # the exemplars, then the first 20 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
-    argv = ["attribute", *common, "--method", "unlearning", "--config", "tiny/configs/tiny.yaml", "--preset", "micro"]
+    from tests.conftest import ROOT
+
+    config = str(ROOT / "tiny" / "configs" / "tiny.yaml")
+    argv = ["attribute", *common, "--method", "unlearning", "--config", config, "--preset", "micro"]
     main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
     assert sorted(rows) == ["stripes/q000", "stripes/q001"]
-    assert (tmp_path / "out/cache/base_fisher.safetensors").is_file()  # the base model's, for every concept
+    assert (tmp_path / "out/cache/base_fisher-poolall.safetensors").is_file()  # the base model's, for every concept
 
 
 @pytest.mark.parametrize(
@@ -688,3 +693,57 @@ def test_tiny_twin_concept_problems_are_one_line(tmp_path, capsys, extra, messag
         main(["prepare", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"),
               "--out", str(tmp_path / "out"), "--concepts", str(tmp_path / "concepts.yaml")])  # fmt: skip
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_finetuning_trains_only_the_selected_weights_and_the_token_row_of_the_tiny_model(model, data):
+    import torch
+
+    from common.diffusion.selection import select_parameters
+    from custom_diffusion.finetune import FinetuneConfig, finetune
+
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    table = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    cfg = FinetuneConfig(steps=3, batch_size=2, lr=1e-2, init_word="shape", num_regularisation=4)
+    summary = finetune(model, data.subset([0, 1]), "a <new1> shape", data, cfg, progress=False)
+    assert summary["regularisation"] == 4 and model.token == "<new1>"
+    kv = set(select_parameters(model.unet, "cross-attn-kv"))
+    after = model.unet.state_dict()
+    assert all(not torch.equal(base[n], after[n]) for n in kv) and all(
+        torch.equal(base[n], after[n]) for n in base if n not in kv
+    )
+    assert all(p.grad is None for p in model.text_encoder.parameters()) and not model.unet.training
+    new = model.text_encoder.get_input_embeddings().weight
+    assert torch.equal(new[: len(table)], table) and not torch.equal(new[-1], table[model.token_ids(["shape"])[0, 1]])
+
+
+def test_tiny_tokenizer_matches_open_clip_and_keeps_added_tokens_whole_through_save_and_load(tmp_path):
+    import torch
+    from open_clip.tokenizer import tokenize as clip_tokenize
+
+    from tests.conftest import micro_config
+    from tiny.model import TinyTextToImage, tokenize
+
+    captions = ["a red circle at the top", "", "word " * 30, "A Big  SQUARE, 'quoted'!"]
+    for length in (8, 20, 77):
+        assert torch.equal(tokenize(captions, length), clip_tokenize(captions, context_length=length))
+    model = TinyTextToImage(micro_config())
+    model.add_token("<new1>", torch.ones(8))
+    model.add_token("<new10>", torch.full((8,), 2.0))
+    ids = model.token_ids(["a <new10> and a <new1> shape"])[0]
+    assert ids[2] == model.token_row("<new10>") and ids[5] == model.token_row("<new1>")  # the longer one is whole
+    with pytest.raises(AttributionError, match="token 'circle' already exists"):
+        model.add_token("circle", torch.zeros(8))
+    model.save(tmp_path / "m")
+    again = TinyTextToImage.load(tmp_path / "m")
+    assert again.added_tokens == model.added_tokens
+    assert torch.equal(again.encode_text(["a <new10> shape"]), model.encode_text(["a <new10> shape"]))
+
+
+def test_the_stable_tiny_preset_is_the_default_at_50_scoring_timesteps():
+    from common.config import read_presets
+    from tests.conftest import ROOT
+
+    presets = read_presets(ROOT / "tiny" / "configs" / "tiny.yaml")
+    stable, default = presets["stable"], presets["default"]
+    assert stable["loss"] == default["loss"] | {"num_timesteps": 50}
+    assert {k: v for k, v in stable.items() if k != "loss"} == {k: v for k, v in default.items() if k != "loss"}

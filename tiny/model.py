@@ -105,7 +105,8 @@ def tokenize(captions: list[str], context_length: int, added: Mapping[str, int] 
     the text around it is encoded as usual (without ``added`` this is open_clip's ``tokenize``).
     """
     bpe = _bpe()
-    pattern = re.compile("(" + "|".join(re.escape(t) for t in added) + ")") if added else None
+    longest_first = sorted(added or (), key=len, reverse=True)  # "<new10>" before "<new1>"
+    pattern = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")") if added else None
     out = torch.zeros(len(captions), context_length, dtype=torch.long)
     for row, caption in enumerate(captions):
         pieces = pattern.split(caption) if pattern else [caption]

@@ -16,5 +16,8 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: bash custom_diffusion/scripts/download.sh DATA_DIR [all|demo|TEST_CASE]" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_ENABLE_HF_TRANSFER=${HF_HUB_ENABLE_HF_TRANSFER:-0}
-python -m custom_diffusion.download --out "$1" --select "${2:-all}" ${ARCHIVES:+--archives "$ARCHIVES"} \
-  ${LAION_IMAGES:+--laion-images} ${KEEP_ARCHIVES:+--keep-archives}
+FLAGS=()
+[ -n "${ARCHIVES:-}" ] && FLAGS+=(--archives "$ARCHIVES")
+[ "${LAION_IMAGES:-0}" = 1 ] && FLAGS+=(--laion-images)
+[ "${KEEP_ARCHIVES:-0}" = 1 ] && FLAGS+=(--keep-archives)
+python -m custom_diffusion.download --out "$1" --select "${2:-all}" "${FLAGS[@]}"
