@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ def _step_loss(model, denoise, schedule, exemplars, pretraining, pool, ids, d, c
     """The exemplars' loss under the prompt plus ``prior_weight`` x the regularisation images' under their captions."""
     device, dtype = model.device, model.dtype
     x0 = exemplars.images(d["exemplar"], d["flip"]).to(device=device, dtype=dtype)
-    text = model.text_encoder(input_ids=ids.expand(len(x0), -1)).last_hidden_state.to(dtype)
+    rows = ids[d["exemplar"].to(ids.device)] if len(ids) > 1 else ids.expand(len(x0), -1)  # each exemplar's prompt
+    text = model.text_encoder(input_ids=rows).last_hidden_state.to(dtype)
     noise = keyed_random.keyed_normal(d["keys"], x0.shape[1:], dtype=x0.dtype, device=device)
     loss = per_sample_loss(denoise, x0, text, d["t"].to(device), noise, schedule).mean()
     if pool is None:
@@ -137,7 +139,7 @@ def regularisation_indices(num_images: int, cfg: FinetuneConfig) -> torch.Tensor
 def finetune(
     model: DiffusionModel,
     exemplars: ArrayTrainingSet,
-    prompt: str,
+    prompt: str | Sequence[str],
     pretraining: ArrayTrainingSet | None,
     cfg: FinetuneConfig,
     progress: bool = True,
@@ -147,12 +149,16 @@ def finetune(
     Args:
         model: a base model whose text side can learn a token (``token_ids``, ``add_token``).
         exemplars: the concept's images as model inputs (their captions are not used).
-        prompt: the training prompt, containing ``cfg.token``.
+        prompt: the training prompt, containing ``cfg.token``; or one prompt per exemplar (the tiny twin
+            captions each exemplar as the pretraining set is captioned, the token in place of the new word).
         pretraining: where the regularisation images come from (None or ``prior_weight`` 0: none).
     Returns:
         A summary: mean loss of the first and last 10% of steps, seconds, settings.
     """
-    require(cfg.token in prompt, f"the prompt {prompt!r} does not contain the new token {cfg.token!r}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    require(len(prompts) in (1, len(exemplars)), f"{len(prompts)} prompts for {len(exemplars)} exemplars")
+    for text in prompts:
+        require(cfg.token in text, f"the prompt {text!r} does not contain the new token {cfg.token!r}")
     regular = cfg.prior_weight > 0 and pretraining is not None and len(pretraining) > 0
     embedding = torch.nn.Parameter(init_embedding(model, cfg.init_word).float())
     model.add_token(cfg.token, embedding.detach())
@@ -170,7 +176,7 @@ def finetune(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    ids = model.token_ids([prompt]).to(model.device)
+    ids = model.token_ids(prompts).to(model.device)
     pool = regularisation_indices(len(pretraining), cfg) if regular else None
     denoise, schedule = unet_denoiser(unet), model.alphas_cumprod
     losses: list[float] = []
@@ -200,7 +206,7 @@ def finetune(
         "final_loss": sum(losses[-tenth:]) / tenth,
         "seconds": time.time() - t0,
         "finetune": asdict(cfg),
-        "prompt": prompt,
+        "prompt": prompt if isinstance(prompt, str) else prompts,
         "regularisation": 0 if pool is None else len(pool),
     }
 

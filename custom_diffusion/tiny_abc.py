@@ -103,7 +103,7 @@ def concept_seed(concept: Concept, seed: int, purpose: int) -> int:
 
 
 def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int = 0) -> None:
-    """The concept's exemplars as an image folder (metadata.jsonl captions: the training prompt)."""
+    """The concept's exemplars as an image folder; each captioned by the training prompt, its slots filled."""
     rng = np.random.default_rng(concept_seed(concept, seed, 0))
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -112,7 +112,8 @@ def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int 
         spec = replace(spec, shape=concept.shape or spec.shape)
         name = f"images/{i:02d}.png"
         Image.fromarray(shapes.render(spec, resolution, style=concept.style)).save(folder / name)
-        lines.append({"file_name": name, "text": concept.train_prompt, "attributes": spec.attributes()})
+        attrs = spec.attributes() | {"style": concept.style}
+        lines.append({"file_name": name, "text": concept.train_prompt.format(**attrs), "attributes": attrs})
     with open(folder / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
 
@@ -143,11 +144,11 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
             render_exemplars(concept, folder, model.cfg.resolution, int(ft.get("seed", 0)))
             if pretraining is None:
                 pretraining = load_run(base, data_dir, "cpu").data
-            pixels = load_image_folder(folder, model.cfg.resolution).pixels
-            exemplars = ArrayTrainingSet(pixels, torch.zeros(len(pixels), 1, 1))  # the prompt is given apart
+            images = load_image_folder(folder, model.cfg.resolution)
+            exemplars = ArrayTrainingSet(images.pixels, torch.zeros(len(images), 1, 1))  # prompts are given apart
             cfg = FinetuneConfig(**ft)
             model.to(resolve_device(device))
-            summary = finetune(model, exemplars, concept.train_prompt, pretraining, cfg)
+            summary = finetune(model, exemplars, [c[0] for c in images.captions], pretraining, cfg)
             save_custom(model, model_dir, cfg.selection)
             write_json(model_dir / "finetune.json", summary | {"concept": asdict(concept), "base": str(base)})
             print(f"{concept.name}: fine-tuned in {time.time() - t0:.0f} s, loss "
