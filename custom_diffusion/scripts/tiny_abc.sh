@@ -8,10 +8,11 @@
 #   bash custom_diffusion/scripts/tiny_abc.sh [OUT_DIR]      (default: results/tiny_abc)
 #
 # Resumable. Writes OUT/retrieval.md (methods side by side), OUT/object_vs_style.png, OUT/tune/tune.md and
-# OUT/times.md (this invocation's stages). Environment: BASE and BASE_DATA (a trained tiny model and its images; default: train one
-# with the default preset on 2,000 shapes into OUT/base, ~10 min), POOL (pretraining images ranked, default
-# 500, as AbC ranks a subset of LAION), CONCEPTS (the YAML), GRID_STEP_SIZES ("0.001 0.004"), GRID_STEPS
-# ("1 10": 1 step of 1,000 query draws, or 10 steps of 100), METHODS ("pixel random d-trak"), DEVICE (cpu).
+# OUT/times.md (this invocation's stages). Environment: BASE and BASE_DATA (a trained tiny model and its
+# images; default: train one with the default preset on 2,000 shapes into OUT/base, ~10 min), POOL (pretraining
+# images ranked, default 500, as AbC ranks a subset of LAION), CONCEPTS (the YAML), GRID_STEP_SIZES ("0.0001
+# 0.0004": around the leave_k_out preset's 2e-4 at N = 500), GRID_STEPS ("1 10": 1 step of 1,000 query draws,
+# or 10 steps of 100), METHODS ("pixel random d-trak"), DEVICE (cpu).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/tiny_abc}
@@ -44,7 +45,7 @@ timed "prepare: exemplars, fine-tuning, queries" "${TWIN[@]}" prepare
 # 1,000 draws or 10 steps of 100, at each step size (alpha / N with N the ranked set's size, as the tiny benchmark).
 mkdir -p "$OUT/tune"
 rm -f "$OUT/tune/rows.md"
-for A in ${GRID_STEP_SIZES:-0.001 0.004}; do
+for A in ${GRID_STEP_SIZES:-0.0001 0.0004}; do
   for S in ${GRID_STEPS:-1 10}; do
     case $S in 1|2|5|10) ;; *) echo "error: GRID_STEPS must divide the 10 accumulations (1, 2, 5 or 10), not $S" >&2; exit 2 ;; esac
     TAG=tune/unlearning-a$A-s$S
