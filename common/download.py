@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,6 +148,9 @@ def download(url: str, path: Path) -> None:
             resumed = have and response.status == 206  # a server that ignores Range sends the whole file again
             with open(part, "ab" if resumed else "wb") as f:
                 shutil.copyfileobj(response, f, length=1 << 20)
+    except urllib.error.HTTPError as err:
+        if not (have and err.code == 416):  # 416 to a resumed request: nothing is left, the part is the file
+            raise AttributionError(f"cannot download {url} ({err}); rerun to resume") from None
     except OSError as err:
         raise AttributionError(f"cannot download {url} ({err}); rerun to resume") from None
     os.replace(part, path)

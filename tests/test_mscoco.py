@@ -629,3 +629,29 @@ def test_memory_script_reports_peaks_at_each_size(tmp_path):
     for row in result["rows"]:
         assert 0 < row["peak_RssAnon_mib"] <= row["peak_VmRSS_mib"] and row["peak_RssFile_mib"] > 0
     assert not list(tmp_path.glob("n*"))  # the scratch arrays are removed after each size
+
+
+def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeypatch):
+    import io
+    import urllib.error
+    import urllib.request
+
+    from common.download import download
+
+    body = b"0123456789"
+
+    def serve(request, timeout):
+        start = int(request.headers.get("Range", "bytes=0-")[6:-1])
+        if start >= len(body):  # what a server answers a range past the end
+            raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable", {}, None)
+        response = io.BytesIO(body[start:])
+        response.status = 206 if start else 200
+        return response
+
+    monkeypatch.setattr(urllib.request, "urlopen", serve)
+    (tmp_path / "f.bin.part").write_bytes(body[:4])  # cut mid-way: resumed
+    download("http://x/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == body
+    (tmp_path / "g.bin.part").write_bytes(body)  # cut after the last byte, before the rename
+    download("http://x/g.bin", tmp_path / "g.bin")
+    assert (tmp_path / "g.bin").read_bytes() == body and not (tmp_path / "g.bin.part").exists()
