@@ -126,6 +126,13 @@ def release_files(source: Path | None, out: Path, repo: str, patterns: list[str]
     return hub_snapshot(repo, patterns, out / "hub")
 
 
+def require_complete(out: Path, problems: list[str]) -> None:
+    """One line naming the first problem of a data folder's report (and how many more there are)."""
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AttributionError(f"{out} is incomplete: {problems[0]}{more}")
+
+
 def hub_snapshot(repo: str, patterns: list[str], local_dir: Path) -> Path:
     """Files of a Hugging Face Hub dataset matching ``patterns`` under ``local_dir`` (resumed by huggingface_hub)."""
     from huggingface_hub import snapshot_download

@@ -36,7 +36,7 @@ import os
 import shutil
 from pathlib import Path
 
-from common.download import download, extract, is_extracted, record, release_files, volumes
+from common.download import download, extract, is_extracted, record, release_files, require_complete, volumes
 from common.errors import AttributionError, cli, require
 from common.model import read_json
 from custom_diffusion.release import LAION_COUNT, LAION_LATENTS, LAION_TEXT, SD_FISHER, load_laion
@@ -179,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         get_archive(out, source, name, prefixes if selectable else None, args.keep_archives)
     problems = report(out, task_file, args.laion_count)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AttributionError(f"{out} is incomplete: {problems[0]}{more}")
+    require_complete(out, problems)
     print(f"{out}: complete for {task_file.name}")
 
 

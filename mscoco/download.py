@@ -22,7 +22,16 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from common.download import download, extract, extracted_record, is_extracted, record, release_files, volumes
+from common.download import (
+    download,
+    extract,
+    extracted_record,
+    is_extracted,
+    record,
+    release_files,
+    require_complete,
+    volumes,
+)
 from common.errors import AttributionError, cli
 from mscoco import release
 
@@ -109,9 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if "coco" in args.parts:
         get_coco(out)
     problems = report(out)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AttributionError(f"{out} is incomplete: {problems[0]}{more}")
+    require_complete(out, problems)
     print(f"{out}: complete")
 
 
