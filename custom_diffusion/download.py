@@ -1,6 +1,6 @@
 """Download, extract and check the customized-model (AbC) benchmark.
 
-    python -m custom_diffusion.download --out DATA [--select all|demo|TEST_CASE] [--laion-images]
+    python -m custom_diffusion.download --out DATA [--select all|demo|TEST_CASE] [--laion-images | --laion-captions]
         [--archives FOLDER] [--keep-archives]
 
 What comes from where (as the authors' ``download_abc.sh`` fetches it):
@@ -9,8 +9,9 @@ What comes from where (as the authors' ``download_abc.sh`` fetches it):
   exemplars), ``imagenet_class_to_categories.json``, ``path_to_prompts.json``, and three split 7z
   archives: ``exemplar/exemplar.7z.001..`` (-> ``exemplar/``), ``synth_test/synth_test.7z.001..``
   (-> ``synth/``), ``models_test/models_test.7z.001..`` (-> ``models/``). With ``--laion-images`` also
-  ``laion_subset/laion_subset.7z.001..`` (-> ``laion_subset/``, ~270 GB of images: only needed to look
-  at LAION neighbours, not to score them).
+  ``laion_subset/laion_subset.7z.001..`` (-> ``laion_subset/``, ~270 GB of images and their captions: only
+  needed to look at LAION neighbours, not to score them). ``--laion-captions`` extracts only
+  ``laion_subset/captions.txt`` from it, which ``clip-text`` needs; the download is the same.
 - Hub dataset ``sywang/AttributeByUnlearning``, folder ``abc/``: ``sd_fisher.pt`` and the split archive
   ``laion_latents_text_embeddings/laion_latents_text_embeddings.7z.001..`` (-> ``laion_latents.npy``,
   ``laion_text_embeddings.npy``).
@@ -39,7 +40,14 @@ from pathlib import Path
 from common.download import download, extract, is_extracted, record, release_files, require_complete, volumes
 from common.errors import AttributionError, cli, require
 from common.model import read_json
-from custom_diffusion.release import LAION_COUNT, LAION_LATENTS, LAION_TEXT, SD_FISHER, load_laion
+from custom_diffusion.release import (
+    LAION_CAPTIONS,
+    LAION_COUNT,
+    LAION_LATENTS,
+    LAION_TEXT,
+    SD_FISHER,
+    load_laion,
+)
 from custom_diffusion.tasks import TEST_CASES, Task, load_tasks
 
 BENCHMARK_REPO = "sywang/GenDataAttribution"
@@ -62,7 +70,7 @@ ARCHIVES = {
     ),
     "laion_subset/laion_subset.7z": (BENCHMARK_REPO, ["laion_subset"], False),
 }
-LAION_IMAGES = "laion_subset/laion_subset.7z"
+LAION_ARCHIVE = "laion_subset/laion_subset.7z"
 
 
 def get_task_lists(out: Path, archives: Path | None) -> None:
@@ -118,7 +126,7 @@ def get_plain(out: Path, source: Path | None, cases: list[str]) -> None:
 
 
 def get_archive(out: Path, source: Path | None, name: str, prefixes: list[str] | None, keep: bool) -> None:
-    repo, yields, _ = ARCHIVES[name]
+    repo, yields, selectable = ARCHIVES[name]
     if is_extracted(out, name, prefixes) and all((out / y).exists() for y in yields):
         print(f"{Path(name).name}: already extracted")
         return
@@ -128,8 +136,9 @@ def get_archive(out: Path, source: Path | None, name: str, prefixes: list[str] |
     extract(archive, out, prefixes)
     parts = volumes(archive)
     record(out, name, parts, prefixes)
-    if not keep and source is None and prefixes is None:  # ours to delete once fully extracted; a selection
-        # leaves them for the next selection (the archives hold every test case); a user's folder is never touched
+    if not keep and source is None and (prefixes is None or not selectable):  # ours to delete once extracted; a
+        # selection of test cases leaves them for the next selection (the archives hold every test case); a user's
+        # folder is never touched
         for part in parts:
             os.remove(part)
 
@@ -146,6 +155,8 @@ def report(out: Path, task_file: Path, laion_count: int) -> list[str]:
     try:
         laion = load_laion(out, min(laion_count, LAION_COUNT))
         print(f"LAION arrays: {len(laion):,} images ranked")
+        captioned = (out / LAION_CAPTIONS).is_file()
+        print(f"LAION captions: {'read' if captioned else 'absent (only clip-text needs them: --laion-captions)'}")
     except AttributionError as err:
         problems.append(str(err))
     fisher = out / SD_FISHER
@@ -160,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the data folder")
     parser.add_argument("--select", default="all", choices=["all", "demo", *TEST_CASES], help="tasks to fetch for")
-    parser.add_argument("--laion-images", action="store_true", help="also the LAION images (~270 GB; for viewing)")
+    parser.add_argument("--laion-images", action="store_true", help="also the LAION images (~270 GB) and captions")
+    parser.add_argument(
+        "--laion-captions",
+        action="store_true",
+        help="only the LAION captions, for clip-text (extracted from the same ~270 GB archive, then deleted)",
+    )
     parser.add_argument("--laion-count", type=int, default=LAION_COUNT, help="LAION images the report checks")
     parser.add_argument("--archives", default=None, help="read the hub files from this folder instead of the Hub")
     parser.add_argument("--keep-archives", action="store_true", help="keep downloaded volumes after extraction")
@@ -175,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     tasks = load_tasks(task_file, out, check_files=False)  # fields and exemplar lists checked before any archive
     prefixes = None if args.select == "all" else task_prefixes(tasks, out)
     for name, (_, _, selectable) in ARCHIVES.items():
-        if name == LAION_IMAGES and not args.laion_images:
+        if name == LAION_ARCHIVE:
+            if args.laion_images or args.laion_captions:
+                get_archive(out, source, name, None if args.laion_images else [LAION_CAPTIONS], args.keep_archives)
             continue
         get_archive(out, source, name, prefixes if selectable else None, args.keep_archives)
     problems = report(out, task_file, args.laion_count)

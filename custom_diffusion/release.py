@@ -8,6 +8,11 @@ into the data folder), memory-mapped:
 - ``laion_text_embeddings.npy``: (M, 77, 768), SD v1.4 text conditions of their captions;
 - ``sd_fisher.pt``: the diagonal Fisher of SD v1.4 (imported with ``--fisher.file``).
 
+The captions themselves (``laion_subset/captions.txt``, one per line in the order of the sorted image
+files, which is the arrays' order) come with the LAION images of ``sywang/GenDataAttribution``; only
+caption-based methods (``clip-text``) need them, and they are read when the file is there; so are the
+image files' paths (``laion_subset/images/``), which the run outputs then list beside each score.
+
 The paper ranks the first 100,000 LAION images. The exemplars are images on disk, prepared as the
 authors' loader does (shorter side resized to the resolution, bilinear; centre crop; [-1, 1]; the
 flip taken after the crop), encoded by the VAE with a posterior sample (seeded here, by image), and
@@ -21,6 +26,7 @@ exemplars'; we scale both, as the model was trained.)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,8 @@ from custom_diffusion.tasks import Task
 LAION_LATENTS = "laion_latents.npy"
 LAION_TEXT = "laion_text_embeddings.npy"
 SD_FISHER = "sd_fisher.pt"
+LAION_CAPTIONS = "laion_subset/captions.txt"
+LAION_IMAGES = "laion_subset/images"
 LAION_COUNT = 100_000
 RESOLUTION = 512
 
@@ -63,7 +71,27 @@ def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int | Non
         f"has {len(text)}; the two files come from different releases or one is partial",
     )
     require(count <= len(text), f"asked for {count} LAION images; {text_path} has {len(text)}")
-    return MemmapTrainingSet(latents, text, count=count)
+    captions = read_laion_captions(root, count, len(text))
+    folder = root / LAION_IMAGES
+    paths = [str(folder / name) for name in sorted(os.listdir(folder))[:count]] if folder.is_dir() else None
+    require(paths is None or len(paths) == count, f"{folder} holds {len(paths or [])} images, fewer than {count}")
+    return MemmapTrainingSet(latents, text, count=count, captions=captions, image_paths=paths)
+
+
+def read_laion_captions(root: Path, count: int, total: int) -> list[list[str]] | None:
+    """The first ``count`` captions of ``laion_subset/captions.txt`` (one per line, ``total`` lines), or None."""
+    path = root / LAION_CAPTIONS
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":  # the final newline
+        lines.pop()
+    require(
+        len(lines) == total,
+        f"{path} has {len(lines)} captions, not one per LAION image ({total}); it is partial or of another release",
+    )
+    return [[line] for line in lines[:count]]
 
 
 def read_image(path: str | Path, resolution: int = RESOLUTION) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Method(abc.ABC):
     Config: ClassVar[type]
     uses_noise: ClassVar[bool] = True  # scores depend on keyed noise (recorded with its generator)
     shares_passes: ClassVar[bool] = False  # prepare() and scoring split their work over the processes
+    uses_captions: ClassVar[bool] = False  # scores read the training captions' strings
 
     def __init__(
         self,

@@ -76,6 +76,7 @@ class ClipText(FeatureMethod):
     """Cosine similarity of CLIP text embeddings: the query prompt vs each training image's captions."""
 
     name = "clip-text"
+    uses_captions = True
     Config = ClipTextConfig
 
     def __init__(self, *args, **kwargs) -> None:
