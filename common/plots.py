@@ -45,3 +45,29 @@ def plot_top_images(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_image_rows(path: str | Path, rows: list[tuple[str, list[tuple[str, np.ndarray]]]], title: str = "") -> None:
+    """Save a PNG of labelled rows of images: ``rows`` is [(row label, [(image title, uint8 (H,W,3)), ...]), ...]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.1 * width + 0.6, 1.25 * len(rows) + 0.3), squeeze=False)
+    for (label, images), line in zip(rows, axes):
+        for i, ax in enumerate(line):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i >= len(images):
+                ax.axis("off")
+                continue
+            ax.imshow(images[i][1], interpolation="nearest")
+            ax.set_title(images[i][0], fontsize=7)
+        line[0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -3,8 +3,9 @@
     python -m custom_diffusion.compare OUT        (after custom_diffusion.attribute with each --method)
 
 Reads ``OUT/<method>/retrieval.json`` for every method that has one and writes ``OUT/retrieval.md``
-(Recall@10 and mAP, mean ± SE over queries, per concept kind and overall, one row per method) and
-``OUT/object_vs_style.png`` (each method's mAP on object concepts against its mAP on style concepts).
+(Recall@10 and mAP, mean ± SE over queries, per concept kind and overall, one row per method; then each
+method's AP minus each other's on the same queries) and ``OUT/object_vs_style.png`` (each method's mAP on
+object concepts against its mAP on style concepts).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from common.errors import cli, require
-from common.evaluation.tables import mean_se
+from common.evaluation.tables import mean_se, paired_against
 
 KINDS = ("object", "style")
 
@@ -60,6 +61,26 @@ def comparison_table(found: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(found: dict[str, dict[str, dict]]) -> str:
+    """Row method's AP minus column method's on the queries both ranked: mean ± SE (queries where the row's is higher).
+
+    Pairing by query removes what the two share: how well the query shows its concept.
+    """
+    records = [
+        {"method": method, "k": 0, "query": query, "ap": row["ap"]}
+        for method, rows in found.items()
+        for query, row in rows.items()
+    ]
+    methods = list(found)
+    cells = {(r["method"], base): r for base in methods for r in paired_against(records, base, "ap")}
+    lines = ["| AP minus → | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for method in methods:
+        row = [cells.get((method, base)) for base in methods]
+        text = [f"{c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']}/{c['n']})" if c else "–" for c in row]
+        lines.append(f"| {method} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
     """Object mAP against style mAP, one point per method with both kinds; False when none has both."""
     import matplotlib
@@ -78,8 +99,8 @@ def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
     for method, ((x, x_se), (y, y_se)) in points.items():
         ax.errorbar(x, y, xerr=x_se, yerr=y_se, fmt="o", capsize=2)
         ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("mAP, object concepts (ImageNet)")
-    ax.set_ylabel("mAP, style concepts (BAM-FG, Artchive)")
+    ax.set_xlabel("mAP, object concepts")
+    ax.set_ylabel("mAP, style concepts")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -96,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     found = gather(out)
-    table = comparison_table(found)
+    table = comparison_table(found) + "\n" + paired_table(found)
     (out / "retrieval.md").write_text(table)
     print(table)
     if scatter(found, out / "object_vs_style.png"):

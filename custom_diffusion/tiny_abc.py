@@ -7,11 +7,11 @@
 ``prepare`` takes each concept of the concepts file (custom_diffusion/configs/tiny_concepts.yaml):
 renders its exemplars (``OUT/concepts/<name>/``: images and metadata.jsonl), fine-tunes the base model
 on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files and finetune.json)
-and generates its queries (``OUT/queries/<name>/``). ``attribute`` ranks each query's training set,
-the concept's exemplars (first, under the training prompt) then the pretraining set, with one
-registered method, as custom_diffusion.attribute does for Stable Diffusion: the unlearning method's
-Fisher is the base model's on the pretraining set (computed once, ``OUT/cache/base_fisher.safetensors``),
-as AbC uses SD v1.4's. Outputs: ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs),
+and generates its queries (``OUT/queries/<name>/``); ``OUT/concepts.png`` shows them side by side.
+``attribute`` ranks each query's training set, the concept's exemplars (first, under the training
+prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute does for
+Stable Diffusion: the unlearning method's Fisher is the base model's on the ranked pretraining images
+(computed once, ``OUT/cache/base_fisher-pool<N>.safetensors``), as AbC uses SD v1.4's. Outputs: ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs),
 ``OUT/<tag>/retrieval.json`` (Recall@K and AP per query) and ``retrieval.md`` (per concept, per kind);
 ``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
 """
@@ -161,6 +161,26 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
         print(f"{concept.name}: {len(prompts)} queries")
 
 
+def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
+    """``OUT/concepts.png``: per concept, its exemplars then its generated queries, to see what each model learnt."""
+    from common.plots import plot_image_rows
+
+    def read(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    rows = []
+    for c in concepts:
+        exemplars = [
+            (f"exemplar {i}", read(p)) for i, p in enumerate(sorted((out / "concepts" / c.name).glob("images/*")))
+        ]
+        queries = [
+            (f"query {i}", read(p)) for i, p in enumerate(sorted((out / "queries" / c.name).glob("q*/image.png")))
+        ]
+        rows.append((f"{c.name} ({c.kind})", exemplars + queries))
+    plot_image_rows(out / "concepts.png", rows, "exemplars, then the customized model's queries")
+    return out / "concepts.png"
+
+
 def check_prepared(concept: Concept, model_dir: Path) -> None:
     """Refuse a concept whose entry changed since its model was fine-tuned (its outputs would mix)."""
     info = read_json(model_dir / "finetune.json", "fine-tuning record")
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     if args.step == "prepare":
         prepare(base, data_dir, out, chosen, spec, args.device)
+        print(f"exemplars and queries in {concept_sheet(out, chosen)}")
         return
     cls, cfg = method_from_args(args)
     fisher = getattr(cfg, "fisher", None)

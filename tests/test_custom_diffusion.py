@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -317,6 +319,28 @@ def test_laion_arrays_of_the_wrong_layout_are_one_line(tmp_path, kwargs, count, 
         load_laion(tmp_path, count=count, text_width=32)
 
 
+def write_laion_subset(root, m=6):
+    """The LAION images folder and captions file in the release's layout (one caption per sorted image)."""
+    (root / "laion_subset" / "images").mkdir(parents=True)
+    for i in range(m):
+        (root / "laion_subset" / "images" / f"{i:09d}.jpg").write_bytes(b"jpeg")
+    (root / "laion_subset" / "captions.txt").write_text("".join(f"caption {i}\n" for i in range(m)))
+
+
+def test_laion_captions_and_image_paths_are_read_in_the_arrays_order(tmp_path):
+    from custom_diffusion.release import load_laion
+
+    write_laion(tmp_path)
+    assert load_laion(tmp_path, count=4).captions == [[""]] * 4  # without the images: empty captions
+    write_laion_subset(tmp_path)
+    laion = load_laion(tmp_path, count=4)
+    assert laion.captions == [["caption 0"], ["caption 1"], ["caption 2"], ["caption 3"]]
+    assert [Path(p).name for p in laion.image_paths] == [f"{i:09d}.jpg" for i in range(4)]
+    (tmp_path / "laion_subset" / "captions.txt").write_text("one\ntwo\n")
+    with pytest.raises(AttributionError, match="has 2 captions, not one per LAION image \\(6\\)"):
+        load_laion(tmp_path, count=4)
+
+
 def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
     import torch
     from PIL import Image
@@ -439,6 +463,8 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
     flags += ["--device", "cpu", "--laion-count", "4", "--no-plot"]
     main([*flags, "--method", "random"])
     check_retrieval(tmp_path / "out", "random")
+    first, second = sorted((tmp_path / "out" / "random").glob("*100_0*/scores.npy"))[:2]
+    assert not np.array_equal(np.load(first), np.load(second))  # the preset draws a ranking per query
     capsys.readouterr()
     main([*flags, "--method", "random"])
     assert capsys.readouterr().out.count("already attributed") == 4
@@ -452,6 +478,9 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
     with pytest.raises(SystemExit):  # the Fisher is the base model's: it must be given
         main([*flags, "--method", "unlearning"])
     assert "pass --fisher.file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # caption similarity without the LAION captions: refused before any model loads
+        main([*flags, "--method", "clip-text", "--clip_text.weights", str(tmp_path / "clip.safetensors")])
+    assert "clip-text ranks the LAION images by their captions" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # about a minute: multi-step unlearning on two customized models
@@ -472,6 +501,35 @@ def test_attribute_script_unlearns_each_customized_model(tmp_path):
     check_retrieval(tmp_path / "out", "unlearning")
 
 
+@pytest.mark.slow  # about half a minute: a CLIP ViT-B/32 of random weights, saved and loaded by path
+def test_attribute_script_ranks_laion_by_its_captions_with_clip_text(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from tests.test_methods_features import no_init, random_fill
+
+    run = abc_runner(tmp_path)
+    data = tmp_path / "abc"
+    tasks = json.loads((data / "tasks.json").read_text())
+    write_laion_subset(data)
+    captions = (data / "laion_subset" / "captions.txt").read_text().splitlines()
+    captions[2] = tasks[0]["prompt"]  # LAION image 2 is captioned with the first query's own prompt
+    (data / "laion_subset" / "captions.txt").write_text("\n".join(captions) + "\n")
+    with no_init():
+        net = random_fill(open_clip.create_model("ViT-B-32"), 0)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    run("--method", "clip-text", "--clip_text.weights", str(tmp_path / "clip.safetensors"))
+    check_retrieval(tmp_path / "out", "clip-text")
+    first = sorted((tmp_path / "out" / "clip-text").glob("*/scores.npy"))
+    scores = {path.parent.name: np.load(path) for path in first}
+    query_id = next(q for q in scores if json.loads((tmp_path / "out" / "clip-text" / q / "ranking.json").read_text())
+                    ["query"]["prompt"] == tasks[0]["prompt"])  # fmt: skip
+    n_ex = 2 if "100_0" in query_id else 3
+    assert int(np.argmax(scores[query_id])) == n_ex + 2 and scores[query_id][n_ex + 2] == pytest.approx(1, abs=1e-5)
+
+
 def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_path, capsys):
     import json
 
@@ -485,10 +543,15 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
         json.dumps({"a": row("object", 1.0, 0.5), "b": row("object", 0.5, 0.3), "c": row("style", 0.0, 0.1)})
     )
     (tmp_path / "random").mkdir()
-    (tmp_path / "random" / "retrieval.json").write_text(json.dumps({"a": row("style", 0.0, 0.02)}))
+    (tmp_path / "random" / "retrieval.json").write_text(
+        json.dumps({"a": row("style", 0.0, 0.02), "b": row("style", 0.0, 0.4)})
+    )
     main([str(tmp_path)])
     table = (tmp_path / "retrieval.md").read_text().splitlines()
-    assert table[2] == "| random | – | – | 0.000 ± 0.000 | 0.020 ± 0.000 | 0.000 ± 0.000 | 0.020 ± 0.000 | 1 |"
+    assert table[2] == "| random | – | – | 0.000 ± 0.000 | 0.210 ± 0.190 | 0.000 ± 0.000 | 0.210 ± 0.190 | 2 |"
+    # paired on the queries both ranked (a, b): 0.5 - 0.02 = 0.48 and 0.3 - 0.4 = -0.1, mean 0.19 ± 0.29
+    assert table[8] == "| unlearning | +0.190 ± 0.290 (1/2) | – |"
+    assert table[7] == "| random | – | -0.190 ± 0.290 (1/2) |"
     # objects: recall (1 + 0.5) / 2 = 0.75 ± 0.25, AP 0.4 ± 0.1; all three: AP 0.3 ± 0.115
     assert table[3].startswith(
         "| unlearning | 0.750 ± 0.250 | 0.400 ± 0.100 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.500 ± 0.289 |"
@@ -569,6 +632,8 @@ def write_hub(files, hub):
     pack_7z(files, hub / "models_test" / "models_test.7z", ["models"], volume=100)
     big = hub / "abc" / "laion_latents_text_embeddings" / "laion_latents_text_embeddings.7z"
     pack_7z(files, big, ["laion_latents.npy", "laion_text_embeddings.npy"], volume=2_000)
+    if (files / "laion_subset").is_dir():
+        pack_7z(files, hub / "laion_subset" / "laion_subset.7z", ["laion_subset"], volume=100)
     return tasks
 
 
@@ -577,6 +642,7 @@ def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_c
 
     write_benchmark(tmp_path / "files")
     write_laion(tmp_path / "files")
+    write_laion_subset(tmp_path / "files")
     write_hub(tmp_path / "files", tmp_path / "hub")
     assert len(list((tmp_path / "hub" / "models_test").iterdir())) > 1  # split volumes
     listing = sorted((tmp_path / "hub").rglob("*"))
@@ -595,7 +661,15 @@ def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_c
     assert sorted((tmp_path / "hub").rglob("*")) == listing  # the user's folder is left alone
     stamp = (out / "laion_latents.npy").stat().st_mtime_ns
     main(args)
-    assert "already extracted" in capsys.readouterr().out and (out / "laion_latents.npy").stat().st_mtime_ns == stamp
+    printed = capsys.readouterr().out
+    assert "already extracted" in printed and (out / "laion_latents.npy").stat().st_mtime_ns == stamp
+    assert "LAION captions: absent" in printed and not (out / "laion_subset").exists()  # not asked for
+    main([*args, "--laion-captions"])  # the captions only, out of the archive of the images
+    assert "LAION captions: read" in capsys.readouterr().out
+    assert (out / "laion_subset/captions.txt").read_text().startswith("caption 0\n")
+    assert not (out / "laion_subset/images").exists()
+    main([*args, "--laion-images"])
+    assert len(list((out / "laion_subset/images").iterdir())) == 6
     with pytest.raises(SystemExit):
         main([*args, "--select", "test_artchive"])
     assert "tasks/all_tasks.json has no task of test_artchive" in capsys.readouterr().err
@@ -649,6 +723,7 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
               "--concepts", str(tmp_path / "concepts.yaml"), "--device", "cpu"]  # fmt: skip
     main(["prepare", *common])
     assert len(list((tmp_path / "out/concepts/stripes/images").iterdir())) == 3
+    assert (tmp_path / "out/concepts.png").stat().st_size > 0  # exemplars and queries, a row per concept
     model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring")
     assert model.token == "<new1>" and model.token_ids(["a <new1> shape"])[0, 2] == model.token_row("<new1>")
     query = json.loads((tmp_path / "out/queries/stripes/q001/query.json").read_text())

@@ -66,8 +66,8 @@ echo "chosen on the tune concepts: step size ${BEST[0]}, ${BEST[1]} step(s)" | t
 timed "report: unlearning" "${TWIN[@]}" attribute --split report --tag unlearning --method unlearning \
   --config "$CONFIG" --unlearn.step_size "${BEST[0]}" --unlearn.steps "${BEST[1]}" \
   --unlearn.accumulations $((10 / BEST[1]))
-for M in ${METHODS:-pixel random d-trak}; do
-  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG"
+for M in ${METHODS:-pixel random d-trak}; do  # random draws its scores afresh per query, so its spread means something
+  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG" --random.per_query
 done
 python -m custom_diffusion.compare "$OUT"
 cat "$TIMES"
