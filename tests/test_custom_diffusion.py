@@ -750,6 +750,34 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert (tmp_path / "out/cache/base_fisher-poolall.safetensors").is_file()  # the base model's, for every concept
 
 
+@pytest.mark.slow  # about two minutes: the whole twin script at micro scale
+def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    write_twin(tmp_path)
+    env = os.environ | {
+        "BASE": str(tmp_path / "base"), "BASE_DATA": str(tmp_path / "data"),
+        "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "20", "GRID_STEP_SIZES": "0.0001 0.001",
+        "GRID_STEPS": "1 2", "METHODS": "pixel random", "PRESET": "micro",
+    }  # fmt: skip
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tune = (out / "tune" / "tune.md").read_text()
+    assert tune.count("| 0.0001 |") == 2 and tune.count("| 0.001 |") == 2 and "chosen on the tune concepts" in tune
+    tuned = json.loads((out / "tune" / "unlearning-a0.001-s2" / "retrieval.json").read_text())
+    assert sorted(tuned) == ["ring/q000", "ring/q001"]  # tuned on the tune split only
+    for method in ("unlearning", "pixel", "random"):
+        assert sorted(json.loads((out / method / "retrieval.json").read_text())) == ["stripes/q000", "stripes/q001"]
+    first, second = (np.load(out / "random" / "stripes" / q / "scores.npy") for q in ("q000", "q001"))
+    assert not np.array_equal(first, second)  # drawn per query
+    assert "| unlearning |" in (out / "retrieval.md").read_text()
+    assert "| report: random |" in (out / "times.md").read_text()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -12,12 +12,13 @@
 # images; default: train one with the default preset on 2,000 shapes into OUT/base, ~10 min), POOL (pretraining
 # images ranked, default 500, as AbC ranks a subset of LAION), CONCEPTS (the YAML), GRID_STEP_SIZES ("0.0001
 # 0.0004": around the leave_k_out preset's 2e-4 at N = 500), GRID_STEPS ("1 10": 1 step of 1,000 query draws,
-# or 10 steps of 100), METHODS ("pixel random d-trak"), DEVICE (cpu).
+# or 10 steps of 100), METHODS ("pixel random d-trak"), PRESET (of tiny/configs/tiny.yaml: default), DEVICE (cpu).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/tiny_abc}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
+PRESET=${PRESET:-default}
 CONCEPTS=${CONCEPTS:-custom_diffusion/configs/tiny_concepts.yaml}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
@@ -50,7 +51,7 @@ for A in ${GRID_STEP_SIZES:-0.0001 0.0004}; do
     case $S in 1|2|5|10) ;; *) echo "error: GRID_STEPS must divide the 10 accumulations (1, 2, 5 or 10), not $S" >&2; exit 2 ;; esac
     TAG=tune/unlearning-a$A-s$S
     timed "tune $TAG" "${TWIN[@]}" attribute --split tune --tag "$TAG" --method unlearning --config "$CONFIG" \
-      --unlearn.step_size "$A" --unlearn.steps "$S" --unlearn.accumulations $((10 / S)) --no-plot > /dev/null
+      --preset "$PRESET" --unlearn.step_size "$A" --unlearn.steps "$S" --unlearn.accumulations $((10 / S)) --no-plot > /dev/null
     python -c "import json; r = list(json.load(open('$OUT/$TAG/retrieval.json')).values())
 print('| $A | $S | %.4f |' % (sum(x['ap'] for x in r) / len(r)))" >> "$OUT/tune/rows.md"
   done
@@ -64,10 +65,11 @@ BEST=("$A" "$S")
 echo "chosen on the tune concepts: step size ${BEST[0]}, ${BEST[1]} step(s)" | tee -a "$OUT/tune/tune.md"
 
 timed "report: unlearning" "${TWIN[@]}" attribute --split report --tag unlearning --method unlearning \
-  --config "$CONFIG" --unlearn.step_size "${BEST[0]}" --unlearn.steps "${BEST[1]}" \
+  --config "$CONFIG" --preset "$PRESET" --unlearn.step_size "${BEST[0]}" --unlearn.steps "${BEST[1]}" \
   --unlearn.accumulations $((10 / BEST[1]))
 for M in ${METHODS:-pixel random d-trak}; do  # random draws its scores afresh per query, so its spread means something
-  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG" --random.per_query
+  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG" --preset "$PRESET" \
+    --random.per_query
 done
 python -m custom_diffusion.compare "$OUT"
 cat "$TIMES"
