@@ -7,12 +7,13 @@
 ``prepare`` takes each concept of the concepts file (custom_diffusion/configs/tiny_concepts.yaml):
 renders its exemplars (``OUT/concepts/<name>/``: images and metadata.jsonl), fine-tunes the base model
 on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files and finetune.json)
-and generates its queries (``OUT/queries/<name>/``); ``OUT/concepts.png`` shows them side by side.
-``attribute`` ranks each query's training set, the concept's exemplars (first, under the training
-prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute does for
-Stable Diffusion: the unlearning method's Fisher is the base model's on the ranked pretraining images
-(computed once, ``OUT/cache/base_fisher-pool<N>.safetensors``), as AbC uses SD v1.4's. Outputs: ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs),
-``OUT/<tag>/retrieval.json`` (Recall@K and AP per query) and ``retrieval.md`` (per concept, per kind);
+and generates its queries (``OUT/queries/<name>/<name>-q000/``...); ``OUT/concepts.png`` shows them side
+by side. ``attribute`` ranks each query's training set, the concept's exemplars (first, under the
+training prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute
+does for Stable Diffusion: the unlearning method's Fisher is the base model's on the ranked pretraining
+images (computed once, ``OUT/cache/base_fisher-pool<N>.safetensors``), as AbC uses SD v1.4's. Outputs:
+``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and
+AP per query) and ``retrieval.md`` (per concept, per kind);
 ``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
 """
 
@@ -128,13 +129,19 @@ def query_prompts(concept: Concept, count: int, seed: int) -> list[tuple[str, di
     return out
 
 
+def query_prefix(concept: Concept) -> str:
+    """Query ids name their concept ("ring-q000"): ids key the sampling noise and every method's draws, which must
+    differ between concepts."""
+    return f"{concept.name}-q"
+
+
 def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str) -> None:
     """Exemplars, the Custom Diffusion model and the queries of every concept not done yet."""
     ft, qs = spec.get("finetune", {}), spec.get("queries", {})
     pretraining = None
     for concept in concepts:
         folder, model_dir, query_dir = (out / sub / concept.name for sub in ("concepts", "models", "queries"))
-        if (query_dir / f"q{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
+        if (query_dir / f"{query_prefix(concept)}{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
             check_prepared(concept, model_dir)
             print(f"{concept.name}: ready")
             continue
@@ -157,7 +164,7 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
         model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
         prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
         generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
-                         guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
+                         prefix=query_prefix(concept), guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
         print(f"{concept.name}: {len(prompts)} queries")
 
 
@@ -262,9 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                              plot=not args.no_plot)  # fmt: skip
         for query, folder in zip(queries, folders, strict=True):
             scores = np.load(folder / "scores.npy")
-            rows[f"{concept.name}/{query.id}"] = retrieval_row(
-                scores, num_exemplars, concept=concept.name, kind=concept.kind
-            )
+            rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, kind=concept.kind)
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
     write_json(path, rows)

@@ -726,17 +726,17 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert (tmp_path / "out/concepts.png").stat().st_size > 0  # exemplars and queries, a row per concept
     model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring")
     assert model.token == "<new1>" and model.token_ids(["a <new1> shape"])[0, 2] == model.token_row("<new1>")
-    query = json.loads((tmp_path / "out/queries/stripes/q001/query.json").read_text())
+    query = json.loads((tmp_path / "out/queries/stripes/stripes-q001/query.json").read_text())
     assert "in <new1> style" in query["prompt"]
     main(["prepare", *common])
     assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
     main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
     rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
-    assert sorted(rows) == ["ring/q000", "ring/q001", "stripes/q000", "stripes/q001"]
+    assert sorted(rows) == ["ring-q000", "ring-q001", "stripes-q000", "stripes-q001"]
     assert all(
         0 <= r["ap"] <= 1 and r["kind"] == ("object" if k.startswith("ring") else "style") for k, r in rows.items()
     )
-    scores = np.load(tmp_path / "out/pixel/stripes/q000/scores.npy")
+    scores = np.load(tmp_path / "out/pixel/stripes/stripes-q000/scores.npy")
     assert scores.shape == (3 + 20,)  # the exemplars, then the first 20 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
@@ -746,7 +746,7 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     argv = ["attribute", *common, "--method", "unlearning", "--config", config, "--preset", "micro"]
     main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
-    assert sorted(rows) == ["stripes/q000", "stripes/q001"]
+    assert sorted(rows) == ["stripes-q000", "stripes-q001"]
     assert (tmp_path / "out/cache/base_fisher-poolall.safetensors").is_file()  # the base model's, for every concept
 
 
@@ -769,11 +769,14 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     tune = (out / "tune" / "tune.md").read_text()
     assert tune.count("| 0.0001 |") == 2 and tune.count("| 0.001 |") == 2 and "chosen on the tune concepts" in tune
     tuned = json.loads((out / "tune" / "unlearning-a0.001-s2" / "retrieval.json").read_text())
-    assert sorted(tuned) == ["ring/q000", "ring/q001"]  # tuned on the tune split only
+    assert sorted(tuned) == ["ring-q000", "ring-q001"]  # tuned on the tune split only
     for method in ("unlearning", "pixel", "random"):
-        assert sorted(json.loads((out / method / "retrieval.json").read_text())) == ["stripes/q000", "stripes/q001"]
-    first, second = (np.load(out / "random" / "stripes" / q / "scores.npy") for q in ("q000", "q001"))
+        assert sorted(json.loads((out / method / "retrieval.json").read_text())) == ["stripes-q000", "stripes-q001"]
+    first, second = (np.load(out / "random" / "stripes" / q / "scores.npy") for q in ("stripes-q000", "stripes-q001"))
     assert not np.array_equal(first, second)  # drawn per query
+    # and per concept: the first query of each concept is sampled from other noise
+    noise = [np.load(out / "queries" / c / f"{c}-q000" / "noise.npy") for c in ("ring", "stripes")]
+    assert not np.array_equal(*noise)
     assert "| unlearning |" in (out / "retrieval.md").read_text()
     assert "| report: random |" in (out / "times.md").read_text()
 

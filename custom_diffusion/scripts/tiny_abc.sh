@@ -67,9 +67,11 @@ echo "chosen on the tune concepts: step size ${BEST[0]}, ${BEST[1]} step(s)" | t
 timed "report: unlearning" "${TWIN[@]}" attribute --split report --tag unlearning --method unlearning \
   --config "$CONFIG" --preset "$PRESET" --unlearn.step_size "${BEST[0]}" --unlearn.steps "${BEST[1]}" \
   --unlearn.accumulations $((10 / BEST[1]))
-for M in ${METHODS:-pixel random d-trak}; do  # random draws its scores afresh per query, so its spread means something
+for M in ${METHODS:-pixel random d-trak}; do
+  EXTRA=()
+  [ "$M" = random ] && EXTRA=(--random.per_query)  # retrieval is judged per query (custom_diffusion/README.md)
   timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG" --preset "$PRESET" \
-    --random.per_query
+    "${EXTRA[@]}"
 done
 python -m custom_diffusion.compare "$OUT"
 cat "$TIMES"
