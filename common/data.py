@@ -35,7 +35,7 @@ class ArrayTrainingSet:
     Args:
         images: model inputs (N,C,H,W).
         text: text conditions (N,n_captions,L,D), or (N,L,D) for one caption each.
-        captions: per image, its caption strings (used in outputs only).
+        captions: per image, its caption strings (in outputs, and read by caption-based methods).
         image_paths: per image, a path or None (used in outputs only).
         flipped: inputs of the horizontally flipped images (N,C,H,W); ``None`` flips ``images``.
     """

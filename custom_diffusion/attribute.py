@@ -30,7 +30,7 @@ from common.methods.base import run_method
 from common.outputs import write_json
 from custom_diffusion.compare import KINDS, group_stats
 from custom_diffusion.model import SD_V14, StableDiffusionModel
-from custom_diffusion.release import LAION_CAPTIONS, LAION_COUNT, load_laion, task_query, training_set
+from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set
 from custom_diffusion.tasks import TEST_CASES, Task, load_tasks
 
 RECALL_KS = (5, 10, 100)
@@ -77,13 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         fisher is None or bool(fisher.file),
         "pass --fisher.file: the Fisher is the base model's (the released sd_fisher.pt), not each customized model's",
     )
-    require(
-        not cls.uses_captions or (Path(args.data) / LAION_CAPTIONS).is_file(),
-        f"{cls.name} ranks the LAION images by their captions: {Path(args.data) / LAION_CAPTIONS} is missing "
-        "(bash custom_diffusion/scripts/download.sh DATA with LAION_CAPTIONS=1)",
-    )
+    laion = load_laion(args.data, args.laion_count, captions=cls.uses_captions)  # e.g. clip-text: caption strings
     tasks = load_tasks(args.tasks, args.data)  # every file checked before any work
-    laion = load_laion(args.data, args.laion_count)
     accelerator = Accelerator(cpu=args.device == "cpu")
     out = Path(args.out)
     rows: dict[str, dict] = {}

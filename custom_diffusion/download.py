@@ -127,7 +127,7 @@ def get_plain(out: Path, source: Path | None, cases: list[str]) -> None:
 
 def get_archive(out: Path, source: Path | None, name: str, prefixes: list[str] | None, keep: bool) -> None:
     repo, yields, selectable = ARCHIVES[name]
-    if is_extracted(out, name, prefixes) and all((out / y).exists() for y in yields):
+    if is_extracted(out, name, prefixes) and all((out / y).exists() for y in [*yields, *(prefixes or [])]):
         print(f"{Path(name).name}: already extracted")
         return
     folder = release_files(source, out, repo, [f"{name}.*", name])
@@ -153,9 +153,9 @@ def report(out: Path, task_file: Path, laion_count: int) -> list[str]:
     except AttributionError as err:
         problems.append(str(err))
     try:
-        laion = load_laion(out, min(laion_count, LAION_COUNT))
-        print(f"LAION arrays: {len(laion):,} images ranked")
         captioned = (out / LAION_CAPTIONS).is_file()
+        laion = load_laion(out, min(laion_count, LAION_COUNT), captions=captioned)
+        print(f"LAION arrays: {len(laion):,} images ranked")
         print(f"LAION captions: {'read' if captioned else 'absent (only clip-text needs them: --laion-captions)'}")
     except AttributionError as err:
         problems.append(str(err))
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--laion-captions",
         action="store_true",
-        help="only the LAION captions, for clip-text (extracted from the same ~270 GB archive, then deleted)",
+        help="only the LAION captions, for clip-text (from the same ~270 GB archive, deleted after unless "
+        "--keep-archives: a later --laion-images downloads it again)",
     )
     parser.add_argument("--laion-count", type=int, default=LAION_COUNT, help="LAION images the report checks")
     parser.add_argument("--archives", default=None, help="read the hub files from this folder instead of the Hub")

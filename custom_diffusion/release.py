@@ -35,7 +35,7 @@ from PIL import Image
 
 from common import keyed_random
 from common.data import ArrayTrainingSet, ConcatTrainingSet, Query, query_key
-from common.errors import AttributionError, require
+from common.errors import AttributionError, require, require_file
 from common.memmap import MemmapTrainingSet, open_array
 from custom_diffusion.model import StableDiffusionModel
 from custom_diffusion.tasks import Task
@@ -49,11 +49,14 @@ LAION_COUNT = 100_000
 RESOLUTION = 512
 
 
-def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int | None = None) -> MemmapTrainingSet:
+def load_laion(
+    root: str | Path, count: int = LAION_COUNT, text_width: int | None = None, captions: bool = False
+) -> MemmapTrainingSet:
     """The first ``count`` LAION images with their flips and captions' conditions, memory-mapped and checked.
 
     Args:
         text_width: the text encoder's width the conditions must have (None: any).
+        captions: read the caption strings too (``laion_subset/captions.txt``, required then).
     """
     root = Path(root)
     latents_path, text_path = root / LAION_LATENTS, root / LAION_TEXT
@@ -71,26 +74,22 @@ def load_laion(root: str | Path, count: int = LAION_COUNT, text_width: int | Non
         f"has {len(text)}; the two files come from different releases or one is partial",
     )
     require(count <= len(text), f"asked for {count} LAION images; {text_path} has {len(text)}")
-    captions = read_laion_captions(root, count, len(text))
-    folder = root / LAION_IMAGES
+    folder = root / LAION_IMAGES  # listed as the authors' viewer does: sorted file names, the arrays' order
     paths = [str(folder / name) for name in sorted(os.listdir(folder))[:count]] if folder.is_dir() else None
     require(paths is None or len(paths) == count, f"{folder} holds {len(paths or [])} images, fewer than {count}")
-    return MemmapTrainingSet(latents, text, count=count, captions=captions, image_paths=paths)
+    strings = read_laion_captions(root, count) if captions else None
+    return MemmapTrainingSet(latents, text, count=count, captions=strings, image_paths=paths)
 
 
-def read_laion_captions(root: Path, count: int, total: int) -> list[list[str]] | None:
-    """The first ``count`` captions of ``laion_subset/captions.txt`` (one per line, ``total`` lines), or None."""
+def read_laion_captions(root: Path, count: int) -> list[list[str]]:
+    """The first ``count`` captions of ``laion_subset/captions.txt``: one per line, stripped, as the authors read it."""
     path = root / LAION_CAPTIONS
-    if not path.is_file():
-        return None
+    require_file(path, "LAION captions (bash custom_diffusion/scripts/download.sh DATA with LAION_CAPTIONS=1)")
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":  # the final newline
-        lines.pop()
-    require(
-        len(lines) == total,
-        f"{path} has {len(lines)} captions, not one per LAION image ({total}); it is partial or of another release",
-    )
+        lines = [line.strip() for line in f.readlines()]
+    require(len(lines) >= count, f"{path} has {len(lines)} captions, fewer than the {count} LAION images ranked")
+    blank = next((i for i, line in enumerate(lines[:count]) if not line), None)
+    require(blank is None, f"{path}: caption {blank} (line {(blank or 0) + 1}) is blank")
     return [[line] for line in lines[:count]]
 
 

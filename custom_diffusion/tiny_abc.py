@@ -168,6 +168,12 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
         print(f"{concept.name}: {len(prompts)} queries")
 
 
+def concept_images(out: Path, concept: Concept) -> tuple[list[Path], list[Path]]:
+    """The image files of the concept's exemplars and of its queries."""
+    exemplars = sorted((out / "concepts" / concept.name).glob("images/*.png"))
+    return exemplars, sorted((out / "queries" / concept.name).glob("*/image.png"))
+
+
 def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
     """``OUT/concepts.png``: per concept, its exemplars then its generated queries, to see what each model learnt."""
     from common.plots import plot_image_rows
@@ -177,13 +183,9 @@ def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
 
     rows = []
     for c in concepts:
-        exemplars = [
-            (f"exemplar {i}", read(p)) for i, p in enumerate(sorted((out / "concepts" / c.name).glob("images/*")))
-        ]
-        queries = [
-            (f"query {i}", read(p)) for i, p in enumerate(sorted((out / "queries" / c.name).glob("q*/image.png")))
-        ]
-        rows.append((f"{c.name} ({c.kind})", exemplars + queries))
+        exemplars, queries = concept_images(out, c)
+        images = [(f"exemplar {i}", read(p)) for i, p in enumerate(exemplars)]
+        rows.append((f"{c.name} ({c.kind})", images + [(f"query {i}", read(p)) for i, p in enumerate(queries)]))
     plot_image_rows(out / "concepts.png", rows, "exemplars, then the customized model's queries")
     return out / "concepts.png"
 

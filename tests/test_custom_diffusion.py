@@ -331,14 +331,21 @@ def test_laion_captions_and_image_paths_are_read_in_the_arrays_order(tmp_path):
     from custom_diffusion.release import load_laion
 
     write_laion(tmp_path)
-    assert load_laion(tmp_path, count=4).captions == [[""]] * 4  # without the images: empty captions
+    with pytest.raises(AttributionError, match="missing LAION captions"):
+        load_laion(tmp_path, count=4, captions=True)
     write_laion_subset(tmp_path)
-    laion = load_laion(tmp_path, count=4)
+    assert load_laion(tmp_path, count=4).captions == [[""]] * 4  # read only when asked for
+    laion = load_laion(tmp_path, count=4, captions=True)
     assert laion.captions == [["caption 0"], ["caption 1"], ["caption 2"], ["caption 3"]]
     assert [Path(p).name for p in laion.image_paths] == [f"{i:09d}.jpg" for i in range(4)]
-    (tmp_path / "laion_subset" / "captions.txt").write_text("one\ntwo\n")
-    with pytest.raises(AttributionError, match="has 2 captions, not one per LAION image \\(6\\)"):
-        load_laion(tmp_path, count=4)
+    captions = tmp_path / "laion_subset" / "captions.txt"
+    captions.write_bytes(b" one \r\ntwo\r\nthree\nfour\n\n")  # stripped as the authors' reader; CRLF too
+    assert load_laion(tmp_path, count=4, captions=True).captions == [["one"], ["two"], ["three"], ["four"]]
+    with pytest.raises(AttributionError, match="has 5 captions, fewer than the 6 LAION images ranked"):
+        load_laion(tmp_path, count=6, captions=True)
+    captions.write_text("one\n \nthree\nfour\n")
+    with pytest.raises(AttributionError, match="caption 1 \\(line 2\\) is blank"):
+        load_laion(tmp_path, count=4, captions=True)
 
 
 def test_images_are_resized_by_the_shorter_side_and_centre_cropped(tmp_path):
@@ -480,7 +487,7 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
     assert "pass --fisher.file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # caption similarity without the LAION captions: refused before any model loads
         main([*flags, "--method", "clip-text", "--clip_text.weights", str(tmp_path / "clip.safetensors")])
-    assert "clip-text ranks the LAION images by their captions" in capsys.readouterr().err
+    assert "missing LAION captions" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # about a minute: multi-step unlearning on two customized models
@@ -675,6 +682,43 @@ def test_download_extracts_the_selected_tasks_files_then_all_and_skips_what_is_c
     assert "tasks/all_tasks.json has no task of test_artchive" in capsys.readouterr().err
 
 
+def test_downloaded_volumes_are_deleted_after_a_whole_or_captions_only_extraction_and_kept_after_a_selection(
+    tmp_path, monkeypatch, capsys
+):
+    import fnmatch
+    import shutil
+
+    import custom_diffusion.download as download
+
+    write_benchmark(tmp_path / "files")
+    write_laion(tmp_path / "files")
+    write_laion_subset(tmp_path / "files")
+    hub = tmp_path / "hub"
+    write_hub(tmp_path / "files", hub)
+    out = tmp_path / "data"
+
+    def snapshot(source, into, repo, patterns):  # the Hub's snapshot_download into DATA/hub, from the local copy
+        for f in hub.rglob("*"):
+            rel = f.relative_to(hub).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in patterns):
+                (into / "hub" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, into / "hub" / rel)
+        return into / "hub"
+
+    monkeypatch.setattr(download, "release_files", snapshot)
+    shutil.copytree(hub / "tasks", out / "tasks")  # not from GitHub
+    args = ["--out", str(out), "--select", "demo", "--laion-count", "6"]
+    download.main(args)
+    assert list((out / "hub" / "models_test").iterdir())  # a selection keeps them for the next selection
+    assert not list((out / "hub" / "abc" / "laion_latents_text_embeddings").iterdir())  # extracted whole: deleted
+    download.main([*args, "--laion-captions"])
+    assert (out / "laion_subset" / "captions.txt").is_file() and not (out / "laion_subset" / "images").exists()
+    assert not list((out / "hub" / "laion_subset").iterdir())
+    (out / "laion_subset" / "captions.txt").unlink()  # a selected path gone: extracted again, not "already extracted"
+    download.main([*args, "--laion-captions"])
+    assert (out / "laion_subset" / "captions.txt").is_file()
+
+
 def test_download_names_a_missing_volume_and_extracts_nothing_of_that_archive(tmp_path, capsys):
     from custom_diffusion.download import main
 
@@ -724,6 +768,10 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     main(["prepare", *common])
     assert len(list((tmp_path / "out/concepts/stripes/images").iterdir())) == 3
     assert (tmp_path / "out/concepts.png").stat().st_size > 0  # exemplars and queries, a row per concept
+    from custom_diffusion.tiny_abc import concept_images, load_concepts
+
+    stripes = load_concepts(tmp_path / "concepts.yaml")[0][1]
+    assert [len(files) for files in concept_images(tmp_path / "out", stripes)] == [3, 2]  # what concepts.png shows
     model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring")
     assert model.token == "<new1>" and model.token_ids(["a <new1> shape"])[0, 2] == model.token_row("<new1>")
     query = json.loads((tmp_path / "out/queries/stripes/stripes-q001/query.json").read_text())
