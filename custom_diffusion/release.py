@@ -9,9 +9,9 @@ into the data folder), memory-mapped:
 - ``sd_fisher.pt``: the diagonal Fisher of SD v1.4 (imported with ``--fisher.file``).
 
 The captions themselves (``laion_subset/captions.txt``, one per line in the order of the sorted image
-files, which is the arrays' order) come with the LAION images of ``sywang/GenDataAttribution``; only
-caption-based methods (``clip-text``) need them, and they are read when the file is there; so are the
-image files' paths (``laion_subset/images/``), which the run outputs then list beside each score.
+files, which is the arrays' order) come with the LAION images of ``sywang/GenDataAttribution``; they
+are read only for caption-based methods (``clip-text``). When the images are there (``laion_subset/images/``)
+their paths are listed in the run outputs beside each score.
 
 The paper ranks the first 100,000 LAION images. The exemplars are images on disk, prepared as the
 authors' loader does (shorter side resized to the resolution, bilinear; centre crop; [-1, 1]; the
