@@ -5,6 +5,7 @@ that change values). A file made under another identity is refused with one line
 differs, never silently reused. Two forms:
 
 - :func:`cached_tensors`: a safetensors file (Fisher, pretrained losses, kernels), identity in its metadata;
+- :func:`resumable_sums`: sums over many batches (curvature factors), saved as they grow and resumed;
 - :func:`cached_array`: a large row-major ``.npy`` (projected gradients, features) written chunk by
   chunk into a memory map and opened with ``mmap_mode="r"``, so it never has to fit in memory;
   an interrupted computation resumes from its last finished chunk.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,58 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def resumable_sums(
+    path: str | Path | None,
+    identity: dict,
+    jobs: Sequence,
+    contribution: Callable[[object], dict[str, torch.Tensor]],
+    every: int,
+    what: str,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Float64 sums of ``contribution(job)`` over ``jobs``, saved every ``every`` jobs and resumed from there.
+
+    The partial sums live at ``path`` (safetensors; identity and the count of jobs done in its metadata),
+    so an interrupted fit continues from its last save; a partial file of another identity is refused.
+    The caller deletes ``path`` once it has stored what it derives from the sums.
+
+    Args:
+        path: the partial-sums file, or None to sum without saving.
+        identity: what makes the sums, including how the jobs were cut (batch size, process share).
+        jobs: the units of work in order (e.g. batch starts); ``contribution`` maps one to named tensors.
+        every: jobs between saves.
+    """
+    wanted = canonical(identity)
+    sums: dict[str, torch.Tensor] = {}
+    done = 0
+    path = Path(path) if path is not None else None
+    if path is not None and path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                saved = json.loads(meta.get("identity", "{}"))
+                sums = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001 - truncated or corrupt files raise several types
+            raise AttributionError(
+                f"{what} {path} is damaged ({err.__class__.__name__}); delete it to restart"
+            ) from None
+        diff = differing(saved, wanted)
+        if diff:
+            _refuse(path, what, diff)
+        done = int(meta["done"])
+    bar = tqdm(total=len(jobs), initial=done, desc=what, disable=not progress, leave=False)
+    for i in range(done, len(jobs)):
+        for name, value in contribution(jobs[i]).items():
+            value = value.detach().to(torch.float64)
+            sums[name] = sums[name].to(value.device) + value if name in sums else value.clone()
+        bar.update(1)
+        if path is not None and ((i + 1) % every == 0 or i + 1 == len(jobs)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            meta = {"identity": json.dumps(wanted, sort_keys=True), "done": str(i + 1)}
+            save_file({k: v.cpu().contiguous() for k, v in sums.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+    bar.close()
+    return sums

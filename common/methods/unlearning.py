@@ -21,7 +21,7 @@ import torch
 
 from common import keyed_random
 from common.cache import cached_tensors
-from common.data import Query, fingerprint_tensors
+from common.data import Query
 from common.diffusion.losses import LossConfig, dataset_losses
 from common.diffusion.passes import PassConfig, loss_pass, rank_world, weights_fingerprint
 from common.diffusion.selection import select_parameters
@@ -29,7 +29,8 @@ from common.errors import require
 from common.methods import register
 from common.methods.base import Method, query_fingerprint
 from common.model import DiffusionModel
-from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
+from common.unlearning.curvature import curvature_fingerprint, load_curvature
+from common.unlearning.fisher import HOW, FisherConfig
 from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
 
 
@@ -127,7 +128,7 @@ class Unlearning(Method):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.flips = self.flips and self.cfg.loss.flips
-        self.fisher: dict[str, torch.Tensor] | None = None
+        self.fisher = None  # the curvature (common.unlearning.curvature), once prepared
         self.base: torch.Tensor | None = None
         self.last_deltas: np.ndarray | None = None  # (N,F,T) float32 of the latest query, for analyses
 
@@ -135,17 +136,20 @@ class Unlearning(Method):
         settings = super().identity()
         for name in ("chunk_images", "compile"):  # how a pass is cut up and run, not what it computes
             settings["scoring"].pop(name)
+        for name in HOW:  # how a curvature is fitted, not what it is
+            settings["fisher"].pop(name, None)
+        if settings["unlearn"]["preconditioner"] == "diagonal":
+            settings["unlearn"].pop("preconditioner")  # the paper's, as runs made before the choice existed
         if self.cfg.unlearn.method == "sgd":
             settings.pop("fisher")  # SGD needs no Fisher
         return settings
 
     def prepare(self) -> None:
         if self.cfg.unlearn.method == "newton" and self.fisher is None:
-            if self.cfg.fisher.file:
-                self.fisher = import_fisher(self.cfg.fisher.file, self.model, self.cfg.fisher.selection)
-            else:  # estimated by every process together, each taking its share of the batches
-                path = self.cache_path("fisher.safetensors")
-                self.fisher = cached_fisher(self.model, self.data, self.cfg.fisher, path, accelerator=self.accelerator)
+            # fitted by every process together, each taking its share of the batches
+            kind = self.cfg.unlearn.preconditioner
+            self.fisher = load_curvature(kind, self.model, self.data, self.cfg.fisher, self.cache_dir,
+                                         accelerator=self.accelerator)  # fmt: skip
         if self.base is None:
             self.base = base_losses(self)
 
@@ -156,7 +160,7 @@ class Unlearning(Method):
             "num_train": len(self.data),
             "noise": keyed_random.NOISE,
             "unlearn": asdict(self.cfg.unlearn),
-            "fisher": fingerprint_tensors(*(self.fisher[n] for n in names)) if self.fisher else "",
+            "fisher": curvature_fingerprint(self.fisher, names),
             "query": query_fingerprint(query),
         }
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]

@@ -33,13 +33,28 @@ class FisherConfig:
     seed: int = field(default=0, metadata={"help": "seed of images order, flips, timesteps and noise"})
     file: str = field(
         default="",
-        metadata={"help": "import this released Fisher file instead of estimating (checked against the weights)"},
+        metadata={
+            "help": "import a released curvature instead of estimating: a diagonal Fisher file, or an EK-FAC factor "
+            "folder in kronfluence's layout (checked against the weights)"
+        },
+    )
+    checkpoint_batches: int = field(
+        default=50, metadata={"help": "EK-FAC and block fits: batches between saved partial sums (resume unit)"}
+    )
+    block_max_gb: float = field(
+        default=8.0, metadata={"help": "largest block Fisher (all selected tensors' matrices, float64) to build"}
     )
 
     def __post_init__(self) -> None:
         check_selection(self.selection)
         require(self.num_samples > 0, f"num_samples must be positive, got {self.num_samples}")
         require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        require(self.checkpoint_batches > 0, f"checkpoint_batches must be positive, got {self.checkpoint_batches}")
+        require(self.block_max_gb > 0, f"block_max_gb must be positive, got {self.block_max_gb}")
+
+
+# FisherConfig fields that change how an estimate is computed or where it comes from, never its values.
+HOW = ("batch_size", "file", "checkpoint_batches", "block_max_gb")
 
 
 def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_timesteps: int, flips: bool):
@@ -53,6 +68,20 @@ def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_ti
     u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 1, j), 3)
     flip = (u[:, 0] < 0.5) & flips  # drawn either way: the other draws stay the same
     return idx, flip, keyed_random.below(u[:, 1], n_cap), keyed_random.below(u[:, 2], num_train_timesteps)
+
+
+def fisher_batch(
+    model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, j0: int, j1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model inputs (B,C,H,W), text (B,L,D), timesteps (B,) and noise (B,C,H,W) of Fisher samples j0..j1-1.
+
+    Every curvature (diagonal, EK-FAC, block) is estimated from these same keyed draws.
+    """
+    ref = next(model.unet.parameters())
+    idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
+    keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
+    noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
+    return data.images(idx, flip).to(ref), data.text(idx, cap).to(ref), t.to(ref.device), noise
 
 
 def estimate_fisher(
@@ -71,7 +100,6 @@ def estimate_fisher(
         name -> mean squared per-sample gradient, float64, shaped like the parameter (on every process).
     """
     names = select_parameters(model.unet, cfg.selection)
-    ref = next(model.unet.parameters())
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -80,12 +108,7 @@ def estimate_fisher(
     bar = tqdm(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
     for j0 in starts:
         j1 = min(j0 + cfg.batch_size, cfg.num_samples)
-        idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
-        keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
-        noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
-        x0 = data.images(idx, flip).to(ref)
-        text = data.text(idx, cap).to(ref)
-        grads = per_sample_gradients(model, names, x0, text, t.to(ref.device), noise)
+        grads = per_sample_gradients(model, names, *fisher_batch(model, data, cfg, j0, j1))
         for n in names:
             total[n] += grads[n].double().pow(2).sum(0)
         bar.update(j1 - j0)
@@ -97,7 +120,7 @@ def estimate_fisher(
 
 def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig) -> dict:
     """What a Fisher depends on: the model, the training set, the flips and the settings (not the batch size)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "file")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in HOW}
     return {
         "model": model.fingerprint(),
         "data": data.fingerprint,
@@ -105,6 +128,21 @@ def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherCo
         "noise": keyed_random.NOISE,
         "settings": settings,
     }
+
+
+def curvature_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, kind: str) -> dict:
+    """What a curvature of ``kind`` (ekfac, block) depends on: as the Fisher's, and its kind."""
+    return fisher_identity(model, data, cfg) | {"curvature": kind}
+
+
+def relative_floor(values: torch.Tensor, damping: float, what: str) -> float:
+    """damping × mean(values): the damping of a curvature, relative to its scale; undamped needs positive values."""
+    mean = float(values.double().mean())
+    floor = damping * mean if mean > 0 else damping
+    if floor == 0:
+        zeros = int((values <= 0).sum())
+        require(zeros == 0, f"{what} have {zeros} zero entries and damping is 0: set unlearn.damping > 0")
+    return floor
 
 
 def cached_fisher(

@@ -3,6 +3,9 @@
 Newton (the paper's method):  θ ← θ + (α / N) · (F + λ·mean(F))⁻¹ ∇L(ẑ, θ)
 SGD (the paper's ablation):   θ ← θ + α · ∇L(ẑ, θ)
 
+F is the diagonal Fisher (the paper's AbU), EK-FAC factors (AbU+) or the exact Fisher of each tensor
+(``preconditioner``: :mod:`common.unlearning.curvature`); each is damped relative to its own scale.
+
 ∇L(ẑ, θ) is the mean over ``batch_size × accumulations`` (noise, timestep) draws on the query,
 keyed by (seed, step, accumulation, draw); timesteps do not repeat within a batch. The damping λ is
 relative to the Fisher's mean, so it scales with the model instead of sitting below (or above) all
@@ -23,6 +26,7 @@ from common.diffusion.gradients import mean_gradient
 from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, require
 from common.model import DiffusionModel
+from common.unlearning.curvature import PRECONDITIONERS, precondition
 
 METHODS = ("newton", "sgd")
 
@@ -32,22 +36,39 @@ class UnlearnConfig:
     """The unlearning update (defaults: the paper's MSCOCO setting, except the step size, see README)."""
 
     method: str = field(default="newton", metadata={"help": "newton (Fisher-preconditioned) or sgd (ablation)"})
+    preconditioner: str = field(
+        default="diagonal",
+        metadata={
+            "help": "curvature of the newton step: diagonal (the paper's), ekfac (AbU+) or block (exact per tensor)"
+        },
+    )
     selection: str = field(default="cross-attn-kv", metadata={"help": "weights to update"})
     step_size: float = field(default=0.01, metadata={"help": "α (paper: 0.01 MSCOCO, 0.1 AbC)"})
     steps: int = field(default=1, metadata={"help": "update steps (paper: 1 MSCOCO, 100 AbC)"})
     batch_size: int = field(default=80, metadata={"help": "query draws per batch, distinct timesteps"})
     accumulations: int = field(default=625, metadata={"help": "batches averaged per step"})
     num_train: int = field(default=0, metadata={"help": "N in α/N; 0 means the training-set size"})
-    damping: float = field(default=1e-3, metadata={"help": "Fisher damping, relative to the Fisher's mean"})
+    damping: float = field(
+        default=1e-3,
+        metadata={
+            "help": "curvature damping, relative to its mean (diagonal: all entries; ekfac: per module, "
+            "FastGDA 0.1; block: per tensor's diagonal)"
+        },  # fmt: skip
+    )
     seed: int = field(default=0, metadata={"help": "seed of the query draws"})
 
     def __post_init__(self) -> None:
         check_selection(self.selection)
         require(self.method in METHODS, f"unknown unlearning method {self.method!r}; choose from {', '.join(METHODS)}")
+        require(
+            self.preconditioner in PRECONDITIONERS,
+            f"unknown preconditioner {self.preconditioner!r}; choose from {', '.join(PRECONDITIONERS)}",
+        )
         require(self.step_size > 0, f"step_size must be positive, got {self.step_size}")
         require(self.steps >= 1 and self.accumulations >= 1, "steps and accumulations must be at least 1")
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
-        require(self.damping >= 0 and self.num_train >= 0, "damping and num_train must be non-negative")
+        require(self.damping >= 0, f"damping must be non-negative, got {self.damping}")
+        require(self.num_train >= 0, f"num_train must be non-negative, got {self.num_train}")
 
 
 def query_draws(
@@ -109,7 +130,7 @@ def unlearn(
     model: DiffusionModel,
     query: Query,
     cfg: UnlearnConfig,
-    fisher: dict[str, torch.Tensor] | None = None,
+    fisher=None,
     num_train: int | None = None,
     progress: bool = True,
 ) -> UnlearnResult:
@@ -119,7 +140,8 @@ def unlearn(
         model: the pretrained model (left untouched).
         query: the synthesized image.
         cfg: step size, steps, draws.
-        fisher: diagonal Fisher of the selected weights (required for ``newton``).
+        fisher: the curvature of the selected weights (required for ``newton``): a diagonal Fisher (name ->
+            tensor) or a fitted curvature (:func:`common.unlearning.curvature.load_curvature`).
         num_train: N in α/N when ``cfg.num_train`` is 0.
     """
     names = select_parameters(model.unet, cfg.selection)
@@ -134,13 +156,16 @@ def unlearn(
     for step in tqdm(range(cfg.steps), desc="unlearn", disable=not progress or cfg.steps == 1, leave=False):
         grads = query_gradient(unlearned, names, query, cfg, step)
         if cfg.method == "newton":
-            direction, scale = newton_direction(grads, fisher, cfg.damping), cfg.step_size / n
+            direction, scale = precondition(grads, fisher, cfg.damping), cfg.step_size / n
         else:
             direction, scale = grads, cfg.step_size
         with torch.no_grad():
             for k in names:
                 params[k].add_((scale * direction[k]).to(params[k]))  # ascent: the query's loss must rise
-    require(all(torch.isfinite(params[k]).all() for k in names), "NaN or inf after the unlearning update")
+    require(
+        all(torch.isfinite(params[k]).all() for k in names),
+        f"NaN or inf after unlearning query {query.id}: its gradient or the curvature is not finite",
+    )
     return UnlearnResult(unlearned, *update_size(start, {k: params[k].detach() for k in names}))
 
 

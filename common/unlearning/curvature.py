@@ -1,0 +1,79 @@
+"""Which curvature preconditions the unlearning step: one name per approximation, loaded or fitted once.
+
+- ``diagonal``: the paper's diagonal Fisher (:mod:`common.unlearning.fisher`), or a released file;
+- ``ekfac``: EK-FAC factors of the selected Linear modules (:mod:`common.unlearning.ekfac`; FastGDA's AbU+), or a
+  released factor folder in kronfluence's layout;
+- ``block``: the exact empirical Fisher of each selected tensor (:mod:`common.unlearning.block`), the oracle.
+
+Each is fitted from the same keyed draws, cached under the method's cache folder with everything that made it,
+and refused when it was made from another model, training set or settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.data import ArrayTrainingSet, fingerprint_tensors
+from common.errors import require
+from common.model import DiffusionModel
+from common.unlearning.block import BlockFisher, cached_block
+from common.unlearning.ekfac import EkfacFactors, cached_ekfac, read_factor_folder
+from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
+
+PRECONDITIONERS = ("diagonal", "ekfac", "block")
+Curvature = dict[str, torch.Tensor] | EkfacFactors | BlockFisher
+
+# Where each kind is cached under a method's cache folder.
+CACHE_NAMES = {"diagonal": "fisher.safetensors", "ekfac": "ekfac", "block": "block_fisher.safetensors"}
+
+
+def check_preconditioner(name: str) -> None:
+    require(name in PRECONDITIONERS, f"unknown preconditioner {name!r}; choose from {', '.join(PRECONDITIONERS)}")
+
+
+def load_curvature(
+    kind: str,
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: FisherConfig,
+    cache_dir: str | Path | None,
+    progress: bool = True,
+    accelerator=None,
+) -> Curvature:
+    """The curvature ``kind`` of ``cfg.selection``: imported from ``cfg.file``, read from the cache, or fitted.
+
+    With several processes every one must call it: they fit it together, each taking its share of the batches.
+    """
+    check_preconditioner(kind)
+    path = Path(cache_dir) / CACHE_NAMES[kind] if cache_dir is not None else None
+    if kind == "diagonal":
+        if cfg.file:
+            return import_fisher(cfg.file, model, cfg.selection)
+        return cached_fisher(model, data, cfg, path, progress, accelerator)
+    if kind == "ekfac":
+        if cfg.file:
+            return read_factor_folder(cfg.file, model, cfg.selection)
+        return cached_ekfac(model, data, cfg, path, progress, accelerator)
+    require(not cfg.file, "fisher.file: the block preconditioner fits its own matrices (released files are diagonal "
+                          "or EK-FAC)")  # fmt: skip
+    return cached_block(model, data, cfg, path, progress, accelerator)
+
+
+def curvature_fingerprint(curvature: Curvature | None, names: list[str]) -> str:
+    """Identifies the curvature of the named weights ('' for none), for the unlearned weights' cache."""
+    if curvature is None:
+        return ""
+    if isinstance(curvature, dict):
+        return fingerprint_tensors(*(curvature[n] for n in names))
+    return curvature.fingerprint()
+
+
+def precondition(grads: dict[str, torch.Tensor], curvature: Curvature, damping: float) -> dict[str, torch.Tensor]:
+    """The curvature's damped inverse applied to ``grads`` (name -> gradient shaped like the weight)."""
+    from common.unlearning.unlearn import newton_direction
+
+    if isinstance(curvature, dict):
+        return newton_direction(grads, curvature, damping)
+    return curvature.direction(grads, damping)
