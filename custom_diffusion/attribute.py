@@ -100,12 +100,15 @@ def main(argv: list[str] | None = None) -> None:
         queries = [task_query(model, t) for t in group]
         cache = out / "cache" / cls.name / model_dir.name
         method = cls(cfg, model.prepare_for_gradients(accelerator.device), data, cache, accelerator=accelerator)
+        if args.prepare_only:  # each customized model's pretrained losses (or features), before any query
+            method.prepare()
+            continue
         folders = run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
         for task, folder in zip(group, folders, strict=True):
             scores = np.load(folder / "scores.npy")
             rows[task.id] = retrieval_row(scores, len(task.exemplars), test_case=task.test_case, kind=task.kind)
         del model, data, method  # one Stable Diffusion at a time on the device
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not args.prepare_only:
         path = out / cls.name / "retrieval.json"
         rows = (json.loads(path.read_text()) if path.exists() else {}) | rows  # earlier runs' queries kept
         write_json(path, rows)

@@ -10,8 +10,9 @@ on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files 
 and generates its queries (``OUT/queries/<name>/<name>-q000/``...); ``OUT/concepts.png`` shows them side
 by side. ``attribute`` ranks each query's training set, the concept's exemplars (first, under the
 training prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute
-does for Stable Diffusion: the unlearning method's Fisher is the base model's on the ranked pretraining
-images (computed once, ``OUT/cache/base_fisher-pool<N>.safetensors``), as AbC uses SD v1.4's. Outputs:
+does for Stable Diffusion: the unlearning method's curvature (``--unlearn.preconditioner``) is the base model's
+on the ranked pretraining images (fitted once, ``OUT/cache/base-pool<N>/``), as AbC uses SD v1.4's, or with
+``--curvature custom`` each customized model's own on its ranked set. Outputs:
 ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and
 AP per query) and ``retrieval.md`` (per concept, per kind);
 ``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
@@ -40,7 +41,7 @@ from common.outputs import write_json
 from common.queries import generate_queries, load_queries
 from custom_diffusion.attribute import retrieval_row, retrieval_table
 from custom_diffusion.compare import KINDS
-from custom_diffusion.finetune import FinetuneConfig, finetune
+from custom_diffusion.finetune import FinetuneConfig, finetune, regularisation_indices
 from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
 from tiny import shapes
 from tiny.data import ImageFolder, load_image_folder
@@ -73,6 +74,10 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
     except yaml.YAMLError as err:
         raise AttributionError(f"{path} is not valid YAML ({first_line(err)})") from None
     require(isinstance(spec.get("concepts"), list) and spec["concepts"], f"{path} lists no concepts")
+    require(
+        isinstance(spec.get("pool"), int) and spec["pool"] >= 1,
+        f"{path} needs pool: N, the pretraining images ranked (the first N; regularisation images come from the rest)",
+    )
     prompts = spec.get("prompts", {})
     token = str((spec.get("finetune") or {}).get("token", "<new1>"))
     out, seen = [], set()
@@ -138,11 +143,12 @@ def query_prefix(concept: Concept) -> str:
 def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str) -> None:
     """Exemplars, the Custom Diffusion model and the queries of every concept not done yet."""
     ft, qs = spec.get("finetune", {}), spec.get("queries", {})
+    pool = spec["pool"]
     pretraining = None
     for concept in concepts:
         folder, model_dir, query_dir = (out / sub / concept.name for sub in ("concepts", "models", "queries"))
         if (query_dir / f"{query_prefix(concept)}{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
-            check_prepared(concept, model_dir)
+            check_prepared(concept, model_dir, pool)
             print(f"{concept.name}: ready")
             continue
         model = TinyTextToImage.load(base)
@@ -151,16 +157,21 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
             render_exemplars(concept, folder, model.cfg.resolution, int(ft.get("seed", 0)))
             if pretraining is None:
                 pretraining = load_run(base, data_dir, "cpu").data
+                require(pool < len(pretraining), f"pool: {pool} leaves no regularisation images among the "
+                                                 f"{len(pretraining)} pretraining images")  # fmt: skip
             images = load_image_folder(folder, model.cfg.resolution)
             exemplars = ArrayTrainingSet(images.pixels, torch.zeros(len(images), 1, 1))  # prompts are given apart
-            cfg = FinetuneConfig(**ft)
+            cfg = FinetuneConfig(**(ft | {"seed": concept_seed(concept, int(ft.get("seed", 0)), 2)}))
             model.to(resolve_device(device))
-            summary = finetune(model, exemplars, [c[0] for c in images.captions], pretraining, cfg)
+            outside = pretraining.subset(range(pool, len(pretraining)))  # never among the ranked images
+            summary = finetune(model, exemplars, [c[0] for c in images.captions], outside, cfg)
             save_custom(model, model_dir, cfg.selection)
-            write_json(model_dir / "finetune.json", summary | {"concept": asdict(concept), "base": str(base)})
+            regular = (regularisation_indices(len(outside), cfg) + pool).tolist()
+            write_json(model_dir / "finetune.json", summary | {"concept": asdict(concept), "base": str(base),
+                       "pool": pool, "regularisation_images": regular})  # fmt: skip
             print(f"{concept.name}: fine-tuned in {time.time() - t0:.0f} s, loss "
                   f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")  # fmt: skip
-        check_prepared(concept, model_dir)
+        check_prepared(concept, model_dir, pool)
         model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
         prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
         generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
@@ -190,13 +201,18 @@ def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
     return out / "concepts.png"
 
 
-def check_prepared(concept: Concept, model_dir: Path) -> None:
-    """Refuse a concept whose entry changed since its model was fine-tuned (its outputs would mix)."""
+def check_prepared(concept: Concept, model_dir: Path, pool: int) -> None:
+    """Refuse a concept whose entry or ranked pool changed since its model was fine-tuned (its outputs would mix,
+    or regularisation images would be ranked)."""
     info = read_json(model_dir / "finetune.json", "fine-tuning record")
+    redo = "remove its folders under concepts/, models/ and queries/ to prepare it again"
     require(
-        info.get("concept") == asdict(concept),
-        f"concept {concept.name} changed since {model_dir} was made: remove its folders under concepts/, models/ "
-        "and queries/ to prepare it again",
+        info.get("concept") == asdict(concept), f"concept {concept.name} changed since {model_dir} was made: {redo}"
+    )
+    require(
+        info.get("pool") == pool,
+        f"{model_dir} was fine-tuned with regularisation images outside a pool of {info.get('pool')}, not {pool}: "
+        f"{redo}",
     )
 
 
@@ -207,14 +223,15 @@ def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folde
     return ConcatTrainingSet([training_set(model, exemplars), training_set(model, pretraining_folder)]), len(exemplars)
 
 
-def base_fisher(base: Path, data_dir: Path, out: Path, cfg, pool: int | None, device: str) -> Path:
-    """The base model's Fisher on the ranked pretraining images, estimated once (AbC uses SD v1.4's for every model)."""
-    from common.unlearning.fisher import cached_fisher
+def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: int, device: str) -> Path:
+    """The base model's curvature (``kind``) on the ranked pretraining images, fitted once (AbC uses SD v1.4's
+    Fisher for every model): the file or folder to pass as ``fisher.file``."""
+    from common.unlearning.curvature import CACHE_NAMES, load_curvature
 
-    path = out / "cache" / f"base_fisher-pool{pool or 'all'}.safetensors"  # one per ranked set
+    folder = out / "cache" / f"base-pool{pool}"  # one per ranked set
     run = load_run(base, data_dir, device)
-    cached_fisher(run.model, run.data.subset(range(min(pool or len(run.data), len(run.data)))), cfg, path)
-    return path
+    load_curvature(kind, run.model, run.data.subset(range(min(pool, len(run.data)))), cfg, folder)
+    return folder / CACHE_NAMES[kind]
 
 
 def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:
@@ -233,7 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="its training images (image folder)")
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
     parser.add_argument("--split", choices=["all", *SPLITS], default="all", help="which concepts")
-    parser.add_argument("--pool", type=int, default=None, help="pretraining images ranked: the first N (all)")
+    parser.add_argument(
+        "--pool", type=int, default=None, help="pretraining images ranked: the first N (the file's pool)"
+    )
+    parser.add_argument(
+        "--curvature",
+        choices=["base", "custom"],
+        default="base",
+        help="unlearning's curvature: the base model's on the ranked pool (as AbC), or each customized model's own "
+        "on its ranked set",
+    )
     parser.add_argument("--tag", default=None, help="output folder name under OUT (default: the method's)")
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
@@ -252,26 +278,36 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exemplars and queries in {concept_sheet(out, chosen)}")
         return
     cls, cfg = method_from_args(args)
+    pool = args.pool or spec["pool"]
+    require(pool <= spec["pool"], f"--pool {pool}: the regularisation images start at image {spec['pool']} "
+                                  f"({args.concepts}); ranking them would count them as negatives")  # fmt: skip
     fisher = getattr(cfg, "fisher", None)
-    if fisher is not None and not fisher.file and cfg.unlearn.method == "newton":
-        cfg.fisher.file = str(base_fisher(base, data_dir, out, fisher, args.pool, args.device))
+    if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
+        kind = cfg.unlearn.preconditioner
+        cfg.fisher.file = str(base_curvature(base, data_dir, out, fisher, kind, pool, args.device))
     tag = args.tag or cls.name
-    pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), args.pool)
+    pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), pool)
     rows: dict[str, dict] = {}
     for concept in chosen:
         model_dir = out / "models" / concept.name
         require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.name} is not prepared: run the prepare step first")
         model = apply_custom(TinyTextToImage.load(base), model_dir)
-        check_prepared(concept, model_dir)
+        check_prepared(concept, model_dir, spec["pool"])
         data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
         queries = load_queries(out / "queries" / concept.name)
         method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data,
                      out / "cache" / tag / concept.name)  # fmt: skip
+        if args.prepare_only:
+            method.prepare()
+            continue
         folders = run_method(method, queries, out / tag / concept.name, args.top_k, args.overwrite,
                              plot=not args.no_plot)  # fmt: skip
         for query, folder in zip(queries, folders, strict=True):
             scores = np.load(folder / "scores.npy")
             rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, kind=concept.kind)
+    if args.prepare_only:
+        print(f"prepared in {out / 'cache' / tag}")
+        return
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
     write_json(path, rows)

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     queries = load_query_spec(args.queries, args.data)
     out = Path(args.out)
     method = cls(cfg, run.model, run.data, out / "cache" / cls.name, accelerator=accelerator)
+    if args.prepare_only:  # e.g. the EK-FAC factors and pretrained losses, on every GPU, before the queries
+        method.prepare()
+        if accelerator.is_main_process:
+            print(f"prepared in {out / 'cache' / cls.name}")
+        return
     run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
     if accelerator.is_main_process:
         print(f"rankings in {out / cls.name}")

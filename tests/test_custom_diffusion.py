@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -745,6 +746,7 @@ def write_twin(root, concepts_extra=""):
     TinyTextToImage(micro_config()).save(root / "base")
     (root / "concepts.yaml").write_text(
         "finetune: {steps: 2, batch_size: 2, lr: 0.01, num_regularisation: 8, init_word: thing}\n"
+        "pool: 16\n"
         "queries: {per_concept: 2, num_steps: 4, guidance_scale: 1.0}\n"
         "prompts:\n"
         "  object: {train: 'a <new1> shape', query: 'a {colour} <new1> shape'}\n"
@@ -778,14 +780,20 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert "in <new1> style" in query["prompt"]
     main(["prepare", *common])
     assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
-    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
+    with pytest.raises(SystemExit):  # the regularisation images (16 on) are not ranked
+        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
+    assert "regularisation images start at image 16" in capsys.readouterr().err
+    for concept in ("ring", "stripes"):
+        regular = json.loads((tmp_path / f"out/models/{concept}/finetune.json").read_text())["regularisation_images"]
+        assert len(regular) == 8 and min(regular) >= 16  # all from outside the ranked pool
+    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16"])
     rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
     assert sorted(rows) == ["ring-q000", "ring-q001", "stripes-q000", "stripes-q001"]
     assert all(
         0 <= r["ap"] <= 1 and r["kind"] == ("object" if k.startswith("ring") else "style") for k, r in rows.items()
     )
     scores = np.load(tmp_path / "out/pixel/stripes/stripes-q000/scores.npy")
-    assert scores.shape == (3 + 20,)  # the exemplars, then the first 20 pretraining images
+    assert scores.shape == (3 + 16,)  # the exemplars, then the first 16 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
     from tests.conftest import ROOT
@@ -795,7 +803,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
     assert sorted(rows) == ["stripes-q000", "stripes-q001"]
-    assert (tmp_path / "out/cache/base_fisher-poolall.safetensors").is_file()  # the base model's, for every concept
+    assert (tmp_path / "out/cache/base-pool16/fisher.safetensors").is_file()  # the base model's, for every concept
+    main([*argv, "--split", "report", "--tag", "ekfac-own", "--no-plot", "--unlearn.preconditioner", "ekfac",
+          "--curvature", "custom"])  # fmt: skip
+    assert (tmp_path / "out/cache/ekfac-own/stripes/ekfac/lambda_matrix.safetensors").is_file()  # the concept's own
+    assert sorted(json.loads((tmp_path / "out/ekfac-own/retrieval.json").read_text())) == [
+        "stripes-q000",
+        "stripes-q001",
+    ]
 
 
 @pytest.mark.slow  # about two minutes: the whole twin script at micro scale
@@ -807,7 +822,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     write_twin(tmp_path)
     env = os.environ | {
         "BASE": str(tmp_path / "base"), "BASE_DATA": str(tmp_path / "data"),
-        "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "20", "GRID_STEP_SIZES": "0.0001 0.001",
+        "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
         "GRID_STEPS": "1 2", "METHODS": "pixel random", "PRESET": "micro",
     }  # fmt: skip
     out = tmp_path / "out"
@@ -901,3 +916,32 @@ def test_the_stable_tiny_preset_is_the_default_at_50_scoring_timesteps():
     stable, default = presets["stable"], presets["default"]
     assert stable["loss"] == default["loss"] | {"num_timesteps": 50}
     assert {k: v for k, v in stable.items() if k != "loss"} == {k: v for k, v in default.items() if k != "loss"}
+
+
+def test_fit_curvature_fits_the_base_models_factors_once_for_every_customized_model(tmp_path, capsys):
+    """EK-FAC of SD's K/V on the LAION subset, then attribution with them (in process)."""
+    from common.unlearning.ekfac import read_factor_folder
+    from custom_diffusion.attribute import main as attribute
+    from custom_diffusion.fit_curvature import main
+    from custom_diffusion.model import StableDiffusionModel
+
+    write_abc(tmp_path)
+    data = tmp_path / "abc"
+    common = ["--data", str(data), "--sd", str(tmp_path / "sd"), "--config", str(CONFIG), "--preset", "micro"]
+    common += ["--device", "cpu", "--laion-count", "4"]
+    fit = [*common, "--out", str(tmp_path / "curvature"), "--unlearn.preconditioner", "ekfac"]
+    with pytest.raises(SystemExit):  # fewer samples than the factors' sides: one line, nothing written
+        main(fit)
+    assert "EK-FAC needs at least as many Fisher samples" in capsys.readouterr().err
+    assert not (tmp_path / "curvature").exists()
+    main([*fit, "--fisher.num_samples", "64", "--fisher.batch_size", "32"])
+    folder = tmp_path / "curvature" / "ekfac"
+    assert f"--fisher.file {folder}" in capsys.readouterr().out
+    factors = read_factor_folder(folder, StableDiffusionModel.load(tmp_path / "sd"), "cross-attn-kv")
+    assert factors.modules and all(m.name.endswith(("attn2.to_k", "attn2.to_v")) for m in factors.modules)
+    run = [*common, "--tasks", str(data / "tasks.json"), "--out", str(tmp_path / "out"), "--no-plot"]
+    attribute([*run, "--method", "unlearning", "--unlearn.preconditioner", "ekfac", "--fisher.file", str(folder),
+               "--unlearn.steps", "1"])  # fmt: skip
+    check_retrieval(tmp_path / "out", "unlearning")
+    config = json.loads(next((tmp_path / "out" / "unlearning").glob("*/config.json")).read_text())
+    assert config["settings"]["unlearn"]["preconditioner"] == "ekfac"

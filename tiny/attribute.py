@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     queries = load_queries(args.queries, args.query_ids)
     out = Path(args.out)
     method = cls(cfg, run.model, run.data, out / "cache" / cls.name, lambda p: load_model(p, args.device))
+    if args.prepare_only:
+        method.prepare()
+        print(f"prepared in {out / 'cache' / cls.name}")
+        return
     run_method(method, queries, out / cls.name, args.top_k, args.overwrite)
     print(f"rankings in {out / cls.name}")
 

@@ -30,7 +30,7 @@ from common.methods import register
 from common.methods.base import Method, query_fingerprint
 from common.model import DiffusionModel
 from common.unlearning.curvature import curvature_fingerprint, load_curvature
-from common.unlearning.fisher import HOW, FisherConfig
+from common.unlearning.fisher import FisherConfig
 from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
 
 
@@ -136,8 +136,8 @@ class Unlearning(Method):
         settings = super().identity()
         for name in ("chunk_images", "compile"):  # how a pass is cut up and run, not what it computes
             settings["scoring"].pop(name)
-        for name in HOW:  # how a curvature is fitted, not what it is
-            settings["fisher"].pop(name, None)
+        for name in ("checkpoint_batches", "block_max_gb"):  # how a curvature is fitted, not what it is
+            settings["fisher"].pop(name)
         if settings["unlearn"]["preconditioner"] == "diagonal":
             settings["unlearn"].pop("preconditioner")  # the paper's, as runs made before the choice existed
         if self.cfg.unlearn.method == "sgd":

@@ -21,7 +21,7 @@ from common.diffusion.gradients import per_sample_gradients
 from common.diffusion.passes import rank_world
 from common.diffusion.selection import select_parameters
 from common.errors import require
-from common.model import DiffusionModel
+from common.model import DiffusionModel, read_safetensors
 from common.unlearning.fisher import FisherConfig, curvature_identity, fisher_batch, relative_floor
 
 COUNT = "_num_samples"
@@ -76,6 +76,23 @@ class BlockFisher:
             chol = self._factors[key].to(g.device)
             out[n] = torch.cholesky_solve(g.double().reshape(-1, 1), chol).reshape(g.shape)
         return out
+
+
+def read_block(path: str | Path, model: DiffusionModel, selection: str) -> BlockFisher:
+    """A block Fisher file (e.g. a base model's, for its customized models), checked against the selected tensors.
+
+    Raises:
+        AttributionError: a missing or damaged file, a selected tensor missing, a matrix of another size, NaN or inf.
+    """
+    params = dict(model.unet.named_parameters())
+    matrices = read_safetensors(path, "block Fisher file")
+    for n in select_parameters(model.unet, selection):
+        require(n in matrices, f"block Fisher file {path} lacks the selected weight {n}")
+        d = params[n].numel()
+        got = tuple(matrices[n].shape)
+        require(got == (d, d), f"block Fisher file {path}: {n} is {got}, the model's weight needs ({d}, {d})")
+        require(bool(torch.isfinite(matrices[n]).all()), f"NaN or inf in block Fisher file {path}: {n}")
+    return BlockFisher({n: matrices[n].double() for n in select_parameters(model.unet, selection)})
 
 
 def fit_block(

@@ -3,7 +3,8 @@
 - ``diagonal``: the paper's diagonal Fisher (:mod:`common.unlearning.fisher`), or a released file;
 - ``ekfac``: EK-FAC factors of the selected Linear modules (:mod:`common.unlearning.ekfac`; FastGDA's AbU+), or a
   released factor folder in kronfluence's layout;
-- ``block``: the exact empirical Fisher of each selected tensor (:mod:`common.unlearning.block`), the oracle.
+- ``block``: the exact empirical Fisher of each selected tensor (:mod:`common.unlearning.block`), the oracle,
+  or a block Fisher file made for another model of the same weights (a base model's, for its customized ones).
 
 Each is fitted from the same keyed draws, cached under the method's cache folder with everything that made it,
 and refused when it was made from another model, training set or settings.
@@ -18,7 +19,7 @@ import torch
 from common.data import ArrayTrainingSet, fingerprint_tensors
 from common.errors import require
 from common.model import DiffusionModel
-from common.unlearning.block import BlockFisher, cached_block
+from common.unlearning.block import BlockFisher, cached_block, read_block
 from common.unlearning.ekfac import EkfacFactors, cached_ekfac, read_factor_folder
 from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
 
@@ -27,10 +28,6 @@ Curvature = dict[str, torch.Tensor] | EkfacFactors | BlockFisher
 
 # Where each kind is cached under a method's cache folder.
 CACHE_NAMES = {"diagonal": "fisher.safetensors", "ekfac": "ekfac", "block": "block_fisher.safetensors"}
-
-
-def check_preconditioner(name: str) -> None:
-    require(name in PRECONDITIONERS, f"unknown preconditioner {name!r}; choose from {', '.join(PRECONDITIONERS)}")
 
 
 def load_curvature(
@@ -46,7 +43,7 @@ def load_curvature(
 
     With several processes every one must call it: they fit it together, each taking its share of the batches.
     """
-    check_preconditioner(kind)
+    require(kind in PRECONDITIONERS, f"unknown preconditioner {kind!r}; choose from {', '.join(PRECONDITIONERS)}")
     path = Path(cache_dir) / CACHE_NAMES[kind] if cache_dir is not None else None
     if kind == "diagonal":
         if cfg.file:
@@ -56,8 +53,8 @@ def load_curvature(
         if cfg.file:
             return read_factor_folder(cfg.file, model, cfg.selection)
         return cached_ekfac(model, data, cfg, path, progress, accelerator)
-    require(not cfg.file, "fisher.file: the block preconditioner fits its own matrices (released files are diagonal "
-                          "or EK-FAC)")  # fmt: skip
+    if cfg.file:
+        return read_block(cfg.file, model, cfg.selection)
     return cached_block(model, data, cfg, path, progress, accelerator)
 
 
