@@ -266,8 +266,11 @@ def test_bad_curvature_settings_are_one_line_before_any_work(model, data, tmp_pa
         load_curvature("block", model, data, big, tmp_path)
     with pytest.raises(AttributionError, match="at least as many Fisher samples"):
         load_curvature("block", model, data, FisherConfig(num_samples=100), tmp_path)
-    with pytest.raises(AttributionError, match="EK-FAC needs at least as many Fisher samples as its largest"):
-        load_curvature("ekfac", model, data, FisherConfig(selection="all", num_samples=50), tmp_path)
+    few = (
+        r"EK-FAC needs more Fisher samples: .*attn2.to_k has a factor of side 16 and 8 tokens per sample, so at least 2"
+    )
+    with pytest.raises(AttributionError, match=few):
+        load_curvature("ekfac", model, data, FisherConfig(num_samples=1), tmp_path)
     with pytest.raises(AttributionError, match="does not exist"):
         load_curvature("ekfac", model, data, FisherConfig(file=str(tmp_path / "nothing")), tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written

@@ -537,7 +537,7 @@ def test_row_scripts_are_valid_bash_and_name_every_table_row():
     table1 = {p.stem.replace("_", "-") for p in (ROOT / "mscoco" / "scripts" / "table1").glob("*.sh")}
     from mscoco.paper import paper_results
 
-    assert table1 == set(paper_results()["paper"])  # one script per row of the paper's Table 1
+    assert table1 == set(paper_results()["paper"]) | {"unlearning-ekfac"}  # the paper's rows and the follow-up's AbU+
     assert len(list((ROOT / "mscoco" / "scripts" / "table2").glob("*.sh"))) == 5  # + table1/unlearning.sh (K,V)
 
 
@@ -655,3 +655,20 @@ def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeyp
     (tmp_path / "g.bin.part").write_bytes(body)  # cut after the last byte, before the rename
     download("http://x/g.bin", tmp_path / "g.bin")
     assert (tmp_path / "g.bin").read_bytes() == body and not (tmp_path / "g.bin.part").exists()
+
+
+def test_prepare_only_fits_ekfac_factors_that_a_later_run_imports(tmp_path, capsys):
+    """AbU+ on the release layout: factors fitted by --prepare-only (no query scored), then imported by path."""
+    from common.unlearning.ekfac import REQUIRED
+    from mscoco.attribute import main
+
+    flags = attribute_flags(tmp_path)[:-2]  # without the released diagonal Fisher
+    ekfac = ["--method", "unlearning", "--unlearn.preconditioner", "ekfac", "--fisher.num_samples", "16", "--no-plot"]
+    main([*flags, *ekfac, "--out", str(tmp_path / "fit"), "--prepare-only"])
+    folder = tmp_path / "fit" / "cache" / "unlearning" / "ekfac"
+    assert all((folder / f"{name}.safetensors").is_file() for name in REQUIRED)
+    assert not (tmp_path / "fit" / "unlearning").exists()  # prepared only
+    main([*flags, *ekfac, "--out", str(tmp_path / "run"), "--fisher.file", str(folder), "--unlearn.damping", "0.1"])
+    scores = np.load(tmp_path / "run" / "unlearning" / "sample000" / "scores.npy")
+    assert scores.shape == (6,) and np.isfinite(scores).all() and np.ptp(scores) > 0
+    assert not (tmp_path / "run" / "cache" / "unlearning" / "ekfac").exists()  # imported, not fitted again

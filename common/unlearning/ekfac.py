@@ -167,17 +167,20 @@ class EkfacFactors:
         return out
 
 
-def check_samples(modules: list[KroneckerModule], rest: list[str], num_samples: int) -> None:
-    """Refuse a fit from fewer samples than the largest factor has sides (its eigenbasis would be mostly noise)."""
+def check_samples(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig, modules: list[KroneckerModule]):
+    """Refuse a fit whose covariances would be rank-deficient: each factor of side d needs d rows (samples × the
+    tokens a sample gives the module, read off one probe sample), before any pass."""
     if not modules:
         return
-    largest = max(modules, key=lambda m: max(m.in_features, m.out_features))
-    side = max(largest.in_features, largest.out_features)
-    require(
-        num_samples >= side,
-        f"EK-FAC needs at least as many Fisher samples as its largest factor's side: {largest.name} has {side}, "
-        f"fisher.num_samples is {num_samples}",
-    )
+    captured = activations_and_gradients(model, modules, *fisher_batch(model, data, cfg, 0, 1))
+    for m in modules:
+        tokens = captured[m.name][0].shape[1]
+        side = max(m.in_features, m.out_features)
+        require(
+            cfg.num_samples * tokens >= side,
+            f"EK-FAC needs more Fisher samples: {m.name} has a factor of side {side} and {tokens} tokens per sample, "
+            f"so at least {-(-side // tokens)} samples; fisher.num_samples is {cfg.num_samples}",
+        )
 
 
 def _covariance_contribution(model, data, cfg, modules):
@@ -254,7 +257,7 @@ def fit_ekfac(
 
     names = select_parameters(model.unet, cfg.selection)
     modules, rest = kronecker_modules(model.unet, names)
-    check_samples(modules, rest, cfg.num_samples)
+    check_samples(model, data, cfg, modules)
     rank, world = rank_world(accelerator)
     starts = list(range(0, cfg.num_samples, cfg.batch_size))[rank::world]
     identity = curvature_identity(model, data, cfg, "ekfac") | {"batch_size": cfg.batch_size, "share": [rank, world]}
