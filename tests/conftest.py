@@ -21,6 +21,21 @@ def micro_config() -> TinyModelConfig:
     return TinyModelConfig(resolution=8, channels=(8, 16), heads=1, text_dim=8, text_layers=1, context_length=8)
 
 
+def worker_model_and_data(n: int = 10, dtype: torch.dtype = torch.float32) -> tuple[TinyTextToImage, ArrayTrainingSet]:
+    """The micro model (weights perturbed, ready for gradients) and ``n`` random images with two random text
+    conditions each: what the multi-process and kill tests' worker scripts run on."""
+    torch.manual_seed(0)
+    model = TinyTextToImage(micro_config())
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.unet.to(dtype)
+    model.prepare_for_gradients()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, 8, 8, generator=g, dtype=dtype) * 2 - 1
+    return model, ArrayTrainingSet(images, torch.randn(n, 2, 8, 8, generator=g, dtype=dtype))
+
+
 @pytest.fixture
 def model() -> TinyTextToImage:
     torch.manual_seed(0)

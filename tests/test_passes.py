@@ -72,21 +72,12 @@ WORKER = textwrap.dedent(
     import os, signal, sys
     import torch
     sys.path.insert(0, {root!r})
-    from tests.conftest import micro_config
-    from tiny.model import TinyTextToImage
-    from common.data import ArrayTrainingSet
+    from tests.conftest import worker_model_and_data
     from common.diffusion.losses import LossConfig
     from common.diffusion.passes import PassConfig, loss_pass
     from common.unlearning.fisher import FisherConfig, estimate_fisher
 
-    torch.manual_seed(0)
-    model = TinyTextToImage(micro_config())
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.prepare_for_gradients()
-    g = torch.Generator().manual_seed(1)
-    data = ArrayTrainingSet(torch.rand(10, 3, 8, 8, generator=g) * 2 - 1, torch.randn(10, 2, 8, 8, generator=g))
+    model, data = worker_model_and_data()
     folder, mode = sys.argv[1], sys.argv[2]
     accelerator = None
     if mode == "two":
