@@ -182,7 +182,7 @@ def test_an_interrupted_fit_resumes_to_the_same_factors(model, data, tmp_path, m
 
     def failing(*args):
         calls["n"] += 1
-        if calls["n"] == 9:  # in the lambda pass (6 covariance batches first)
+        if calls["n"] == 10:  # the lambda pass's third batch (a probe sample and 6 covariance batches first)
             raise KeyboardInterrupt
         return real(*args)
 
@@ -198,7 +198,7 @@ def test_an_interrupted_fit_resumes_to_the_same_factors(model, data, tmp_path, m
     calls["n"] = 0
     monkeypatch.setattr(ekfac, "fisher_batch", lambda *a: (calls.__setitem__("n", calls["n"] + 1), real(*a))[1])
     resumed = cached_ekfac(model, data, cfg, tmp_path / "resumed", progress=False)
-    assert calls["n"] == 4  # only the lambda pass's last 4 of 6 batches were computed again
+    assert calls["n"] == 5  # the probe sample, then only the lambda pass's last 4 of 6 batches
     assert not (tmp_path / "resumed" / "partial").exists()
     for m in whole.modules:
         torch.testing.assert_close(resumed.lambdas[m.name], whole.lambdas[m.name], rtol=1e-12, atol=0)
