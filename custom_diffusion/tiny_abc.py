@@ -54,7 +54,8 @@ SPLITS = ("tune", "report")
 
 @dataclass(frozen=True)
 class Concept:
-    """One concept to teach: what its exemplars look like and which prompts name it."""
+    """One replicate of a concept to teach: what its exemplars look like, which prompts name it, and the seed of
+    its fine-tuning and queries (the exemplars are the concept's, the same for every seed)."""
 
     name: str
     kind: str
@@ -64,10 +65,17 @@ class Concept:
     split: str
     train_prompt: str
     query_template: str
+    seed: int = 0
+
+    @property
+    def unit(self) -> str:
+        """The replicate's folder name under models/, queries/ and each method's outputs ("ring-s0")."""
+        return f"{self.name}-s{self.seed}"
 
 
 def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
-    """The concepts and the file's settings (finetune, queries); one line for the first bad entry."""
+    """Every replicate of every concept (concept by concept, then seed by seed) and the file's settings (finetune,
+    queries); one line for the first bad entry."""
     require_file(path, "concepts file")
     try:
         spec = yaml.safe_load(Path(path).read_text()) or {}
@@ -78,6 +86,12 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
         isinstance(spec.get("pool"), int) and spec["pool"] >= 1,
         f"{path} needs pool: N, the pretraining images ranked (the first N; regularisation images come from the rest)",
     )
+    seeds = spec.get("seeds", [0])
+    require(
+        isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)
+        and len(set(seeds)) == len(seeds),
+        f"{path}: seeds must be a list of distinct non-negative integers (one fine-tuning and query set each)",
+    )  # fmt: skip
     prompts = spec.get("prompts", {})
     token = str((spec.get("finetune") or {}).get("token", "<new1>"))
     out, seen = [], set()
@@ -100,12 +114,16 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
         require(token in texts.get("train", "") and token in texts.get("query", ""),
                 f"{path}: prompts.{kind} needs train and query prompts with {token}")  # fmt: skip
         seen.add(name)
-        out.append(Concept(name, kind, shape, style, count, entry["split"], texts["train"], texts["query"]))
+        concept = Concept(name, kind, shape, style, count, entry["split"], texts["train"], texts["query"])
+        out += [replace(concept, seed=s) for s in seeds]
     return out, spec
 
 
 def concept_seed(concept: Concept, seed: int, purpose: int) -> int:
-    return keyed_random.key_seed(seed, purpose, *concept.name.encode())
+    """A seed keyed by the concept's name and ``purpose``; the fine-tuning and the queries (purposes 1, 2) also by
+    the replicate's seed, the exemplars (0) not."""
+    replicate = () if purpose == 0 else (concept.seed,)
+    return keyed_random.key_seed(seed, purpose, *replicate, *concept.name.encode())
 
 
 def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int = 0) -> None:
@@ -135,9 +153,9 @@ def query_prompts(concept: Concept, count: int, seed: int) -> list[tuple[str, di
 
 
 def query_prefix(concept: Concept) -> str:
-    """Query ids name their concept ("ring-q000"): ids key the sampling noise and every method's draws, which must
-    differ between concepts."""
-    return f"{concept.name}-q"
+    """Query ids name their concept and seed ("ring-s0-q000"): ids key the sampling noise and every method's draws,
+    which must differ between replicates."""
+    return f"{concept.unit}-q"
 
 
 def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str) -> None:
@@ -146,15 +164,17 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
     pool = spec["pool"]
     pretraining = None
     for concept in concepts:
-        folder, model_dir, query_dir = (out / sub / concept.name for sub in ("concepts", "models", "queries"))
+        folder = out / "concepts" / concept.name
+        model_dir, query_dir = (out / sub / concept.unit for sub in ("models", "queries"))
         if (query_dir / f"{query_prefix(concept)}{qs.get('per_concept', 5) - 1:03d}" / "query.json").exists():
             check_prepared(concept, model_dir, pool)
-            print(f"{concept.name}: ready")
+            print(f"{concept.unit}: ready")
             continue
         model = TinyTextToImage.load(base)
         if not (model_dir / CUSTOM_WEIGHTS).exists():
             t0 = time.time()
-            render_exemplars(concept, folder, model.cfg.resolution, int(ft.get("seed", 0)))
+            if not (folder / "metadata.jsonl").exists():  # the concept's, shared by its seeds
+                render_exemplars(concept, folder, model.cfg.resolution, int(ft.get("seed", 0)))
             if pretraining is None:
                 pretraining = load_run(base, data_dir, "cpu").data
                 require(pool < len(pretraining), f"pool: {pool} leaves no regularisation images among the "
@@ -167,22 +187,56 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
             summary = finetune(model, exemplars, [c[0] for c in images.captions], outside, cfg)
             save_custom(model, model_dir, cfg.selection)
             regular = (regularisation_indices(len(outside), cfg) + pool).tolist()
+            moved = relative_change(TinyTextToImage.load(base).unet, model.unet)
             write_json(model_dir / "finetune.json", summary | {"concept": asdict(concept), "base": str(base),
-                       "pool": pool, "regularisation_images": regular})  # fmt: skip
-            print(f"{concept.name}: fine-tuned in {time.time() - t0:.0f} s, loss "
-                  f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")  # fmt: skip
+                       "pool": pool, "regularisation_images": regular, "relative_change": moved})  # fmt: skip
+            print(f"{concept.unit}: fine-tuned in {time.time() - t0:.0f} s, loss "
+                  f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, weights moved "
+                  f"{moved['all']:.1%} (K/V {moved['cross-attn-kv']:.1%})")  # fmt: skip
         check_prepared(concept, model_dir, pool)
         model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
         prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
         generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
                          prefix=query_prefix(concept), guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
-        print(f"{concept.name}: {len(prompts)} queries")
+        print(f"{concept.unit}: {len(prompts)} queries")
+    (out / "models.md").write_text(models_table(out, concepts))
+
+
+def relative_change(base: torch.nn.Module, tuned: torch.nn.Module) -> dict[str, float]:
+    """How far fine-tuning moved the UNet: ||θ − θ₀|| / ||θ₀|| over all weights and over each weight subset the
+    unlearning step can update (a Fisher fitted at θ₀ describes θ only when this is small)."""
+    from common.diffusion.selection import select_parameters
+
+    before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
+    out = {}
+    for selection in ("all", "attn", "cross-attn-kv"):
+        names = select_parameters(tuned, selection)
+        moved = sum(float((after[n].detach().cpu() - before[n].detach()).double().square().sum()) for n in names)
+        size = sum(float(before[n].detach().double().square().sum()) for n in names)
+        out[selection] = (moved / size) ** 0.5
+    return out
+
+
+def models_table(out: Path, concepts: list[Concept]) -> str:
+    """``OUT/models.md``: each customized model's fine-tuning loss and how far its weights moved."""
+    lines = ["| model | kind | exemplars | loss, first → last 10% | moved: all | attention | K/V |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in concepts:
+        path = out / "models" / c.unit / "finetune.json"
+        if not path.exists():
+            continue
+        info = read_json(path, "fine-tuning record")
+        moved = info.get("relative_change", {})
+        cells = [f"{moved[k]:.1%}" if k in moved else "–" for k in ("all", "attn", "cross-attn-kv")]
+        lines.append(f"| {c.unit} | {c.kind} | {c.exemplars} | {info['first_loss']:.4f} → {info['final_loss']:.4f} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def concept_images(out: Path, concept: Concept) -> tuple[list[Path], list[Path]]:
-    """The image files of the concept's exemplars and of its queries."""
+    """The image files of the concept's exemplars and of this replicate's queries."""
     exemplars = sorted((out / "concepts" / concept.name).glob("images/*.png"))
-    return exemplars, sorted((out / "queries" / concept.name).glob("*/image.png"))
+    return exemplars, sorted((out / "queries" / concept.unit).glob("*/image.png"))
 
 
 def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
@@ -196,7 +250,7 @@ def concept_sheet(out: Path, concepts: list[Concept]) -> Path:
     for c in concepts:
         exemplars, queries = concept_images(out, c)
         images = [(f"exemplar {i}", read(p)) for i, p in enumerate(exemplars)]
-        rows.append((f"{c.name} ({c.kind})", images + [(f"query {i}", read(p)) for i, p in enumerate(queries)]))
+        rows.append((f"{c.unit} ({c.kind})", images + [(f"query {i}", read(p)) for i, p in enumerate(queries)]))
     plot_image_rows(out / "concepts.png", rows, "exemplars, then the customized model's queries")
     return out / "concepts.png"
 
@@ -289,29 +343,31 @@ def main(argv: list[str] | None = None) -> None:
     pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), pool)
     rows: dict[str, dict] = {}
     for concept in chosen:
-        model_dir = out / "models" / concept.name
-        require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.name} is not prepared: run the prepare step first")
+        model_dir = out / "models" / concept.unit
+        require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.unit} is not prepared: run the prepare step first")
         model = apply_custom(TinyTextToImage.load(base), model_dir)
         check_prepared(concept, model_dir, spec["pool"])
         data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
-        queries = load_queries(out / "queries" / concept.name)
+        queries = load_queries(out / "queries" / concept.unit)
         method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data,
-                     out / "cache" / tag / concept.name)  # fmt: skip
+                     out / "cache" / tag / concept.unit)  # fmt: skip
         if args.prepare_only:
             method.prepare()
             continue
-        folders = run_method(method, queries, out / tag / concept.name, args.top_k, args.overwrite,
+        folders = run_method(method, queries, out / tag / concept.unit, args.top_k, args.overwrite,
                              plot=not args.no_plot)  # fmt: skip
         for query, folder in zip(queries, folders, strict=True):
             scores = np.load(folder / "scores.npy")
-            rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, kind=concept.kind)
+            rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, seed=concept.seed,
+                                           kind=concept.kind)  # fmt: skip
     if args.prepare_only:
         print(f"prepared in {out / 'cache' / tag}")
         return
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
     write_json(path, rows)
-    table = retrieval_table(rows, tag, [("concept", [c.name for c in concepts]), ("kind", KINDS)])
+    names = list(dict.fromkeys(c.name for c in concepts))
+    table = retrieval_table(rows, tag, [("concept", names), ("kind", KINDS)])
     (out / tag / "retrieval.md").write_text(table)
     print(table)
 

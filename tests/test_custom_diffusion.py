@@ -774,9 +774,9 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
 
     stripes = load_concepts(tmp_path / "concepts.yaml")[0][1]
     assert [len(files) for files in concept_images(tmp_path / "out", stripes)] == [3, 2]  # what concepts.png shows
-    model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring")
+    model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/ring-s0")
     assert model.token == "<new1>" and model.token_ids(["a <new1> shape"])[0, 2] == model.token_row("<new1>")
-    query = json.loads((tmp_path / "out/queries/stripes/stripes-q001/query.json").read_text())
+    query = json.loads((tmp_path / "out/queries/stripes-s0/stripes-s0-q001/query.json").read_text())
     assert "in <new1> style" in query["prompt"]
     main(["prepare", *common])
     assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
@@ -784,15 +784,18 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
     assert "regularisation images start at image 16" in capsys.readouterr().err
     for concept in ("ring", "stripes"):
-        regular = json.loads((tmp_path / f"out/models/{concept}/finetune.json").read_text())["regularisation_images"]
+        regular = json.loads((tmp_path / f"out/models/{concept}-s0/finetune.json").read_text())["regularisation_images"]
         assert len(regular) == 8 and min(regular) >= 16  # all from outside the ranked pool
+        moved = json.loads((tmp_path / f"out/models/{concept}-s0/finetune.json").read_text())["relative_change"]
+        assert 0 < moved["cross-attn-kv"] and 0 < moved["all"]  # every weight is fine-tuned (the file's selection)
+    assert "| ring-s0 | object | 2 |" in (tmp_path / "out/models.md").read_text()
     main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16"])
     rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
-    assert sorted(rows) == ["ring-q000", "ring-q001", "stripes-q000", "stripes-q001"]
+    assert sorted(rows) == ["ring-s0-q000", "ring-s0-q001", "stripes-s0-q000", "stripes-s0-q001"]
     assert all(
         0 <= r["ap"] <= 1 and r["kind"] == ("object" if k.startswith("ring") else "style") for k, r in rows.items()
     )
-    scores = np.load(tmp_path / "out/pixel/stripes/stripes-q000/scores.npy")
+    scores = np.load(tmp_path / "out/pixel/stripes-s0/stripes-s0-q000/scores.npy")
     assert scores.shape == (3 + 16,)  # the exemplars, then the first 16 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
@@ -802,14 +805,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     argv = ["attribute", *common, "--method", "unlearning", "--config", config, "--preset", "micro"]
     main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
-    assert sorted(rows) == ["stripes-q000", "stripes-q001"]
+    assert sorted(rows) == ["stripes-s0-q000", "stripes-s0-q001"]
     assert (tmp_path / "out/cache/base-pool16/fisher.safetensors").is_file()  # the base model's, for every concept
     main([*argv, "--split", "report", "--tag", "ekfac-own", "--no-plot", "--unlearn.preconditioner", "ekfac",
           "--curvature", "custom"])  # fmt: skip
-    assert (tmp_path / "out/cache/ekfac-own/stripes/ekfac/lambda_matrix.safetensors").is_file()  # the concept's own
+    assert (tmp_path / "out/cache/ekfac-own/stripes-s0/ekfac/lambda_matrix.safetensors").is_file()  # the concept's own
     assert sorted(json.loads((tmp_path / "out/ekfac-own/retrieval.json").read_text())) == [
-        "stripes-q000",
-        "stripes-q001",
+        "stripes-s0-q000",
+        "stripes-s0-q001",
     ]
 
 
@@ -832,16 +835,29 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     tune = (out / "tune" / "tune.md").read_text()
     assert tune.count("| 0.0001 |") == 2 and tune.count("| 0.001 |") == 2 and "chosen on the tune concepts" in tune
     tuned = json.loads((out / "tune" / "unlearning-a0.001-s2" / "retrieval.json").read_text())
-    assert sorted(tuned) == ["ring-q000", "ring-q001"]  # tuned on the tune split only
+    assert sorted(tuned) == ["ring-s0-q000", "ring-s0-q001"]  # tuned on the tune split only
     for method in ("unlearning", "pixel", "random"):
-        assert sorted(json.loads((out / method / "retrieval.json").read_text())) == ["stripes-q000", "stripes-q001"]
-    first, second = (np.load(out / "random" / "stripes" / q / "scores.npy") for q in ("stripes-q000", "stripes-q001"))
+        assert sorted(json.loads((out / method / "retrieval.json").read_text())) == ["stripes-s0-q000", "stripes-s0-q001"]
+    first, second = (np.load(out / "random" / "stripes-s0" / q / "scores.npy") for q in ("stripes-s0-q000", "stripes-s0-q001"))
     assert not np.array_equal(first, second)  # drawn per query
     # and per concept: the first query of each concept is sampled from other noise
-    noise = [np.load(out / "queries" / c / f"{c}-q000" / "noise.npy") for c in ("ring", "stripes")]
+    noise = [np.load(out / "queries" / c / f"{c}-q000" / "noise.npy") for c in ("ring-s0", "stripes-s0")]
     assert not np.array_equal(*noise)
     assert "| unlearning |" in (out / "retrieval.md").read_text()
     assert "| report: random |" in (out / "times.md").read_text()
+
+
+def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_query_seeds(tmp_path):
+    from custom_diffusion.tiny_abc import concept_seed, load_concepts, query_prefix
+
+    write_twin(tmp_path, "seeds: [0, 2]\n")
+    concepts, _ = load_concepts(tmp_path / "concepts.yaml")
+    assert [c.unit for c in concepts] == ["ring-s0", "ring-s2", "stripes-s0", "stripes-s2"]
+    first, second = concepts[:2]
+    assert concept_seed(first, 0, 0) == concept_seed(second, 0, 0)  # the exemplars: the concept's
+    assert all(concept_seed(first, 0, p) != concept_seed(second, 0, p) for p in (1, 2))  # queries, fine-tuning
+    assert concept_seed(first, 0, 2) != concept_seed(concepts[2], 0, 2)  # and other concepts of the same seed
+    assert query_prefix(second) == "ring-s2-q"
 
 
 @pytest.mark.parametrize(
@@ -850,7 +866,8 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         ("  - {name: ring, kind: object, shape: ring, exemplars: 1, split: report}\n", "repeated or bad name 'ring'"),
         ("  - {name: blob, kind: object, exemplars: 1, split: report}\n", "an object concept needs a shape"),
         ("  - {name: x, kind: texture, shape: ring, exemplars: 1, split: report}\n", "kind must be one of object"),
-        ("  - {name: x, kind: style, style: dots, exemplars: 1, split: report}\n", "unknown style 'dots'"),
+        ("  - {name: x, kind: style, style: spots, exemplars: 1, split: report}\n", "unknown style 'spots'"),
+        ("seeds: [0, 0]\n", "seeds must be a list of distinct"),
         ("  - {name: x, kind: style, style: outline, exemplars: 0, split: report}\n", "exemplars must be a positive"),
     ],
 )

@@ -35,8 +35,9 @@ BACKGROUNDS = {"black": (10, 10, 10), "gray": (120, 120, 120), "white": (240, 24
 SIZES = {"small": (0.22, 0.28), "large": (0.36, 0.44)}  # half-extent as a fraction of the image side
 VERTICAL = {"top": 0.28, "middle": 0.5, "bottom": 0.72}  # centre as a fraction of the image height
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
-NEW_SHAPES = ("ring", "cross", "hourglass", "arch")  # never in the pretraining set
-STYLES = ("solid", "outline", "stripes", "checker")  # renderings; the pretraining set is all solid
+NEW_SHAPES = ("ring", "cross", "hourglass", "arch", "tee", "crescent", "heart", "chevron")  # never in pretraining
+# Renderings; the pretraining set is all solid.
+STYLES = ("solid", "outline", "stripes", "checker", "columns", "diagonal", "dots", "grid", "lower-half")
 
 
 @dataclass
@@ -101,6 +102,17 @@ def _shape_mask(spec: ShapeSpec, side: int) -> np.ndarray:
     if spec.shape == "arch":  # a half disc over a bar: apex up, open below
         top = (dy <= 0) & (dx**2 + dy**2 <= 0.95**2)
         return top | ((dy > 0) & (dy <= 0.8) & (np.abs(dx) >= 0.45) & (np.abs(dx) <= 0.95))
+    if spec.shape == "tee":  # a bar over a stem
+        return ((dy >= -0.95) & (dy <= -0.4) & (np.abs(dx) <= 0.95)) | (
+            (np.abs(dx) <= 0.28) & (dy <= 0.95) & (dy >= -0.95)
+        )
+    if spec.shape == "crescent":  # a disc less a disc above it: horns up
+        return (dx**2 + dy**2 <= 1.0) & (dx**2 + (dy + 0.55) ** 2 >= 0.8**2)
+    if spec.shape == "heart":  # two lobes over a point
+        lobes = ((np.abs(dx) - 0.45) ** 2 + (dy + 0.35) ** 2 <= 0.5**2) & (dy <= -0.1)
+        return lobes | ((dy > -0.4) & (dy <= 0.95) & (np.abs(dx) <= 0.95 * (0.95 - dy) / 1.35))
+    if spec.shape == "chevron":  # a V: two bars meeting at the bottom
+        return (dy >= -0.95) & (dy <= 0.95) & (np.abs(np.abs(dx) - (0.95 - (dy + 0.95) / 2)) <= 0.28)
     raise ValueError(f"unknown shape {spec.shape!r}; choose from {SHAPES + NEW_SHAPES}")
 
 
@@ -120,6 +132,18 @@ def _style_mask(mask: np.ndarray, style: str) -> np.ndarray:
         return mask & ((y // band) % 2 == 0)
     if style == "checker":
         return mask & (((y // band) + (x // band)) % 2 == 0)
+    if style == "columns":  # vertical bands, one image pixel each
+        return mask & ((x // band) % 2 == 0)
+    if style == "diagonal":  # bands along one diagonal, two image pixels apart (mirrored, they run the other way)
+        return mask & (((y // band) + (x // band)) % 3 == 0)
+    if style == "dots":  # every other image pixel of every other row
+        return mask & ((y // band) % 2 == 0) & ((x // band) % 2 == 0)
+    if style == "grid":  # lines every third image pixel, both ways
+        return mask & (((y // band) % 3 == 0) | ((x // band) % 3 == 0))
+    if style == "lower-half":  # the shape filled below its centre only, outlined above
+        rows = np.nonzero(mask.any(axis=1))[0]
+        middle = (rows[0] + rows[-1]) / 2 if len(rows) else 0
+        return _style_mask(mask, "outline") | (mask & (y >= middle))
     raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
 
 
