@@ -200,6 +200,26 @@ def test_clip_text_reduces_captions(clip_file, shared_clip, model, data, query):
     assert mean[2, 0] == pytest.approx((1 + float(prompt @ other)) / 2, abs=1e-6)
 
 
+def test_text_condition_is_the_cosine_of_flattened_conditions_reduced_over_captions(model):
+    from common.methods.text_condition import TextConditionConfig
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(5, 2, 3, 4, generator=g)  # 5 images, 2 captions each, conditions of 3 tokens x 4
+    data = ArrayTrainingSet(torch.zeros(5, 3, 8, 8), text)
+    query = Query("q", torch.zeros(3, 8, 8), text[2, 0].clone())  # image 2's first caption is the prompt
+    flat = torch.nn.functional.normalize(text.double().flatten(-2), dim=-1)
+    cosine = (flat @ flat[2, 0]).numpy()  # (5, 2) by hand
+    expected = {"mean": cosine.mean(1), "max": cosine.max(1), "first": cosine[:, 0]}
+    for how, want in expected.items():
+        method = make("text-condition", TextConditionConfig(captions=how, batch_size=2), model, data)
+        scores = check_scores(method, query, 5)
+        np.testing.assert_allclose(scores[:, 0], want, atol=1e-12)
+        assert (scores[:, 0] == scores[:, 1]).all()  # text is the same in both orientations
+    assert expected["max"][2] == pytest.approx(1.0) and expected["mean"][2] < 1 - 1e-3
+    with pytest.raises(AttributionError, match="captions must be one of"):
+        TextConditionConfig(captions="median")
+
+
 def test_clip_text_needs_captions_and_a_prompt(clip_file, model, data, query):
     bare = ArrayTrainingSet(data.images(torch.arange(2)), torch.zeros(2, 1, 8, 8))
     with pytest.raises(AttributionError, match="needs caption strings"):

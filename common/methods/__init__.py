@@ -37,3 +37,4 @@ from common.methods import abc_features, clip_image, clip_text, dino, dinov2  # 
 from common.methods import trak  # noqa: E402, F401
 from common.methods import journey_trak  # noqa: E402, F401
 from common.methods import d_trak  # noqa: E402, F401
+from common.methods import text_condition  # noqa: E402, F401

@@ -113,10 +113,15 @@ class ClipText(FeatureMethod):
 
     def columns(self, sims: np.ndarray) -> np.ndarray:
         """Scores (N, F): the captions' similarities (N, C) reduced per image, the same for each orientation."""
-        if self.cfg.captions == "mean":
-            score = sims.sum(1) / self.counts  # padding rows are zero vectors: similarity 0
-        elif self.cfg.captions == "max":
-            score = np.where(np.arange(sims.shape[1]) < self.counts[:, None], sims, -np.inf).max(1)
-        else:
-            score = sims[:, 0]
+        score = reduce_captions(sims, self.counts, self.cfg.captions)
         return np.repeat(score[:, None], len(self.flip_states()), axis=1)
+
+
+def reduce_captions(sims: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
+    """One score per image (N,) from its captions' similarities (N, C), of which the first ``counts`` (N,) are real
+    (padding rows are zero vectors: similarity 0): their mean, their max, or the first's."""
+    if how == "mean":
+        return sims.sum(1) / counts
+    if how == "max":
+        return np.where(np.arange(sims.shape[1]) < counts[:, None], sims, -np.inf).max(1)
+    return sims[:, 0]
