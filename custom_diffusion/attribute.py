@@ -55,14 +55,15 @@ def retrieval_row(scores: np.ndarray, num_relevant: int, **fields) -> dict:
 
 
 def retrieval_table(rows: dict[str, dict], title: str, groups: list[tuple[str, Sequence[str]]]) -> str:
-    """Mean ± SE of Recall@10 and mAP per value of each (field, values) in ``groups``, then over all queries."""
-    lines = [f"| {title} | queries | Recall@10 | mAP |", "|---|---|---|---|"]
+    """Mean ± SE of Recall@10 and mAP per value of each (field, values) in ``groups``, then over all queries;
+    clustered as :func:`custom_diffusion.compare.clustered` (by concept, within a concept by seed)."""
+    lines = [f"| {title} | queries | clusters | Recall@10 | mAP |", "|---|---|---|---|---|"]
     stats = {}
     for field, values in groups:
         stats |= {k: v for k, v in group_stats(rows, field, values).items() if k != "all"}
     stats["all"] = group_stats(rows, groups[0][0], [])["all"]
-    for name, (n, recall, ap) in stats.items():
-        lines.append(f"| {name} | {n} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
+    for name, (n, recall, ap, clusters) in stats.items():
+        lines.append(f"| {name} | {n} | {clusters} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         folders = run_method(method, queries, out / cls.name, args.top_k, args.overwrite, plot=not args.no_plot)
         for task, folder in zip(group, folders, strict=True):
             scores = np.load(folder / "scores.npy")
-            rows[task.id] = retrieval_row(scores, len(task.exemplars), test_case=task.test_case, kind=task.kind)
+            rows[task.id] = retrieval_row(scores, len(task.exemplars), test_case=task.test_case, kind=task.kind,
+                                          concept=model_dir.name)  # fmt: skip
         del model, data, method  # one Stable Diffusion at a time on the device
     if accelerator.is_main_process and not args.prepare_only:
         path = out / cls.name / "retrieval.json"

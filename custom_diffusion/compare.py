@@ -3,9 +3,15 @@
     python -m custom_diffusion.compare OUT        (after custom_diffusion.attribute with each --method)
 
 Reads ``OUT/<method>/retrieval.json`` for every method that has one and writes ``OUT/retrieval.md``
-(Recall@10 and mAP, mean ± SE over queries, per concept kind and overall, one row per method; then each
-method's AP minus each other's on the same queries) and ``OUT/object_vs_style.png`` (each method's mAP on
-object concepts against its mAP on style concepts).
+(Recall@10 and mAP per concept kind and overall, one row per method; then each method's AP minus each other's on
+the same queries) and ``OUT/object_vs_style.png`` (each method's mAP on object concepts against its mAP on style
+concepts).
+
+Means and standard errors are **clustered by concept**: the queries of one customized model are not independent,
+so each concept's queries (all its seeds) are averaged first and the SE is over concepts; a paired difference
+likewise, per concept on the queries both methods ranked ("wins" counts concepts). Within one concept the clusters
+are its seeds; rows without a concept are taken as independent queries. With ``OUT/shows.json`` (the twin's
+``shows`` step: which queries show their concept, by a stated rule) the same tables follow for those queries only.
 """
 
 from __future__ import annotations
@@ -15,9 +21,29 @@ import json
 from pathlib import Path
 
 from common.errors import cli, require
-from common.evaluation.tables import mean_se, paired_against
+from common.evaluation.tables import mean_se
 
 KINDS = ("object", "style")
+# The levels a retrieval row may name, coarsest first: statistics average within the coarsest that varies.
+CLUSTERS = ("concept", "seed")
+
+
+def cluster_level(rows: list[dict]) -> str | None:
+    """The coarsest of :data:`CLUSTERS` that every row names and that takes more than one value; None: per query."""
+    for level in CLUSTERS:
+        if all(level in r for r in rows) and len({r[level] for r in rows}) > 1:
+            return level
+    return None
+
+
+def clustered(rows: list[dict], value) -> tuple[float, float, int]:
+    """Mean ± SE of ``value(row)`` over clusters (see :func:`cluster_level`) and the number of clusters."""
+    level = cluster_level(rows)
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r[level] if level else i, []).append(value(r))
+    mean, se = mean_se([sum(v) / len(v) for v in groups.values()])
+    return mean, se, len(groups)
 
 
 def gather(out: Path) -> dict[str, dict[str, dict]]:
@@ -27,20 +53,21 @@ def gather(out: Path) -> dict[str, dict[str, dict]]:
     return found
 
 
-def group_stats(rows: dict[str, dict], field: str, values) -> dict[str, tuple[int, tuple, tuple]]:
-    """name -> (queries, Recall@10 mean ± SE, AP mean ± SE) for each of ``values`` of ``field``, then "all".
-
-    Groups without queries are left out.
+def group_stats(rows: dict[str, dict], field: str, values) -> dict[str, tuple[int, tuple, tuple, int]]:
+    """name -> (queries, Recall@10 mean ± SE, AP mean ± SE, clusters) for each of ``values`` of ``field``, then
+    "all"; clustered (:func:`clustered`). Groups without queries are left out.
     """
     groups = [(v, [r for r in rows.values() if r[field] == v]) for v in values] + [("all", list(rows.values()))]
-    return {
-        name: (len(members), mean_se([r["recall@10"] for r in members]), mean_se([r["ap"] for r in members]))
-        for name, members in groups
-        if members
-    }
+    out = {}
+    for name, members in groups:
+        if members:
+            *recall, _ = clustered(members, lambda r: r["recall@10"])
+            *ap, n = clustered(members, lambda r: r["ap"])
+            out[name] = (len(members), tuple(recall), tuple(ap), n)
+    return out
 
 
-def summary(rows: dict[str, dict]) -> dict[str, tuple[int, tuple[float, float], tuple[float, float]]]:
+def summary(rows: dict[str, dict]) -> dict[str, tuple[int, tuple, tuple, int]]:
     """Per concept kind (object, style) and over all queries: see :func:`group_stats`."""
     return group_stats(rows, "kind", KINDS)
 
@@ -53,32 +80,52 @@ def comparison_table(found: dict[str, dict[str, dict]]) -> str:
         cells = []
         for group in (*KINDS, "all"):
             if group in stats:
-                _, (r, r_se), (a, a_se) = stats[group]
+                _, (r, r_se), (a, a_se), _ = stats[group]
                 cells += [f"{r:.3f} ± {r_se:.3f}", f"{a:.3f} ± {a_se:.3f}"]
             else:
                 cells += ["–", "–"]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(rows)} |")
+        n = stats["all"][3]
+        unit = "concepts" if cluster_level(list(rows.values())) == "concept" else "clusters"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(rows)} ({n} {unit}) |")
     return "\n".join(lines) + "\n"
+
+
+def paired(rows: dict[str, dict], base: dict[str, dict]) -> tuple[float, float, int, int] | None:
+    """AP of ``rows`` minus ``base``'s on the queries both ranked, clustered: mean, SE, clusters where it is higher,
+    clusters; None when they share no query."""
+    shared = [q for q in rows if q in base]
+    if not shared:
+        return None
+    diffs = [rows[q] | {"diff": rows[q]["ap"] - base[q]["ap"]} for q in shared]
+    level = cluster_level(diffs)
+    groups: dict = {}
+    for i, d in enumerate(diffs):
+        groups.setdefault(d[level] if level else i, []).append(d["diff"])
+    means = [sum(v) / len(v) for v in groups.values()]
+    mean, se = mean_se(means)
+    return mean, se, sum(m > 0 for m in means), len(means)
 
 
 def paired_table(found: dict[str, dict[str, dict]]) -> str:
-    """Row method's AP minus column method's on the queries both ranked: mean ± SE (queries where the row's is higher).
+    """Row method's AP minus column method's on the queries both ranked: clustered mean ± SE (clusters where the row's
+    is higher / clusters).
 
     Pairing by query removes what the two share: how well the query shows its concept.
     """
-    records = [
-        {"method": method, "k": 0, "query": query, "ap": row["ap"]}
-        for method, rows in found.items()
-        for query, row in rows.items()
-    ]
     methods = list(found)
-    cells = {(r["method"], base): r for base in methods for r in paired_against(records, base, "ap")}
     lines = ["| AP minus → | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for method in methods:
-        row = [cells.get((method, base)) for base in methods]
-        text = [f"{c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']}/{c['n']})" if c else "–" for c in row]
+        text = []
+        for base in methods:
+            cell = paired(found[method], found[base]) if base != method else None
+            text.append(f"{cell[0]:+.3f} ± {cell[1]:.3f} ({cell[2]}/{cell[3]})" if cell else "–")
         lines.append(f"| {method} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
+
+
+def shown_only(found: dict[str, dict[str, dict]], shows: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Each method's rows of the queries that ``shows`` (query id -> {"shows": bool, ...}) marks as showing."""
+    return {m: {q: r for q, r in rows.items() if shows.get(q, {}).get("shows")} for m, rows in found.items()}
 
 
 def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
@@ -118,6 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     found = gather(out)
     table = comparison_table(found) + "\n" + paired_table(found)
+    if (out / "shows.json").is_file():
+        shows = json.loads((out / "shows.json").read_text())
+        subset = {m: rows for m, rows in shown_only(found, shows).items() if rows}
+        rule = shows.get("_rule", {}).get("text", "see shows.json")
+        shown = sum(1 for q, v in shows.items() if not q.startswith("_") and v["shows"])
+        table += f"\n### The queries that show their concept ({shown} of {len(shows) - 1}; {rule})\n\n"
+        table += (comparison_table(subset) + "\n" + paired_table(subset)) if subset else "none\n"
     (out / "retrieval.md").write_text(table)
     print(table)
     if scatter(found, out / "object_vs_style.png"):

@@ -556,7 +556,9 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
     )
     main([str(tmp_path)])
     table = (tmp_path / "retrieval.md").read_text().splitlines()
-    assert table[2] == "| random | – | – | 0.000 ± 0.000 | 0.210 ± 0.190 | 0.000 ± 0.000 | 0.210 ± 0.190 | 2 |"
+    assert table[2] == (
+        "| random | – | – | 0.000 ± 0.000 | 0.210 ± 0.190 | 0.000 ± 0.000 | 0.210 ± 0.190 | 2 (2 clusters) |"
+    )  # rows without a concept: independent queries
     # paired on the queries both ranked (a, b): 0.5 - 0.02 = 0.48 and 0.3 - 0.4 = -0.1, mean 0.19 ± 0.29
     assert table[8] == "| unlearning | +0.190 ± 0.290 (1/2) | – |"
     assert table[7] == "| random | – | -0.190 ± 0.290 (1/2) |"
@@ -568,6 +570,35 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty")])
     assert "no <method>/retrieval.json" in capsys.readouterr().err
+
+
+def test_compare_clusters_by_concept_then_seed_and_reports_the_queries_that_show_their_concept(tmp_path):
+    import json
+
+    from custom_diffusion.attribute import retrieval_table
+    from custom_diffusion.compare import main
+
+    def rows(aps):
+        where = [("c1", 0), ("c1", 1), ("c2", 0), ("c2", 1)]
+        return {f"q{i}": {"recall@10": ap, "ap": ap, "kind": "object", "concept": c, "seed": s}
+                for i, (ap, (c, s)) in enumerate(zip(aps, where, strict=True))}  # fmt: skip
+
+    for method, aps in (("unlearning", [0.9, 0.7, 0.1, 0.3]), ("pixel", [0.5, 0.5, 0.2, 0.2])):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "retrieval.json").write_text(json.dumps(rows(aps)))
+    shows = {"_rule": {"text": "a rule"}} | {f"q{i}": {"shows": i % 2 == 0} for i in range(4)}
+    (tmp_path / "shows.json").write_text(json.dumps(shows))
+    main([str(tmp_path)])
+    table = (tmp_path / "retrieval.md").read_text().splitlines()
+    # concept means 0.8 and 0.2: 0.5 ± 0.3 over 2 concepts (over the 4 queries it would be 0.5 ± 0.183)
+    assert table[3].startswith("| unlearning | 0.500 ± 0.300 | 0.500 ± 0.300 |") and "4 (2 concepts)" in table[3]
+    # paired per concept: c1 (0.4 + 0.2) / 2 = 0.3, c2 (-0.1 + 0.1) / 2 = 0: 0.15 ± 0.15, higher on 1 of 2 concepts
+    assert "| unlearning | +0.150 ± 0.150 (1/2) | – |" in table
+    shown = table[table.index("### The queries that show their concept (2 of 4; a rule)") :]
+    assert any(line.startswith("| unlearning | 0.500 ± 0.400 |") for line in shown)  # q0 0.9, q2 0.1
+    # one concept's line: its seeds are the clusters, (0.9, 0.7): 0.8 ± 0.1
+    per_concept = retrieval_table(rows([0.9, 0.7, 0.1, 0.3]), "t", [("concept", ["c1", "c2"])])
+    assert "| c1 | 2 | 2 | 0.800 ± 0.100 | 0.800 ± 0.100 |" in per_concept
 
 
 def test_finetuning_script_trains_kv_and_the_token_only_and_its_files_load_back(tmp_path, capsys):
