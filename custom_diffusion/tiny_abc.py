@@ -297,9 +297,70 @@ def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:
     return ImageFolder(folder.root, folder.pixels[:count], folder.captions[:count], folder.paths[:count], attributes)
 
 
+SHOWS_T = 200  # the timestep (of 1,000) of the features that decide whether a query shows its concept
+
+
+def shows_rule(t: int) -> str:
+    return (f"a query shows its concept when its nearest neighbour among the exemplars and the ranked pretraining "
+            f"images, by cosine of the base model's denoiser features (the UNet's mid-block output at t = {t} on one "
+            f"shared noise draw, the empty prompt; both flips of every image), is an exemplar")  # fmt: skip
+
+
+@torch.no_grad()
+def denoiser_features(model: TinyTextToImage, images: torch.Tensor, t: int, batch_size: int = 256) -> torch.Tensor:
+    """Unit rows (N, F): the UNet's mid-block output for each image (N,C,H,W) noised to ``t`` by one shared draw,
+    under the empty prompt; text-free, so it sees what the image shows, not what a prompt says."""
+    unet = model.unet.eval()
+    noise = torch.randn(model.input_shape, generator=torch.Generator().manual_seed(0))
+    alpha = model.alphas_cumprod[t]
+    caught: list[torch.Tensor] = []
+    hook = unet.mid_block.register_forward_hook(lambda _m, _i, out: caught.append(out.flatten(1).double()))
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(model.device, model.dtype)
+            x_t = alpha.sqrt() * x + (1 - alpha).sqrt() * noise.to(x)
+            text = model.null_text().to(x)[None].expand(len(x), -1, -1)
+            unet(x_t, torch.full((len(x),), t, device=x.device), encoder_hidden_states=text, return_dict=False)
+    finally:
+        hook.remove()
+    rows = torch.cat(caught).cpu()
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def with_flips(images: torch.Tensor) -> torch.Tensor:
+    """Each image (N,C,H,W) then its horizontal flip: (2N,C,H,W), image i's flip at N + i."""
+    return torch.cat([images, images.flip(-1)])
+
+
+def shows(base: Path, data_dir: Path, out: Path, concepts: list[Concept], pool: int, t: int = SHOWS_T) -> dict:
+    """``OUT/shows.json``: per query whether it shows its concept by :func:`shows_rule`, with its best cosine to an
+    exemplar and to a pool image; rewritten whole for the concepts given, others kept."""
+    model = TinyTextToImage.load(base)
+    model.check_timesteps(t + 1, "the shows rule's timestep")
+    pretraining = first_images(load_image_folder(data_dir, model.cfg.resolution), pool)
+    pool_feats = denoiser_features(model, with_flips(pretraining.pixels), t)
+    path = out / "shows.json"
+    found = json.loads(path.read_text()) if path.exists() else {}
+    for concept in concepts:
+        exemplars = load_image_folder(out / "concepts" / concept.name, model.cfg.resolution).pixels
+        ex_feats = denoiser_features(model, with_flips(exemplars), t)
+        for query in load_queries(out / "queries" / concept.unit):
+            q = denoiser_features(model, query.image[None], t)[0]
+            best_ex, best_pool = float((ex_feats @ q).max()), float((pool_feats @ q).max())
+            found[query.id] = {"shows": best_ex > best_pool, "exemplar": best_ex, "pool": best_pool,
+                               "concept": concept.name, "kind": concept.kind}  # fmt: skip
+    found["_rule"] = {"text": shows_rule(t), "t": t, "pool": pool}
+    write_json(path, found)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["prepare", "attribute"], help="what to do")
+    parser.add_argument(
+        "step",
+        choices=["prepare", "shows", "attribute"],
+        help="what to do (shows: which queries show their concept, OUT/shows.json)",
+    )
     parser.add_argument("--base", required=True, help="the tiny pretrained model folder")
     parser.add_argument("--data", required=True, help="its training images (image folder)")
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
@@ -331,10 +392,16 @@ def main(argv: list[str] | None = None) -> None:
         prepare(base, data_dir, out, chosen, spec, args.device)
         print(f"exemplars and queries in {concept_sheet(out, chosen)}")
         return
-    cls, cfg = method_from_args(args)
     pool = args.pool or spec["pool"]
     require(pool <= spec["pool"], f"--pool {pool}: the regularisation images start at image {spec['pool']} "
                                   f"({args.concepts}); ranking them would count them as negatives")  # fmt: skip
+    if args.step == "shows":
+        found = shows(base, data_dir, out, chosen, pool)
+        ids = [q for c in chosen for q in found if found[q].get("concept") == c.name and q.startswith(c.unit + "-")]
+        print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
+        print(f"written to {out / 'shows.json'}")
+        return
+    cls, cfg = method_from_args(args)
     fisher = getattr(cfg, "fisher", None)
     if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
         kind = cfg.unlearn.preconditioner

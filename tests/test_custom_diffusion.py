@@ -845,6 +845,21 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         "stripes-s0-q000",
         "stripes-s0-q001",
     ]
+    # which queries show their concept: one made a mirrored exemplar (it does), one a ranked pool image (it does not)
+    from tiny.data import load_image_folder
+
+    exemplar = load_image_folder(tmp_path / "out/concepts/ring", 8).pixels[0].flip(-1)
+    np.save(tmp_path / "out/queries/ring-s0/ring-s0-q000/input.npy", exemplar.numpy())
+    np.save(
+        tmp_path / "out/queries/stripes-s0/stripes-s0-q000/input.npy",
+        load_image_folder(tmp_path / "data", 8).pixels[3].numpy(),
+    )
+    main(["shows", *common])
+    shows = json.loads((tmp_path / "out/shows.json").read_text())
+    assert sorted(shows) == ["_rule", "ring-s0-q000", "ring-s0-q001", "stripes-s0-q000", "stripes-s0-q001"]
+    assert shows["ring-s0-q000"]["shows"] and shows["ring-s0-q000"]["exemplar"] == pytest.approx(1.0)
+    assert not shows["stripes-s0-q000"]["shows"] and shows["stripes-s0-q000"]["pool"] == pytest.approx(1.0)
+    assert "of 4 queries show their concept" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # about two minutes: the whole twin script at micro scale
