@@ -11,8 +11,10 @@ and generates its queries (``OUT/queries/<name>/<name>-q000/``...); ``OUT/concep
 by side. ``attribute`` ranks each query's training set, the concept's exemplars (first, under the
 training prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute
 does for Stable Diffusion: the unlearning method's curvature (``--unlearn.preconditioner``) is the base model's
-on the ranked pretraining images (fitted once, ``OUT/cache/base-pool<N>/``), as AbC uses SD v1.4's, or with
-``--curvature custom`` each customized model's own on its ranked set. Outputs:
+on the ranked pretraining images (fitted once per weight selection, ``OUT/cache/base-pool<N>-<selection>/``), as
+AbC uses SD v1.4's, or with ``--curvature custom`` each customized model's own on its ranked set. Runs that differ
+only in the unlearning step (a tuning grid) share one cache folder, ``OUT/cache/<method>-<curvature>-<hash>/``: the
+curvature and pretrained losses are fitted once. Outputs:
 ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and
 AP per query) and ``retrieval.md`` (per concept, per kind);
 ``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
@@ -21,6 +23,7 @@ AP per query) and ``retrieval.md`` (per concept, per kind);
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -282,10 +285,21 @@ def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: 
     Fisher for every model): the file or folder to pass as ``fisher.file``."""
     from common.unlearning.curvature import CACHE_NAMES, load_curvature
 
-    folder = out / "cache" / f"base-pool{pool}"  # one per ranked set
+    folder = out / "cache" / f"base-pool{pool}-{cfg.selection}"  # one per ranked set and weights
     run = load_run(base, data_dir, device)
     load_curvature(kind, run.model, run.data.subset(range(min(pool, len(run.data)))), cfg, folder)
     return folder / CACHE_NAMES[kind]
+
+
+def cache_name(name: str, cfg, curvature: str) -> str:
+    """The cache folder of a method's settings, all but the unlearning step's own (step size, steps, draws): a
+    tuning grid fits the curvature and pretrained losses once. Every cached file still checks its identity."""
+    settings = asdict(cfg)
+    if "unlearn" in settings:
+        settings["unlearn"] = {"preconditioner": settings["unlearn"]["preconditioner"]}
+        name = f"{name}-{curvature}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:
@@ -407,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         kind = cfg.unlearn.preconditioner
         cfg.fisher.file = str(base_curvature(base, data_dir, out, fisher, kind, pool, args.device))
     tag = args.tag or cls.name
+    cache = out / "cache" / cache_name(cls.name, cfg, args.curvature)
     pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), pool)
     rows: dict[str, dict] = {}
     for concept in chosen:
@@ -416,8 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         check_prepared(concept, model_dir, spec["pool"])
         data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
         queries = load_queries(out / "queries" / concept.unit)
-        method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data,
-                     out / "cache" / tag / concept.unit)  # fmt: skip
+        method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data, cache / concept.unit)
         if args.prepare_only:
             method.prepare()
             continue
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, seed=concept.seed,
                                            kind=concept.kind)  # fmt: skip
     if args.prepare_only:
-        print(f"prepared in {out / 'cache' / tag}")
+        print(f"prepared in {cache}")
         return
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows

@@ -837,10 +837,15 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
     assert sorted(rows) == ["stripes-s0-q000", "stripes-s0-q001"]
-    assert (tmp_path / "out/cache/base-pool16/fisher.safetensors").is_file()  # the base model's, for every concept
+    assert (tmp_path / "out/cache/base-pool16-cross-attn-kv/fisher.safetensors").is_file()  # the base model's
     main([*argv, "--split", "report", "--tag", "ekfac-own", "--no-plot", "--unlearn.preconditioner", "ekfac",
           "--curvature", "custom"])  # fmt: skip
-    assert (tmp_path / "out/cache/ekfac-own/stripes-s0/ekfac/lambda_matrix.safetensors").is_file()  # the concept's own
+    (own,) = (tmp_path / "out/cache").glob("unlearning-custom-*/stripes-s0/ekfac/lambda_matrix.safetensors")
+    fitted = own.stat().st_mtime_ns
+    main([*argv, "--split", "report", "--tag", "ekfac-own-a1e-3", "--no-plot", "--unlearn.preconditioner", "ekfac",
+          "--curvature", "custom", "--unlearn.step_size", "1e-3"])  # fmt: skip
+    assert list((tmp_path / "out/cache").glob("unlearning-custom-*/stripes-s0/ekfac/lambda_matrix.*")) == [own]
+    assert own.stat().st_mtime_ns == fitted  # another step size: the factors are not fitted again
     assert sorted(json.loads((tmp_path / "out/ekfac-own/retrieval.json").read_text())) == [
         "stripes-s0-q000",
         "stripes-s0-q001",
@@ -872,7 +877,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     env = os.environ | {
         "BASE": str(tmp_path / "base"), "BASE_DATA": str(tmp_path / "data"),
         "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
-        "GRID_STEPS": "1 2", "METHODS": "pixel random", "PRESET": "micro",
+        "GRID_STEPS": "1 2", "DRAWS": "16", "METHODS": "pixel random text-condition", "PRESET": "micro",
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
@@ -880,9 +885,12 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tune = (out / "tune" / "tune.md").read_text()
     assert tune.count("| 0.0001 |") == 2 and tune.count("| 0.001 |") == 2 and "chosen on the tune concepts" in tune
-    tuned = json.loads((out / "tune" / "unlearning-a0.001-s2" / "retrieval.json").read_text())
+    assert tune.count("| diagonal | cross-attn-kv | base |") == 4  # every cell with its relative update
+    name = "unlearning-diagonal-cross-attn-kv-base"
+    tuned = json.loads((out / "tune" / name / "a0.001-s2" / "retrieval.json").read_text())
     assert sorted(tuned) == ["ring-s0-q000", "ring-s0-q001"]  # tuned on the tune split only
-    for method in ("unlearning", "pixel", "random"):
+    (fisher,) = (out / "cache").glob("unlearning-base-*/ring-s0/base_losses*")  # the grid shares one cache
+    for method in (name, "pixel", "random", "text-condition"):
         ids = sorted(json.loads((out / method / "retrieval.json").read_text()))
         assert ids == ["stripes-s0-q000", "stripes-s0-q001"]
     first, second = (np.load(out / "random" / "stripes-s0" / f"stripes-s0-q00{i}" / "scores.npy") for i in (0, 1))
@@ -890,7 +898,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     # and per concept: the first query of each concept is sampled from other noise
     noise = [np.load(out / "queries" / c / f"{c}-q000" / "noise.npy") for c in ("ring-s0", "stripes-s0")]
     assert not np.array_equal(*noise)
-    assert "| unlearning |" in (out / "retrieval.md").read_text()
+    assert f"| {name} |" in (out / "retrieval.md").read_text()
     assert "| report: random |" in (out / "times.md").read_text()
 
 

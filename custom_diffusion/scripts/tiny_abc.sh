@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # The CPU twin of AbC (custom_diffusion/README.md, "The CPU twin"): concepts the tiny model never saw
-# (custom_diffusion/configs/tiny_concepts.yaml) taught by Custom Diffusion fine-tuning, 5 generated queries
-# each, ranked over the concept's exemplars plus the pretraining images by every offline method; Recall@10
-# and mAP per concept kind. The unlearning step size and number of steps are chosen on the "tune" concepts
-# (OUT/tune/) and reported on the "report" concepts only, beside pixel similarity, D-TRAK and random.
+# (custom_diffusion/configs/tiny_concepts.yaml: 8 objects, 8 styles, 3 seeds each) taught by Custom Diffusion
+# fine-tuning, 5 generated queries per customized model, ranked over the concept's exemplars plus the pretraining
+# images by every offline method; Recall@10 and mAP per concept kind, clustered by concept. Unlearning is tuned on
+# the "tune" concepts (OUT/tune/) for each variant (preconditioner, weights, curvature) and reported on the
+# "report" concepts only, beside pixel similarity, text alone, D-TRAK and random.
 #
 #   bash custom_diffusion/scripts/tiny_abc.sh [OUT_DIR]      (default: results/tiny_abc)
 #
-# Resumable. Writes OUT/retrieval.md (methods side by side), OUT/object_vs_style.png, OUT/tune/tune.md and
-# OUT/times.md (this invocation's stages). Environment: BASE and BASE_DATA (a trained tiny model and its
-# images; default: train one with the default preset on 2,000 shapes into OUT/base, ~10 min), POOL (pretraining
-# images ranked, default 500, as AbC ranks a subset of LAION), CONCEPTS (the YAML), GRID_STEP_SIZES ("0.0001
-# 0.0004": around the leave_k_out preset's 2e-4 at N = 500), GRID_STEPS ("1 10": 1 step of 1,000 query draws,
-# or 10 steps of 100), METHODS ("pixel random d-trak"), PRESET (of tiny/configs/tiny.yaml: default), DEVICE (cpu).
+# Resumable, stage by stage. Writes OUT/models.md (how far each model's weights moved), OUT/shows.json (which queries
+# show their concept), OUT/retrieval.md (methods side by side, then the queries that show their concept),
+# OUT/object_vs_style.png, OUT/tune/tune.md and OUT/times.md (this invocation's stages). Environment:
+#   BASE, BASE_DATA  a trained tiny model and its images (default: train one with the default preset on 2,000
+#                    shapes into OUT/base, ~10 min)
+#   POOL             pretraining images ranked (default 500, as AbC ranks a subset of LAION); CONCEPTS (the YAML)
+#   VARIANTS         unlearning variants, PRECONDITIONER:WEIGHTS:CURVATURE each (default
+#                    "diagonal:cross-attn-kv:base", the paper's); e.g. "ekfac:cross-attn-kv:base block:attn:custom";
+#                    weights: cross-attn-kv, attn or all; curvature: base (the base model's, as AbC) or custom
+#   GRID_STEP_SIZES  ("0.00003 0.0001 0.0003 0.001") and GRID_STEPS ("1 10 100"): each run takes DRAWS (1000) query
+#                    draws in all, as one Newton step or as S steps of DRAWS/S (AbC takes 100 steps of 160)
+#   METHODS          ("pixel random text-condition d-trak:cross-attn-kv d-trak:all"; NAME:WEIGHTS for D-TRAK)
+#   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/tiny_abc}
@@ -20,15 +28,17 @@ DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 PRESET=${PRESET:-default}
 CONCEPTS=${CONCEPTS:-custom_diffusion/configs/tiny_concepts.yaml}
+DRAWS=${DRAWS:-1000}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 TIMES=$OUT/times.md
 printf '| stage | seconds |\n|---|---|\n' > "$TIMES"
-timed() {  # NAME command...: run it, append its wall time to OUT/times.md
-  local name=$1 start=$SECONDS
+timed() {  # NAME command...: run it, append its wall time to OUT/times.md; its exit status
+  local name=$1 start=$SECONDS status=0
   shift
-  "$@"
-  echo "| $name | $((SECONDS - start)) |" >> "$TIMES"
+  "$@" || status=$?
+  echo "| $name | $((SECONDS - start))${status/#0/} |" | sed "s/ \([1-9][0-9]*\) |$/ (failed: \1) |/" >> "$TIMES"
+  return "$status"
 }
 
 if [ -z "${BASE:-}" ]; then
@@ -41,36 +51,70 @@ fi
 TWIN=(python -m custom_diffusion.tiny_abc --base "$BASE" --data "$BASE_DATA" --out "$OUT" --concepts "$CONCEPTS"
   --pool "${POOL:-500}" --device "$DEVICE")
 timed "prepare: exemplars, fine-tuning, queries" "${TWIN[@]}" prepare
+timed "shows: which queries show their concept" "${TWIN[@]}" shows
 
-# Unlearning, tuned on the tune concepts: AbC's setting is 100 Newton steps of 160 draws; at tiny scale one step of
-# 1,000 draws or 10 steps of 100, at each step size (alpha / N with N the ranked set's size, as the tiny benchmark).
+# Unlearning, tuned on the tune concepts per variant: every (step size, steps) of the grid, the best by mAP reported.
+unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS: the attribute flags of one unlearning run
+  local per=$((DRAWS / $5)) batch
+  if [ $((DRAWS % $5)) -ne 0 ]; then echo "error: GRID_STEPS must divide DRAWS ($DRAWS), not $5" >&2; return 2; fi
+  batch=$((per < 100 ? per : 100))
+  if [ $((per % batch)) -ne 0 ]; then echo "error: DRAWS / steps ($per) is not a multiple of 100" >&2; return 2; fi
+  echo --method unlearning --config "$CONFIG" --preset "$PRESET" --unlearn.preconditioner "$1" \
+    --unlearn.selection "$2" --fisher.selection "$2" --curvature "$3" --unlearn.step_size "$4" --unlearn.steps "$5" \
+    --unlearn.batch_size "$batch" --unlearn.accumulations $((per / batch))
+}
 mkdir -p "$OUT/tune"
-rm -f "$OUT/tune/rows.md"
-for A in ${GRID_STEP_SIZES:-0.0001 0.0004}; do
-  for S in ${GRID_STEPS:-1 10}; do
-    case $S in 1|2|5|10) ;; *) echo "error: GRID_STEPS must divide the 10 accumulations (1, 2, 5 or 10), not $S" >&2; exit 2 ;; esac
-    TAG=tune/unlearning-a$A-s$S
-    timed "tune $TAG" "${TWIN[@]}" attribute --split tune --tag "$TAG" --method unlearning --config "$CONFIG" \
-      --preset "$PRESET" --unlearn.step_size "$A" --unlearn.steps "$S" --unlearn.accumulations $((10 / S)) --no-plot > /dev/null
-    python -c "import json; r = list(json.load(open('$OUT/$TAG/retrieval.json')).values())
-print('| $A | $S | %.4f |' % (sum(x['ap'] for x in r) / len(r)))" >> "$OUT/tune/rows.md"
+for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
+  IFS=: read -r P W C <<< "$V"
+  NAME=unlearning-$P-$W-$C
+  rm -f "$OUT/tune/$NAME.rows"
+  for A in ${GRID_STEP_SIZES:-0.00003 0.0001 0.0003 0.001}; do
+    for S in ${GRID_STEPS:-1 10 100}; do
+      TAG=tune/$NAME/a$A-s$S
+      read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
+      if ! timed "tune $TAG" "${TWIN[@]}" attribute --split tune --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
+        echo "| $P | $W | $C | $A | $S | refused: $(tail -n 1 "$OUT/tune/last.log") | – |" >> "$OUT/tune/$NAME.rows"
+        continue
+      fi
+      python - "$OUT/$TAG" "$P | $W | $C | $A | $S" >> "$OUT/tune/$NAME.rows" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+out, cells = Path(sys.argv[1]), sys.argv[2]
+rows = list(json.loads((out / "retrieval.json").read_text()).values())
+updates = [json.loads(p.read_text())["stats"]["relative_update"] for p in out.glob("*/*/ranking.json")]
+print(f"| {cells} | {sum(r['ap'] for r in rows) / len(rows):.4f} | {statistics.median(updates):.2%} |")
+PY
+    done
   done
 done
-read -r A S < <(python -c "
-rows = [line.strip('|\n').split('|') for line in open('$OUT/tune/rows.md')]
-best = max(rows, key=lambda r: float(r[2]))  # the first of equals: the grid's order
-print(best[0].strip(), best[1].strip())")
-BEST=("$A" "$S")
-{ echo "| step size | steps | mAP (tune concepts) |"; echo "|---|---|---|"; cat "$OUT/tune/rows.md"; } > "$OUT/tune/tune.md"
-echo "chosen on the tune concepts: step size ${BEST[0]}, ${BEST[1]} step(s)" | tee -a "$OUT/tune/tune.md"
+{
+  echo "| preconditioner | weights | curvature | step size | steps | mAP (tune concepts) | median relative update |"
+  echo "|---|---|---|---|---|---|---|"
+  cat "$OUT"/tune/*.rows
+} > "$OUT/tune/tune.md"
+cat "$OUT/tune/tune.md"
+[ -n "${TUNE_ONLY:-}" ] && exit 0
 
-timed "report: unlearning" "${TWIN[@]}" attribute --split report --tag unlearning --method unlearning \
-  --config "$CONFIG" --preset "$PRESET" --unlearn.step_size "${BEST[0]}" --unlearn.steps "${BEST[1]}" \
-  --unlearn.accumulations $((10 / BEST[1]))
-for M in ${METHODS:-pixel random d-trak}; do
+for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
+  IFS=: read -r P W C <<< "$V"
+  NAME=unlearning-$P-$W-$C
+  read -r A S < <(python -c "
+rows = [line.strip('|\n').split('|') for line in open('$OUT/tune/$NAME.rows')]
+rows = [r for r in rows if not r[5].strip().startswith('refused')]
+if rows:  # the first of equals: the grid's order
+    best = max(rows, key=lambda r: float(r[5]))
+    print(best[3].strip(), best[4].strip())")
+  if [ -z "${A:-}" ]; then echo "$NAME: every grid cell was refused (OUT/tune/$NAME.rows)" | tee -a "$OUT/tune/tune.md"; continue; fi
+  echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
+  read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
+  timed "report: $NAME" "${TWIN[@]}" attribute --split report --tag "$NAME" "${FLAGS[@]}"
+done
+for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}; do
+  IFS=: read -r NAME W <<< "$M"
   EXTRA=()
-  [ "$M" = random ] && EXTRA=(--random.per_query)  # retrieval is judged per query (custom_diffusion/README.md)
-  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$M" --config "$CONFIG" --preset "$PRESET" \
+  [ "$NAME" = random ] && EXTRA=(--random.per_query)  # retrieval is judged per query (custom_diffusion/README.md)
+  [ -n "${W:-}" ] && EXTRA=(--tag "$NAME-$W" "--${NAME//-/_}.selection" "$W")
+  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
     "${EXTRA[@]}"
 done
 python -m custom_diffusion.compare "$OUT"
