@@ -161,8 +161,11 @@ def query_prefix(concept: Concept) -> str:
     return f"{concept.unit}-q"
 
 
-def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str) -> None:
-    """Exemplars, the Custom Diffusion model and the queries of every concept not done yet."""
+def prepare(
+    base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec: dict, device: str, tables: bool = True
+) -> None:
+    """Exemplars, the Custom Diffusion model and the queries of every concept not done yet; ``OUT/models.md`` unless
+    ``tables`` is false (a shard's partial list would replace the full one)."""
     ft, qs = spec.get("finetune", {}), spec.get("queries", {})
     pool = spec["pool"]
     pretraining = None
@@ -202,7 +205,22 @@ def prepare(base: Path, data_dir: Path, out: Path, concepts: list[Concept], spec
         generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
                          prefix=query_prefix(concept), guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
         print(f"{concept.unit}: {len(prompts)} queries")
-    (out / "models.md").write_text(models_table(out, concepts))
+    if tables:
+        (out / "models.md").write_text(models_table(out, concepts))
+
+
+def shard(spec: str | None, concepts: list[Concept]) -> list[Concept]:
+    """The replicates of every N-th concept from the I-th, for ``--shard I/N`` (all of them when ``spec`` is None)."""
+    if spec is None:
+        return concepts
+    parts = spec.split("/")
+    ok = len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
+    require(ok, f"--shard {spec}: expected I/N with 0 <= I < N, e.g. 0/2")
+    index, count = map(int, parts)
+    names = list(dict.fromkeys(c.name for c in concepts))
+    mine = set(names[index::count])
+    require(mine, f"--shard {spec}: no concept left (only {len(names)} chosen)")
+    return [c for c in concepts if c.name in mine]
 
 
 def relative_change(base: torch.nn.Module, tuned: torch.nn.Module) -> dict[str, float]:
@@ -380,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
     parser.add_argument("--split", choices=["all", *SPLITS], default="all", help="which concepts")
     parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="only every N-th concept from the I-th (0-based; all seeds of a concept together), for side-by-side "
+        "processes on one OUT: the tables are written by a run without --shard, which skips what the shards did",
+    )
+    parser.add_argument(
         "--pool", type=int, default=None, help="pretraining images ranked: the first N (the file's pool)"
     )
     parser.add_argument(
@@ -400,16 +425,18 @@ def main(argv: list[str] | None = None) -> None:
     args = load_preset(build_parser(), argv=argv)
     set_threads()
     concepts, spec = load_concepts(args.concepts)
-    chosen = [c for c in concepts if args.split in ("all", c.split)]
+    chosen = shard(args.shard, [c for c in concepts if args.split in ("all", c.split)])
     base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     if args.step == "prepare":
-        prepare(base, data_dir, out, chosen, spec, args.device)
-        print(f"exemplars and queries in {concept_sheet(out, chosen)}")
+        prepare(base, data_dir, out, chosen, spec, args.device, tables=args.shard is None)
+        if args.shard is None:
+            print(f"exemplars and queries in {concept_sheet(out, chosen)}")
         return
     pool = args.pool or spec["pool"]
     require(pool <= spec["pool"], f"--pool {pool}: the regularisation images start at image {spec['pool']} "
                                   f"({args.concepts}); ranking them would count them as negatives")  # fmt: skip
     if args.step == "shows":
+        require(args.shard is None, "--shard: the shows step is one pass over every query (a minute); run it whole")
         found = shows(base, data_dir, out, chosen, pool)
         ids = [q for c in chosen for q in found if found[q].get("concept") == c.name and q.startswith(c.unit + "-")]
         print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
@@ -441,8 +468,8 @@ def main(argv: list[str] | None = None) -> None:
             scores = np.load(folder / "scores.npy")
             rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, seed=concept.seed,
                                            kind=concept.kind)  # fmt: skip
-    if args.prepare_only:
-        print(f"prepared in {cache}")
+    if args.prepare_only or args.shard is not None:
+        print(f"prepared in {cache}" if args.prepare_only else f"shard {args.shard} done (tables: run without --shard)")
         return
     path = out / tag / "retrieval.json"
     rows = (json.loads(path.read_text()) if path.exists() else {}) | rows

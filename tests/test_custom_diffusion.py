@@ -915,6 +915,19 @@ def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_quer
     assert query_prefix(second) == "ring-s2-q"
 
 
+def test_tiny_twin_shards_keep_every_seed_of_a_concept_together_and_cover_each_concept_once(tmp_path):
+    from custom_diffusion.tiny_abc import load_concepts, shard
+
+    write_twin(tmp_path, "  - {name: tee, kind: object, shape: tee, exemplars: 1, split: report}\nseeds: [0, 2]\n")
+    concepts, _ = load_concepts(tmp_path / "concepts.yaml")
+    parts = [[c.unit for c in shard(f"{i}/2", concepts)] for i in range(2)]
+    assert parts == [["ring-s0", "ring-s2", "tee-s0", "tee-s2"], ["stripes-s0", "stripes-s2"]]
+    assert shard(None, concepts) == concepts
+    for bad, message in [("2/2", "expected I/N"), ("1", "expected I/N"), ("3/4", "no concept left")]:
+        with pytest.raises(AttributionError, match=message):
+            shard(bad, concepts)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -24,10 +24,12 @@ def training_set(model: TinyTextToImage, folder: ImageFolder) -> ArrayTrainingSe
 
 
 def set_threads() -> None:
-    """Use every core for intra-op parallelism (tiny models are dominated by per-op overhead)."""
+    """Use every core for intra-op parallelism (tiny models are dominated by per-op overhead), or OMP_NUM_THREADS
+    when set (processes side by side: one thread each)."""
     import os
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else max(1, os.cpu_count() or 1))
 
 
 @dataclass
