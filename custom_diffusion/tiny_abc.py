@@ -210,7 +210,8 @@ def prepare(
 
 
 def shard(spec: str | None, concepts: list[Concept]) -> list[Concept]:
-    """The replicates of every N-th concept from the I-th, for ``--shard I/N`` (all of them when ``spec`` is None)."""
+    """The replicates of every N-th concept from the I-th, for ``--shard I/N`` (all of them when ``spec`` is None;
+    none when fewer than I + 1 concepts are chosen)."""
     if spec is None:
         return concepts
     parts = spec.split("/")
@@ -218,8 +219,7 @@ def shard(spec: str | None, concepts: list[Concept]) -> list[Concept]:
     require(ok, f"--shard {spec}: expected I/N with 0 <= I < N, e.g. 0/2")
     index, count = map(int, parts)
     names = list(dict.fromkeys(c.name for c in concepts))
-    mine = set(names[index::count])
-    require(mine, f"--shard {spec}: no concept left (only {len(names)} chosen)")
+    mine = set(names[index::count])  # none when there are fewer concepts than shards: that shard has nothing to do
     return [c for c in concepts if c.name in mine]
 
 
@@ -300,12 +300,18 @@ def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folde
 
 def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: int, device: str) -> Path:
     """The base model's curvature (``kind``) on the ranked pretraining images, fitted once (AbC uses SD v1.4's
-    Fisher for every model): the file or folder to pass as ``fisher.file``."""
+    Fisher for every model): the file or folder to pass as ``fisher.file``. Shards side by side take turns: the
+    first fits it, the others wait and read it."""
+    import fcntl
+
     from common.unlearning.curvature import CACHE_NAMES, load_curvature
 
     folder = out / "cache" / f"base-pool{pool}-{cfg.selection}"  # one per ranked set and weights
-    run = load_run(base, data_dir, device)
-    load_curvature(kind, run.model, run.data.subset(range(min(pool, len(run.data)))), cfg, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{kind}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = load_run(base, data_dir, device)
+        load_curvature(kind, run.model, run.data.subset(range(min(pool, len(run.data)))), cfg, folder)
     return folder / CACHE_NAMES[kind]
 
 
@@ -427,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     concepts, spec = load_concepts(args.concepts)
     chosen = shard(args.shard, [c for c in concepts if args.split in ("all", c.split)])
     base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
+    if not chosen and args.shard is not None:
+        print(f"shard {args.shard}: no concept left for it ({args.split})")
+        return
     if args.step == "prepare":
         prepare(base, data_dir, out, chosen, spec, args.device, tables=args.shard is None)
         if args.shard is None:

@@ -21,6 +21,9 @@
 #                    draws in all, as one Newton step or as S steps of DRAWS/S (AbC takes 100 steps of 160)
 #   METHODS          ("pixel random text-condition d-trak:cross-attn-kv d-trak:all"; NAME:WEIGHTS for D-TRAK)
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
+#   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
+#                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
+#                    D-TRAK on all weights holds a 9 GB projection per process.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/tiny_abc}
@@ -50,7 +53,25 @@ fi
 : "${BASE_DATA:?set BASE_DATA to the images BASE was trained on}"
 TWIN=(python -m custom_diffusion.tiny_abc --base "$BASE" --data "$BASE_DATA" --out "$OUT" --concepts "$CONCEPTS"
   --pool "${POOL:-500}" --device "$DEVICE")
-timed "prepare: exemplars, fine-tuning, queries" "${TWIN[@]}" prepare
+SHARDS=${SHARDS:-1}
+# STEP ARGS...: the step as SHARDS processes side by side, then once whole (it skips what they did, writes the tables)
+sharded() {
+  local step=$1 i status=0 pids=() threads=$(( $(nproc) / SHARDS ))
+  shift
+  if [ "$SHARDS" -gt 1 ]; then
+    for ((i = 0; i < SHARDS; i++)); do
+      OMP_NUM_THREADS=$((threads > 0 ? threads : 1)) "${TWIN[@]}" "$step" --shard "$i/$SHARDS" "$@" \
+        > "$OUT/shard$i.log" 2>&1 &
+      pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+      wait "${pids[$i]}" || { status=$?; tail -n 1 "$OUT/shard$i.log" >&2; }
+    done
+    [ "$status" -eq 0 ] || return "$status"
+  fi
+  "${TWIN[@]}" "$step" "$@"
+}
+timed "prepare: exemplars, fine-tuning, queries" sharded prepare
 timed "shows: which queries show their concept" "${TWIN[@]}" shows
 
 # Unlearning, tuned on the tune concepts per variant: every (step size, steps) of the grid, the best by mAP reported.
@@ -72,7 +93,7 @@ for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
     for S in ${GRID_STEPS:-1 10 100}; do
       TAG=tune/$NAME/a$A-s$S
       read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
-      if ! timed "tune $TAG" "${TWIN[@]}" attribute --split tune --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
+      if ! timed "tune $TAG" sharded attribute --split tune --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
         echo "| $P | $W | $C | $A | $S | refused: $(tail -n 1 "$OUT/tune/last.log") | – |" >> "$OUT/tune/$NAME.rows"
         continue
       fi
@@ -107,14 +128,14 @@ if rows:  # the first of equals: the grid's order
   if [ -z "${A:-}" ]; then echo "$NAME: every grid cell was refused (OUT/tune/$NAME.rows)" | tee -a "$OUT/tune/tune.md"; continue; fi
   echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
   read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
-  timed "report: $NAME" "${TWIN[@]}" attribute --split report --tag "$NAME" "${FLAGS[@]}"
+  timed "report: $NAME" sharded attribute --split report --tag "$NAME" "${FLAGS[@]}"
 done
 for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}; do
   IFS=: read -r NAME W <<< "$M"
   EXTRA=()
   [ "$NAME" = random ] && EXTRA=(--random.per_query)  # retrieval is judged per query (custom_diffusion/README.md)
   [ -n "${W:-}" ] && EXTRA=(--tag "$NAME-$W" "--${NAME//-/_}.selection" "$W")
-  timed "report: $M" "${TWIN[@]}" attribute --split report --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
+  timed "report: $M" sharded attribute --split report --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
     "${EXTRA[@]}"
 done
 python -m custom_diffusion.compare "$OUT"
