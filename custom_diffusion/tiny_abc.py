@@ -209,6 +209,18 @@ def prepare(
         (out / "models.md").write_text(models_table(out, concepts))
 
 
+def replicates(spec: str | None, concepts: list[Concept]) -> list[Concept]:
+    """The replicates whose seed is listed in ``spec`` ("0,2"; all when None)."""
+    if spec is None:
+        return concepts
+    parts = [p.strip() for p in spec.split(",")]
+    require(all(p.isdigit() for p in parts), f"--seeds {spec}: expected comma-separated seeds, e.g. 0,1")
+    wanted = set(map(int, parts))
+    known = {c.seed for c in concepts}
+    require(wanted <= known, f"--seeds {spec}: the concepts file has seeds {sorted(known)}")
+    return [c for c in concepts if c.seed in wanted]
+
+
 def shard(spec: str | None, concepts: list[Concept]) -> list[Concept]:
     """The replicates of every N-th concept from the I-th, for ``--shard I/N`` (all of them when ``spec`` is None;
     none when fewer than I + 1 concepts are chosen)."""
@@ -404,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
     parser.add_argument("--split", choices=["all", *SPLITS], default="all", help="which concepts")
     parser.add_argument(
+        "--seeds", default=None, help="only these replicates, comma-separated (e.g. 0 for a quick tuning grid)"
+    )
+    parser.add_argument(
         "--shard",
         default=None,
         metavar="I/N",
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     args = load_preset(build_parser(), argv=argv)
     set_threads()
     concepts, spec = load_concepts(args.concepts)
-    chosen = shard(args.shard, [c for c in concepts if args.split in ("all", c.split)])
+    chosen = shard(args.shard, replicates(args.seeds, [c for c in concepts if args.split in ("all", c.split)]))
     base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     if not chosen and args.shard is not None:
         print(f"shard {args.shard}: no concept left for it ({args.split})")

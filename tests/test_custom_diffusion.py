@@ -878,7 +878,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         "BASE": str(tmp_path / "base"), "BASE_DATA": str(tmp_path / "data"),
         "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
         "GRID_STEPS": "1 2", "DRAWS": "16", "METHODS": "pixel random text-condition", "PRESET": "micro",
-        "SHARDS": "2",  # ring and stripes fine-tuned side by side; on one split the second shard has nothing to do
+        "SHARDS": "2", "TUNE_SEEDS": "0",  # ring and stripes side by side; on one split shard 1 has nothing to do
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
@@ -918,7 +918,7 @@ def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_quer
 
 
 def test_tiny_twin_shards_keep_every_seed_of_a_concept_together_and_cover_each_concept_once(tmp_path):
-    from custom_diffusion.tiny_abc import load_concepts, shard
+    from custom_diffusion.tiny_abc import load_concepts, replicates, shard
 
     write_twin(tmp_path, "  - {name: tee, kind: object, shape: tee, exemplars: 1, split: report}\nseeds: [0, 2]\n")
     concepts, _ = load_concepts(tmp_path / "concepts.yaml")
@@ -926,6 +926,9 @@ def test_tiny_twin_shards_keep_every_seed_of_a_concept_together_and_cover_each_c
     assert parts == [["ring-s0", "ring-s2", "tee-s0", "tee-s2"], ["stripes-s0", "stripes-s2"]]
     assert shard(None, concepts) == concepts
     assert shard("3/4", concepts) == []  # fewer concepts than shards: nothing to do
+    assert [c.unit for c in replicates("2", concepts)] == ["ring-s2", "stripes-s2", "tee-s2"]
+    with pytest.raises(AttributionError, match=r"has seeds \[0, 2\]"):
+        replicates("0,1", concepts)
     for bad, message in [("2/2", "expected I/N"), ("1", "expected I/N"), ("-1/2", "expected I/N")]:
         with pytest.raises(AttributionError, match=message):
             shard(bad, concepts)

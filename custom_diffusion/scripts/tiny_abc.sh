@@ -20,6 +20,7 @@
 #   GRID_STEP_SIZES  ("0.00003 0.0001 0.0003 0.001") and GRID_STEPS ("1 10 100"): each run takes DRAWS (1000) query
 #                    draws in all, as one Newton step or as S steps of DRAWS/S (AbC takes 100 steps of 160)
 #   METHODS          ("pixel random text-condition d-trak:cross-attn-kv d-trak:all"; NAME:WEIGHTS for D-TRAK)
+#   TUNE_SEEDS       tune on these replicates only ("0"; default all: 60 queries per grid cell)
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
@@ -85,6 +86,8 @@ unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS: the attribu
     --unlearn.batch_size "$batch" --unlearn.accumulations $((per / batch))
 }
 mkdir -p "$OUT/tune"
+TUNE_SPLIT=(--split tune)
+[ -n "${TUNE_SEEDS:-}" ] && TUNE_SPLIT+=(--seeds "$TUNE_SEEDS")
 for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
   IFS=: read -r P W C <<< "$V"
   NAME=unlearning-$P-$W-$C
@@ -93,7 +96,7 @@ for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
     for S in ${GRID_STEPS:-1 10 100}; do
       TAG=tune/$NAME/a$A-s$S
       read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
-      if ! timed "tune $TAG" sharded attribute --split tune --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
+      if ! timed "tune $TAG" sharded attribute "${TUNE_SPLIT[@]}" --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
         echo "| $P | $W | $C | $A | $S | refused: $(tail -n 1 "$OUT/tune/last.log") | – |" >> "$OUT/tune/$NAME.rows"
         continue
       fi
