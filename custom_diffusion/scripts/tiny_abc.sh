@@ -41,7 +41,8 @@ timed() {  # NAME command...: run it, append its wall time to OUT/times.md; its 
   local name=$1 start=$SECONDS status=0
   shift
   "$@" || status=$?
-  echo "| $name | $((SECONDS - start))${status/#0/} |" | sed "s/ \([1-9][0-9]*\) |$/ (failed: \1) |/" >> "$TIMES"
+  if [ "$status" -eq 0 ]; then echo "| $name | $((SECONDS - start)) |"; else
+    echo "| $name | $((SECONDS - start)) (failed: $status) |"; fi >> "$TIMES"
   return "$status"
 }
 
