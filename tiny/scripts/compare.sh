@@ -5,7 +5,8 @@
 #
 #   bash tiny/scripts/compare.sh [OUT_DIR]        (default: results/quickstart; reuses its data and model)
 #
-# Environment: METHODS (default: every offline method, then the feature methods), ENSEMBLE (TRAK's models,
+# Environment: METHODS (default: every offline method, then the feature methods; unlearning-ekfac and
+# unlearning-block are unlearning with that preconditioner, tiny/README.md "Curvature"), ENSEMBLE (TRAK's models,
 # default 3: the model plus 2 trained with other seeds), CLIP_WEIGHTS / DINO_WEIGHTS / DINOV2_WEIGHTS /
 # ABC_MAPPER (hub ids or local paths; without them those rows say what is missing), DEVICE (cpu), PRESET.
 set -euo pipefail
@@ -15,7 +16,7 @@ PRESET=${PRESET:-default}
 DEVICE=${DEVICE:-cpu}
 ENSEMBLE=${ENSEMBLE:-3}
 CONFIG=tiny/configs/tiny.yaml
-METHODS=${METHODS:-unlearning pixel random trak journey-trak d-trak clip clip-text dino dinov2 abc}
+METHODS=${METHODS:-unlearning unlearning-ekfac unlearning-block pixel random trak journey-trak d-trak clip clip-text dino dinov2 abc}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-2000}"
@@ -30,7 +31,10 @@ NOTES=()
 mkdir -p "$OUT/compare"
 for M in $METHODS; do
   EXTRA=()
+  METHOD=$M
   case $M in
+    unlearning-ekfac | unlearning-block)
+      METHOD=unlearning EXTRA=(--unlearn.preconditioner "${M#unlearning-}" --tag "$M") ;;
     trak) [ ${#MEMBERS[@]} -gt 0 ] && EXTRA=(--trak.ensemble "${MEMBERS[@]}") ;;
     journey-trak) [ ${#MEMBERS[@]} -gt 0 ] && EXTRA=(--journey_trak.ensemble "${MEMBERS[@]}") ;;
     clip) EXTRA=(${CLIP_WEIGHTS:+--clip.weights "$CLIP_WEIGHTS"}) ;;
@@ -41,7 +45,7 @@ for M in $METHODS; do
   esac
   echo "== $M"
   START=$(date +%s)
-  if "${EVAL[@]}" --method "$M" ${EXTRA[@]+"${EXTRA[@]}"} 2> "$OUT/compare/$M.log"; then
+  if "${EVAL[@]}" --method "$METHOD" ${EXTRA[@]+"${EXTRA[@]}"} 2> "$OUT/compare/$M.log"; then
     echo "   ($M: $(($(date +%s) - START)) s)"
   else
     REASON=$(grep '^error: ' "$OUT/compare/$M.log" | tail -1 | sed 's/^error: //; s/|/\//g')
