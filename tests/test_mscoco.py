@@ -178,9 +178,10 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
             latents = scheduler.step(eps_uncond + 7.5 * (eps_text - eps_uncond), t, latents, generator=g).prev_sample
     stream = BatchStream(0, 6, (4, 1))
     replayed = sample(model, text[[4, 1]], None, [0, 0], num_steps=5, guidance_scale=7.5, stream=stream)
-    assert torch.allclose(replayed, latents[[4, 1]], atol=1e-5)
+    # same noise; a batch of 2 against 12 through the UNet rounds differently (~1e-5 per step, x7.5 guidance)
+    assert torch.allclose(replayed, latents[[4, 1]], atol=1e-3)
     keyed = sample(model, text[[4, 1]], stream.initial_noise((4, 16, 16)), [0, 1], num_steps=5, guidance_scale=7.5)
-    assert not torch.allclose(keyed, replayed, atol=1e-3)  # the keyed step noise is another stream
+    assert (keyed - replayed).abs().max() > 0.1  # the keyed step noise is another stream
 
     write_release(tmp_path / "data", queries=3)
     (query,) = release.load_release_queries(tmp_path / "data", [2])
@@ -295,7 +296,7 @@ def test_model_contract_encodes_and_decodes_through_local_components(tmp_path):
     assert model.num_train_timesteps == 1000 and model.scheduler.config.clip_sample
     text = model.encode_text(["a cat", "", "a dog on a mat"])
     assert text.shape == (3, 77, 1024) and text.dtype == torch.float32 and torch.isfinite(text).all()
-    assert torch.equal(model.null_text(), text[1])
+    assert torch.allclose(model.null_text(), text[1], atol=1e-5)  # alone or in a batch: rounding apart
     pixels = model.decode(torch.randn(2, 4, 16, 16))
     assert pixels.shape == (2, 3, 128, 128) and pixels.abs().max() <= 1
     missing = MscocoModel(small_unet(), tmp_path / "elsewhere")
