@@ -20,7 +20,9 @@
 #   GRID_STEP_SIZES  ("0.00003 0.0001 0.0003 0.001") and GRID_STEPS ("1 10 100"): each run takes DRAWS (1000) query
 #                    draws in all, as one Newton step or as S steps of DRAWS/S (AbC takes 100 steps of 160)
 #   METHODS          ("pixel random text-condition d-trak:cross-attn-kv d-trak:all"; NAME:WEIGHTS for D-TRAK)
-#   TUNE_SEEDS       tune on these replicates only ("0"; default all: 60 queries per grid cell)
+#   SEEDS            only these replicates in every stage (e.g. "0": 16 models, 60 report queries; default all:
+#                    48 models, 180); a later run with more adds theirs and keeps what is done
+#   TUNE_SEEDS       tune on these replicates only (e.g. "0"; default SEEDS: all gives 60 queries per grid cell)
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
@@ -73,8 +75,10 @@ sharded() {
   fi
   "${TWIN[@]}" "$step" "$@"
 }
-timed "prepare: exemplars, fine-tuning, queries" sharded prepare
-timed "shows: which queries show their concept" "${TWIN[@]}" shows
+ONLY_SEEDS=()
+[ -n "${SEEDS:-}" ] && ONLY_SEEDS=(--seeds "$SEEDS")
+timed "prepare: exemplars, fine-tuning, queries" sharded prepare "${ONLY_SEEDS[@]}"
+timed "shows: which queries show their concept" "${TWIN[@]}" shows "${ONLY_SEEDS[@]}"
 
 # Unlearning, tuned on the tune concepts per variant: every (step size, steps) of the grid, the best by mAP reported.
 unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS: the attribute flags of one unlearning run
@@ -88,7 +92,8 @@ unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS: the attribu
 }
 mkdir -p "$OUT/tune"
 TUNE_SPLIT=(--split tune)
-[ -n "${TUNE_SEEDS:-}" ] && TUNE_SPLIT+=(--seeds "$TUNE_SEEDS")
+[ -n "${TUNE_SEEDS:-${SEEDS:-}}" ] && TUNE_SPLIT+=(--seeds "${TUNE_SEEDS:-$SEEDS}")
+REPORT_SPLIT=(--split report "${ONLY_SEEDS[@]}")
 for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
   IFS=: read -r P W C <<< "$V"
   NAME=unlearning-$P-$W-$C
@@ -132,14 +137,14 @@ if rows:  # the first of equals: the grid's order
   if [ -z "${A:-}" ]; then echo "$NAME: every grid cell was refused (OUT/tune/$NAME.rows)" | tee -a "$OUT/tune/tune.md"; continue; fi
   echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
   read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
-  timed "report: $NAME" sharded attribute --split report --tag "$NAME" "${FLAGS[@]}"
+  timed "report: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --tag "$NAME" "${FLAGS[@]}"
 done
 for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}; do
   IFS=: read -r NAME W <<< "$M"
   EXTRA=()
   [ "$NAME" = random ] && EXTRA=(--random.per_query)  # retrieval is judged per query (custom_diffusion/README.md)
   [ -n "${W:-}" ] && EXTRA=(--tag "$NAME-$W" "--${NAME//-/_}.selection" "$W")
-  timed "report: $M" sharded attribute --split report --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
+  timed "report: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
     "${EXTRA[@]}"
 done
 python -m custom_diffusion.compare "$OUT"
