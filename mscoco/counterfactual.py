@@ -40,7 +40,7 @@ from common.config import add_dataclass_arguments, add_method_arguments, datacla
 from common.data import fingerprint_tensors
 from common.diffusion.sampling import query_stream, resample
 from common.errors import cli, require
-from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
+from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.methods import METHODS
 from common.outputs import config_matches, prepare_run_dir
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in cfg.ks:  # before any ranking or retraining
         require(k <= len(run.data), f"K = {k} exceeds the training-set size {len(run.data)}")
     queries = load_query_spec(args.queries, args.data)
+    off_target = OffTarget(queries, cfg.off_target, cfg.loss_stride, cfg.seed)  # refused now, not after retraining
     for query in queries:  # regeneration needs each query's initial noise: fail now, not after retraining
         require(
             query.noise is not None or query_stream(query) is not None,
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def metrics(original, retrained, query):
         target = reference_image(reference, query, targets) if targets is not None else None
-        return counterfactual_metrics(reference, retrained, query, cfg, clip, target)
+        return counterfactual_metrics(reference, retrained, query, cfg, clip, target, off_target)
 
     leave_k_out(
         run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
         rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+        expect={"off_target": cfg.off_target} if cfg.off_target else None,
     )  # fmt: skip
     if accelerator.is_main_process:  # every row measured in OUT so far, not only this call's
         print(gather_tables(out))

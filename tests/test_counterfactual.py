@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import AttributionError
-from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, delta_loss, mse, query_loss
+from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, delta_loss, mse, query_loss
 from common.evaluation.exclusion import exclusion_key, top_k_exclusion
 from common.evaluation.tables import (
     aggregate,
@@ -69,6 +69,29 @@ def test_delta_loss_is_zero_for_the_same_model_and_uses_fixed_noise(model, query
     assert a != query_loss(model, query, stride=100, seed=1)
     with pytest.raises(AttributionError, match="must divide"):
         query_loss(model, query, stride=3, seed=0)
+
+
+def test_off_target_is_the_mean_delta_loss_on_the_next_queries(model, data, query):
+    import copy
+
+    queries = [type(query)(f"q{i}", data.images(torch.tensor([i]))[0], data.text(torch.tensor([i]), 0), "p")
+               for i in range(4)]  # fmt: skip
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in retrained.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    control = OffTarget(queries, 2, stride=100, seed=0)
+    assert [q.id for q in control.others(queries[3])] == ["q0", "q1"]  # wraps; never the query itself
+    record = control(model, retrained, queries[3])
+    by_hand = (delta_loss(model, retrained, queries[0], 100) + delta_loss(model, retrained, queries[1], 100)) / 2
+    assert record == {"off_target": 2, "off_target_delta_loss": pytest.approx(by_hand, rel=1e-12)}
+    assert by_hand != 0.0
+    assert control(model, model, queries[0])["off_target_delta_loss"] == 0.0
+    assert OffTarget(queries, 0)(model, retrained, queries[0]) == {}  # off: nothing joins the record
+    with pytest.raises(AttributionError, match=r"off_target 4 exceeds the number of other queries \(3\)"):
+        OffTarget(queries, 4)
+    with pytest.raises(AttributionError, match="off_target"):
+        EvalConfig(off_target=-1)
 
 
 def test_clip_without_weights_says_so():
@@ -175,7 +198,7 @@ def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model,
     fp = model.fingerprint()
     _write_rankings(tmp_path / "a", data, [query, other], [4, 2, 7], fp)
     _write_rankings(tmp_path / "b", data, [query, other], [4, 2, 9], fp)
-    trained, measured = [], []
+    trained, measured, control = [], [], {}
 
     def retrain(excluded, folder):
         trained.append((tuple(sorted(excluded)), folder.name))
@@ -183,7 +206,7 @@ def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model,
 
     def metrics(original, retrained, q):
         measured.append(q.id)
-        return {"delta_loss": float(len(measured)), "mse": 0.0, "clip": None}
+        return {"delta_loss": float(len(measured)), "mse": 0.0, "clip": None} | control
 
     sources = [RankingSource("a", tmp_path / "a"), RankingSource("b", tmp_path / "b")]
     args = (model, len(data), data.fingerprint, [query, other], sources, [1, 2, 3], retrain, metrics, tmp_path / "o")
@@ -204,6 +227,12 @@ def test_leave_k_out_driver_shares_models_and_remeasures_changed_rankings(model,
     assert len(measured) == 12  # its three K, not the stale rows
     with pytest.raises(AttributionError, match="different config"):
         leave_k_out(*args, {"recipe": 2})
+    # A control asked for later: every record is measured again (the models are the retrain function's cache).
+    control["off_target"] = 1
+    leave_k_out(*args, {"recipe": 1}, expect={"off_target": 1})
+    assert len(measured) == 24
+    leave_k_out(*args, {"recipe": 1}, expect={"off_target": 1})
+    assert len(measured) == 24
     _write_rankings(tmp_path / "b", data, [query], [5, 2, 9], "another model")
     with pytest.raises(AttributionError, match="made on another model"):
         leave_k_out(*args, {"recipe": 1})

@@ -132,7 +132,7 @@ def counterfactual_error(args, capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("case", ["k", "noise", "model", "data"])
+@pytest.mark.parametrize("case", ["k", "noise", "model", "data", "off_target"])
 def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, tmp_path, capsys):
     out, _ = micro_run
     args = [*shared_args(out), "--attribution", str(out / "attr"), "--out", str(tmp_path / "cf"), "--device", "cpu"]
@@ -144,6 +144,9 @@ def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, t
         (tmp_path / "queries" / "q001" / "noise.npy").unlink()
         args[args.index("--queries") + 1] = str(tmp_path / "queries")
         message = "query q001 has no saved noise"
+    elif case == "off_target":
+        args += ["--eval.off_target", "2"]
+        message = "off_target 2 exceeds the number of other queries (1)"
     elif case == "model":
         args[args.index("--model") + 1] = str(tmp_path / "nothing")
         message = "missing model config"
@@ -176,6 +179,13 @@ def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run
         top = json.loads((out / "attr" / "unlearning" / record["query"] / "ranking.json").read_text())
         assert record["excluded"] == exclusion_key(e["index"] for e in top["top_k"][:4])
     assert "| kv |" in (tmp_path / "cf" / "table.md").read_text()
+    # The off-target control asked for afterwards: measured on the models already trained, none trained anew.
+    models = sorted(p.name for p in (tmp_path / "cf" / "models").rglob("*") if p.is_dir())
+    run("tiny.counterfactual", *args, "--eval.off_target", "1")
+    assert sorted(p.name for p in (tmp_path / "cf" / "models").rglob("*") if p.is_dir()) == models
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cf" / "metrics").glob("*/*/*.json"))]
+    assert records and all(r["off_target"] == 1 and r["off_target_delta_loss"] != 0.0 for r in records)
+    assert "off-target ΔL" in (tmp_path / "cf" / "table.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -230,6 +240,7 @@ def test_micro_counterfactual_script_runs_and_resumes(tmp_path):
         record = json.loads(path.read_text())
         assert record["k"] == 4 and np.isfinite(record["delta_loss"]) and record["mse"] >= 0
         assert record["clip"] is None and "no CLIP weights" in record["clip_note"]
+        assert record["off_target"] == 1 and np.isfinite(record["off_target_delta_loss"])  # the other query
     table = (out / "table.md").read_text()
     assert "| unlearning |" in table and "| pixel |" in table and "| random |" in table and "| attn_small |" in table
     models = sorted(p.name for p in out.glob("models/*/*"))

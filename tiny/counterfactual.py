@@ -25,7 +25,7 @@ from pathlib import Path
 from common import keyed_random
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset
 from common.errors import cli, require
-from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, counterfactual_metrics
+from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
 from common.methods import METHODS
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     queries = load_queries(args.queries)
     for query in queries:  # regeneration needs each query's initial noise: fail now, not after retraining
         require(query.noise is not None, f"query {query.id} has no saved noise ({Path(args.queries) / query.id})")
+    off_target = OffTarget(queries, cfg.off_target, cfg.loss_stride, cfg.seed)
     clip = ClipSimilarity(cfg.clip_model, cfg.clip_weights)
     if not clip.available:
         print(f"CLIP similarity off: {clip.reason}")
@@ -94,11 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         return train_tiny(args.data, str(model_dir), model_cfg, recipe, excluded, args.device).prepare_for_gradients()
 
     def metrics(original, retrained, query):
-        return counterfactual_metrics(original, retrained, query, cfg, clip)
+        return counterfactual_metrics(original, retrained, query, cfg, clip, off_target=off_target)
 
+    expect = {"off_target": cfg.off_target} if cfg.off_target else None
     table = leave_k_out(
-        run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity
-    )
+        run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
+        expect=expect,
+    )  # fmt: skip
     print(table)
     records = [json.loads(p.read_text()) for p in sorted((out / "metrics" / "random").rglob("*.json"))]
     spread = seed_spread(records) if records else []

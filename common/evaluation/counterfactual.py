@@ -3,11 +3,13 @@
 - ΔL = L(ẑ, θ_−K) − L(ẑ, θ0) over 200 timesteps (stride 5) with noise keyed by the query, the same
   for both models;
 - regeneration from the query's saved initial noise and prompt with the same sampler: MSE against
-  the original output, and CLIP image similarity when CLIP weights are available.
+  the original output, and CLIP image similarity when CLIP weights are available;
+- optionally the off-target control (:class:`OffTarget`): the same retrained model's ΔL on other queries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +33,13 @@ class EvalConfig:
     random_seeds: int = field(default=3, metadata={"help": "random removal sets per K"})
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip architecture for CLIP similarity"})
     clip_weights: str = field(default="", metadata={"help": "open_clip pretrained tag or local path; empty: no CLIP"})
+    off_target: int = field(
+        default=0,
+        metadata={
+            "help": "off-target control: each retrained model's ΔL also on this many other queries (the next ones in "
+            "order), their mean in the table; a removal that hurts the model in general shows there. 0: off"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
@@ -38,6 +47,8 @@ class EvalConfig:
             raise AttributionError("ks must be positive integers")
         if self.loss_stride < 1:
             raise AttributionError(f"loss_stride must be positive, got {self.loss_stride}")
+        if self.off_target < 0:
+            raise AttributionError(f"off_target must be 0 (off) or a number of other queries, got {self.off_target}")
 
 
 def query_loss(model: DiffusionModel, query: Query, stride: int, seed: int) -> float:
@@ -53,6 +64,43 @@ def delta_loss(
 ) -> float:
     """ΔL = L(ẑ, θ_−K) − L(ẑ, θ0), identical noise and timesteps for both."""
     return query_loss(retrained, query, stride, seed) - query_loss(original, query, stride, seed)
+
+
+class OffTarget:
+    """The off-target control: a retrained model's ΔL on queries other than the one whose top-K it lacks.
+
+    A removal that hurts the model in general (images every query leans on, or simply many) raises every query's
+    loss; one specific to its query raises that query's only. For each query the next ``n`` queries in order
+    (wrapping) are measured with ΔL's noise and timesteps; their mean is ``off_target_delta_loss``. The original
+    model's loss on each query is computed once.
+
+    Args:
+        queries: every query of the run, in a fixed order.
+        n: other queries per removal set (0: the control is off and adds nothing to a record).
+        stride, seed: ΔL's timestep stride and noise seed.
+    """
+
+    def __init__(self, queries: Sequence[Query], n: int, stride: int = 5, seed: int = 0) -> None:
+        require(n < len(queries) or n == 0, f"off_target {n} exceeds the number of other queries ({len(queries) - 1})")
+        self.queries, self.n, self.stride, self.seed = list(queries), n, stride, seed
+        self._original: dict[tuple[int, str], float] = {}
+
+    def others(self, query: Query) -> list[Query]:
+        """The ``n`` queries after ``query`` in order, wrapping around."""
+        i = [q.id for q in self.queries].index(query.id)
+        return [self.queries[(i + j) % len(self.queries)] for j in range(1, self.n + 1)]
+
+    def __call__(self, original: DiffusionModel, retrained: DiffusionModel, query: Query) -> dict:
+        """``{"off_target": n, "off_target_delta_loss": mean ΔL over the others}``; empty when off."""
+        if not self.n:
+            return {}
+        values = []
+        for other in self.others(query):
+            key = (id(original), other.id)
+            if key not in self._original:
+                self._original[key] = query_loss(original, other, self.stride, self.seed)
+            values.append(query_loss(retrained, other, self.stride, self.seed) - self._original[key])
+        return {"off_target": self.n, "off_target_delta_loss": sum(values) / len(values)}
 
 
 def regenerate(model: DiffusionModel, query: Query) -> torch.Tensor:
@@ -118,6 +166,7 @@ def counterfactual_metrics(
     cfg: EvalConfig,
     clip: ClipSimilarity,
     target: torch.Tensor | None = None,
+    off_target: OffTarget | None = None,
 ) -> dict:
     """ΔL, and the regenerated image's MSE and CLIP similarity against ``target``.
 
@@ -125,6 +174,7 @@ def counterfactual_metrics(
         original: θ0 of ΔL (and the decoder of ``target``).
         target: the model input the regeneration is compared with (C,H,W): by default the query's
             image; the reference model's own regeneration when θ0 is not the model that made the query.
+        off_target: the off-target control, whose fields join the record (:class:`OffTarget`).
     """
     from common.data import as_numpy_uint8
 
@@ -137,4 +187,4 @@ def counterfactual_metrics(
         "mse": mse(regen_pixels, query_pixels),
         "clip": clip(as_numpy_uint8(regen_pixels), as_numpy_uint8(query_pixels)),
         "clip_note": clip.reason or None,
-    }
+    } | (off_target(original, retrained, query) if off_target is not None else {})

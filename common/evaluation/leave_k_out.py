@@ -158,6 +158,7 @@ def leave_k_out(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] | None = None,
+    expect: dict | None = None,
 ) -> str:
     """Run every (source, query, K), write ``out/metrics/...`` and the tables; return the Markdown table.
 
@@ -172,6 +173,8 @@ def leave_k_out(
         rank, world, barrier: several processes that retrain together (``accelerate launch``): every
             process joins every retraining; job i's metrics are measured and written by process i mod
             ``world``; the main process (rank 0) prepares the folder and, after ``barrier()``, the tables.
+        expect: fields a metric file must hold with these values to be reused (e.g. ``{"off_target": 4}``): one
+            measured without them is measured again on its cached model, with no retraining.
     """
     out = Path(out)
     main = rank == 0
@@ -199,8 +202,11 @@ def leave_k_out(
         if path.exists():
             old = json.loads(path.read_text())
             if old.get("excluded") == key and old.get("ranking") == rid:
-                continue
-            print(f"{path}: its ranking changed since it was measured; measuring again")
+                if all(old.get(field) == value for field, value in (expect or {}).items()):
+                    continue
+                print(f"{path}: measured without {expect}; measuring again")
+            else:
+                print(f"{path}: its ranking changed since it was measured; measuring again")
         label = f"{source.method} {query.id} K={k}" + (f" seed {source.seed}" if source.seed is not None else "")
         if main:
             print(f"[{i + 1}/{len(jobs)}] {label}")

@@ -12,6 +12,8 @@ METRICS = {  # name: (column title, scale shown, higher is better)
     "delta_loss": ("ΔL ×10⁻³ ↑", 1e3, True),
     "mse": ("MSE ×10⁻² ↑", 1e2, True),
     "clip": ("CLIP sim ×10⁻¹ ↓", 1e1, False),
+    # the off-target control: the same removal's ΔL on other queries (near 0 for a removal specific to its query)
+    "off_target_delta_loss": ("off-target ΔL ×10⁻³", 1e3, False),
 }
 
 

@@ -16,6 +16,8 @@
 # with saved noise, e.g. OUT/table2/generated_queries; default: NUM_QUERIES (8) generated into OUT/queries),
 # NUM_IMAGES (500), SAMPLE_STEPS (250 DDPM steps per query and regeneration), DEVICE (cpu),
 # CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), EXCLUSION_MODE (the preset's: zero),
+# OFF_TARGET (the off-target control: each removal's ΔL also on the next OFF_TARGET queries, measured on the
+# models already retrained; default 4, or all other queries when there are fewer; 0: off),
 # NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's tables came from
 #   (every method, after table2.sh, on Table 2's generated queries)
 #   QUERIES=results/counterfactual/table2/generated_queries METHODS="pixel random trak d-trak journey-trak" \
@@ -60,6 +62,8 @@ QUERIES=${QUERIES:-$OUT/queries}
   --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
 python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
+NUM_QUERIES_FOUND=$(find "$QUERIES" -mindepth 1 -maxdepth 1 -type d | wc -l)
+OFF_TARGET=${OFF_TARGET:-$((NUM_QUERIES_FOUND - 1 < 4 ? NUM_QUERIES_FOUND - 1 : 4))}
 RANKINGS=()
 for V in ${VARIANTS:-}; do  # a Table 2 variant: attributed with every unlearning setting table2.sh used
   # shellcheck disable=SC2046
@@ -72,7 +76,7 @@ python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries 
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
   --device "$DEVICE" --methods ${METHODS:-unlearning pixel random} ${KS:+--eval.ks $KS} \
   ${RANKINGS[@]:+--rankings "${RANKINGS[@]}"} ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
-  ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"}
+  ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"} --eval.off_target "$OFF_TARGET"
 for MODE in ${NOISE_FLOOR_MODES:-}; do
   python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
     --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
