@@ -310,6 +310,20 @@ def concept_training_set(model: TinyTextToImage, folder: Path, pretraining_folde
     return ConcatTrainingSet([training_set(model, exemplars), training_set(model, pretraining_folder)]), len(exemplars)
 
 
+def swapped_images(queries: list, out: Path, concepts: list[Concept], concept: Concept) -> list:
+    """The prompt-only control: ``queries`` (of ``concept``) with the images of the same-numbered queries of the
+    next concept in the file with the same seed; ids, prompts and text conditions kept. A method whose AP stays up
+    on these ranks by the prompt (the new token), not by what the image shows."""
+    names = list(dict.fromkeys(c.name for c in concepts))
+    donor_name = names[(names.index(concept.name) + 1) % len(names)]
+    (donor,) = [c for c in concepts if c.name == donor_name and c.seed == concept.seed]
+    folder = out / "queries" / donor.unit
+    require(folder.is_dir(), f"--swap-images: {concept.unit} takes {donor.unit}'s images, which is not prepared")
+    images = load_queries(folder)
+    require(len(images) >= len(queries), f"--swap-images: {donor.unit} has fewer queries than {concept.unit}")
+    return [replace(q, image=d.image, image_path=d.image_path) for q, d in zip(queries, images)]
+
+
 def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: int, device: str) -> Path:
     """The base model's curvature (``kind``) on the ranked pretraining images, fitted once (AbC uses SD v1.4's
     Fisher for every model): the file or folder to pass as ``fisher.file``. Shards side by side take turns: the
@@ -436,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on its ranked set",
     )
     parser.add_argument("--tag", default=None, help="output folder name under OUT (default: the method's)")
+    parser.add_argument(
+        "--swap-images",
+        action="store_true",
+        help="the prompt-only control: each query keeps its prompt but takes the image of the same-numbered query "
+        "of the next concept (same seed); needs --tag, so its results never mix with the method's own",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
     return parser
@@ -466,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
         print(f"written to {out / 'shows.json'}")
         return
+    require(not args.swap_images or bool(args.tag), "--swap-images needs --tag (its own output folder)")
     cls, cfg = method_from_args(args)
     fisher = getattr(cfg, "fisher", None)
     if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
@@ -482,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         check_prepared(concept, model_dir, spec["pool"])
         data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
         queries = load_queries(out / "queries" / concept.unit)
+        if args.swap_images:
+            queries = swapped_images(queries, out, concepts, concept)
         method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data, cache / concept.unit)
         if args.prepare_only:
             method.prepare()

@@ -830,6 +830,17 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert scores.shape == (3 + 16,)  # the exemplars, then the first 16 pretraining images
     table = (tmp_path / "out/pixel/retrieval.md").read_text()
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
+    # the prompt-only control: stripes' queries take ring's images (the next concept, wrapping), keep their prompts
+    with pytest.raises(SystemExit):
+        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images"])
+    assert "--swap-images needs --tag" in capsys.readouterr().err
+    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images", "--tag", "swapped"])
+    for unit, donor in (("stripes-s0", "ring-s0"), ("ring-s0", "stripes-s0")):
+        swapped = np.load(tmp_path / f"out/swapped/{unit}/{unit}-q001/scores.npy")
+        own = np.load(tmp_path / f"out/pixel/{donor}/{donor}-q001/scores.npy")
+        np.testing.assert_array_equal(swapped[-16:], own[-16:])  # the donor's image against the same pool
+        assert not np.array_equal(swapped[-16:], np.load(tmp_path / f"out/pixel/{unit}/{unit}-q001/scores.npy")[-16:])
+    assert sorted(json.loads((tmp_path / "out/swapped/retrieval.json").read_text())) == sorted(rows)
     from tests.conftest import ROOT
 
     config = str(ROOT / "tiny" / "configs" / "tiny.yaml")
