@@ -889,7 +889,8 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         "BASE": str(tmp_path / "base"), "BASE_DATA": str(tmp_path / "data"),
         "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
         "GRID_STEPS": "1 2", "DRAWS": "16", "METHODS": "pixel random text-condition", "PRESET": "micro",
-        "SHARDS": "2", "TUNE_SEEDS": "0",  # ring and stripes side by side; on one split shard 1 has nothing to do
+        "SHARDS": "2", "SEEDS": "0",  # ring and stripes side by side; on one split shard 1 has nothing to do
+        "CONTROL": "1",
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
@@ -914,6 +915,11 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     assert f"| {name} |" in (out / "retrieval.md").read_text()
     times = (out / "times.md").read_text()
     assert "| report: random |" in times and "failed" not in times
+    for method in (name, "pixel", "random", "text-condition"):  # the prompt-only control: ring's images
+        assert sorted(json.loads((out / "controls" / method / "retrieval.json").read_text())) == ids
+    swapped = np.load(out / "controls" / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy")
+    assert not np.array_equal(swapped, np.load(out / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy"))
+    assert "| pixel |" in (out / "controls" / "retrieval.md").read_text() and "| control: pixel |" in times
 
 
 def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_query_seeds(tmp_path):

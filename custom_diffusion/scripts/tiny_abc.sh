@@ -23,6 +23,9 @@
 #   SEEDS            only these replicates in every stage (e.g. "0": 16 models, 60 report queries; default all:
 #                    48 models, 180); a later run with more adds theirs and keeps what is done
 #   TUNE_SEEDS       tune on these replicates only (e.g. "0"; default SEEDS: all gives 60 queries per grid cell)
+#   CONTROL=1        also the prompt-only control: every reported variant and method again with each query's image
+#                    swapped for another concept's (its prompt kept; tiny_abc --swap-images), in OUT/controls/ with
+#                    its own retrieval.md: a method that scores as well there ranks by the prompt, not the image
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
@@ -138,6 +141,10 @@ if rows:  # the first of equals: the grid's order
   echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
   read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
   timed "report: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --tag "$NAME" "${FLAGS[@]}"
+  if [ -n "${CONTROL:-}" ]; then
+    timed "control: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --swap-images --tag "controls/$NAME" "${FLAGS[@]}" \
+      --no-plot
+  fi
 done
 for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}; do
   IFS=: read -r NAME W <<< "$M"
@@ -146,6 +153,11 @@ for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}
   [ -n "${W:-}" ] && EXTRA=(--tag "$NAME-$W" "--${NAME//-/_}.selection" "$W")
   timed "report: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
     "${EXTRA[@]}"
+  if [ -n "${CONTROL:-}" ]; then
+    timed "control: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
+      "${EXTRA[@]}" --swap-images --tag "controls/$NAME${W:+-$W}" --no-plot
+  fi
 done
 python -m custom_diffusion.compare "$OUT"
+if [ -n "${CONTROL:-}" ]; then python -m custom_diffusion.compare "$OUT/controls"; fi
 cat "$TIMES"
