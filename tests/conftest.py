@@ -9,6 +9,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> str:
+    """A TCP port free now, for a torchrun rendezvous (a fixed one may still be held by an earlier test's run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 sys.path.insert(0, str(ROOT))
 
 from common.data import ArrayTrainingSet, Query  # noqa: E402

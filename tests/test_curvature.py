@@ -27,7 +27,7 @@ from common.unlearning.ekfac import (
 )
 from common.unlearning.fisher import FisherConfig, estimate_fisher, fisher_batch
 from common.unlearning.unlearn import UnlearnConfig
-from tests.conftest import ROOT, micro_config
+from tests.conftest import ROOT, free_port, micro_config
 
 CFG = FisherConfig(num_samples=24, batch_size=8, seed=3)
 KEY = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -318,7 +318,7 @@ def test_two_processes_fit_the_same_factors_as_one(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "one"], check=True, cwd=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
     for name in ("ekfac.pt", "block.pt"):
         one, two = torch.load(tmp_path / "one" / name), torch.load(tmp_path / "two" / name)

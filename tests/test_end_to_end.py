@@ -12,6 +12,7 @@ import pytest
 
 from common.evaluation.exclusion import exclusion_key
 from common.outputs import read_ranking
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tiny" / "configs" / "tiny.yaml")
@@ -303,7 +304,7 @@ def test_two_processes_train_the_same_model(tmp_path):
     flags = ["--data", str(tmp_path / "data"), "--config", CONFIG, "--preset", "micro", "--device", "cpu"]
     run("tiny.train", *flags, "--out", str(tmp_path / "one"))
     # `accelerate launch --cpu --num_processes 2` has been seen to start one process: torchrun starts two.
-    run("torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", "-m", "tiny.train", *flags,
+    run("torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tiny.train", *flags,
         "--out", str(tmp_path / "two"))  # fmt: skip
     one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys()

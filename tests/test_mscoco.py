@@ -16,7 +16,7 @@ from common.errors import AttributionError
 from common.memmap import sampled_fingerprint
 from mscoco import release
 from mscoco.model import MscocoModel, build_unet, load_unet
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 SMALL = {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8}  # the real block types, small widths
 
@@ -379,7 +379,7 @@ def test_attribute_script_gives_the_same_scores_on_two_processes(tmp_path):
     """The whole script under torchrun (the pass-level test in test_passes.py runs by default)."""
     flags = attribute_flags(tmp_path)
     run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"), "--no-plot")
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
     run_module("-m", "mscoco.attribute", *flags, "--out", str(tmp_path / "two"), "--no-plot", launcher=torchrun)
     for q in ("sample000", "sample001", "sample002"):
         one = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
@@ -608,7 +608,7 @@ def test_counterfactual_on_two_processes_measures_what_one_does(tmp_path):
     flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--methods", "random"]
     flags += ["--eval.random_seeds", "1"]
     run_module("mscoco.counterfactual", *flags, "--out", str(tmp_path / "one"))
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
     run_module("-m", "mscoco.counterfactual", *flags, "--out", str(tmp_path / "two"), launcher=torchrun)
     for q in ("coco000", "coco001", "coco002"):  # jobs 0 and 2 measured by process 0, job 1 by process 1
         one = json.loads((tmp_path / "one" / "metrics" / "random" / q / "k2_s0.json").read_text())

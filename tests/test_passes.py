@@ -12,7 +12,7 @@ import torch
 from common.diffusion.losses import LossConfig, dataset_losses
 from common.diffusion.passes import PassConfig, loss_pass
 from common.errors import AttributionError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 CFG = LossConfig(num_timesteps=4, batch_size=24)
 
@@ -107,8 +107,9 @@ def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
     assert len(list((tmp_path / "resumed" / "chunks").glob("*.safetensors"))) == 3  # chunks 0-2 of 5, nothing partial
     assert not list((tmp_path / "resumed" / "chunks").glob("*.tmp*"))
     subprocess.run([*py, str(tmp_path / "resumed"), "one"], check=True, cwd=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    two = subprocess.run([*torchrun, str(script), tmp_path / "two", "two"], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
     whole = torch.load(tmp_path / "whole" / "result-one.pt")
     assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)
     assert torch.equal(torch.load(tmp_path / "two" / "result-two.pt"), whole)
