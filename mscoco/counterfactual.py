@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     leave_k_out(
         run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
         rank=accelerator.process_index, world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-        expect={"off_target": cfg.off_target} if cfg.off_target else None,
+        expect=off_target.expect,
     )  # fmt: skip
     if accelerator.is_main_process:  # every row measured in OUT so far, not only this call's
         print(gather_tables(out))

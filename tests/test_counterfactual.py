@@ -88,6 +88,7 @@ def test_off_target_is_the_mean_delta_loss_on_the_next_queries(model, data, quer
     assert by_hand != 0.0
     assert control(model, model, queries[0])["off_target_delta_loss"] == 0.0
     assert OffTarget(queries, 0)(model, retrained, queries[0]) == {}  # off: nothing joins the record
+    assert control.expect == {"off_target": 2} and OffTarget(queries, 0).expect is None
     with pytest.raises(AttributionError, match=r"off_target 4 exceeds the number of other queries \(3\)"):
         OffTarget(queries, 4)
     with pytest.raises(AttributionError, match="off_target"):

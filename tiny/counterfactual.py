@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     def metrics(original, retrained, query):
         return counterfactual_metrics(original, retrained, query, cfg, clip, off_target=off_target)
 
-    expect = {"off_target": cfg.off_target} if cfg.off_target else None
     table = leave_k_out(
         run.model, len(run.data), run.data.fingerprint, queries, sources, cfg.ks, retrain, metrics, out, identity,
-        expect=expect,
+        expect=off_target.expect,
     )  # fmt: skip
     print(table)
     records = [json.loads(p.read_text()) for p in sorted((out / "metrics" / "random").rglob("*.json"))]

@@ -85,6 +85,11 @@ class OffTarget:
         self.queries, self.n, self.stride, self.seed = list(queries), n, stride, seed
         self._original: dict[tuple[int, str], float] = {}
 
+    @property
+    def expect(self) -> dict | None:
+        """What a reusable metric record must hold (``leave_k_out``'s ``expect``): None when the control is off."""
+        return {"off_target": self.n} if self.n else None
+
     def others(self, query: Query) -> list[Query]:
         """The ``n`` queries after ``query`` in order, wrapping around."""
         i = [q.id for q in self.queries].index(query.id)
