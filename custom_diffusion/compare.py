@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.errors import cli, require
+from common.errors import cli, require, require_file
 from common.evaluation.tables import mean_se
 
 KINDS = ("object", "style")
@@ -161,12 +161,21 @@ def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="the output folder of custom_diffusion.attribute")
+    parser.add_argument(
+        "--shows",
+        default=None,
+        help="which queries show their concept (default OUT/shows.json; a control of the twin whose queries keep "
+        "their own images takes the twin's)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     found = gather(out)
     table = comparison_table(found) + "\n" + paired_table(found)
-    if (out / "shows.json").is_file():
-        shows = json.loads((out / "shows.json").read_text())
+    shows_file = Path(args.shows) if args.shows else out / "shows.json"
+    if args.shows:
+        require_file(shows_file, "--shows file")
+    if shows_file.is_file():
+        shows = json.loads(shows_file.read_text())
         subset = {m: rows for m, rows in shown_only(found, shows).items() if rows}
         rule = shows.get("_rule", {}).get("text", "see shows.json")
         shown = sum(1 for q, v in shows.items() if not q.startswith("_") and v["shows"])

@@ -324,6 +324,20 @@ def swapped_images(queries: list, out: Path, concepts: list[Concept], concept: C
     return [replace(q, image=d.image, image_path=d.image_path) for q, d in zip(queries, images)]
 
 
+def without_token(queries: list, model: TinyTextToImage, spec: dict) -> list:
+    """The image-only control: ``queries`` with the new token of each prompt replaced by the word its embedding
+    started from (the file's ``finetune.init_word``), and the text condition the customized model gives that prompt;
+    ids and images kept. Only the exemplars' captions hold the token, so a method that keeps its AP here finds them
+    from the image; one that falls ranked by the token."""
+    recipe = FinetuneConfig(**(spec.get("finetune") or {}))
+    prompts = [q.prompt.replace(recipe.token, recipe.init_word) for q in queries]
+    missing = [q.id for q, p in zip(queries, prompts) if p == q.prompt]
+    require(not missing, f"--without-token: the prompt of {', '.join(missing)} has no {recipe.token}")
+    with torch.no_grad():
+        text = model.encode_text(prompts)
+    return [replace(q, prompt=p, text=t[None]) for q, p, t in zip(queries, prompts, text)]
+
+
 def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: int, device: str) -> Path:
     """The base model's curvature (``kind``) on the ranked pretraining images, fitted once (AbC uses SD v1.4's
     Fisher for every model): the file or folder to pass as ``fisher.file``. Shards side by side take turns: the
@@ -456,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prompt-only control: each query keeps its prompt but takes the image of the same-numbered query "
         "of the next concept (same seed); needs --tag, so its results never mix with the method's own",
     )
+    parser.add_argument(
+        "--without-token",
+        action="store_true",
+        help="the image-only control: each query keeps its image but is attributed under its prompt with the new "
+        "token replaced by the word it started from (finetune.init_word); needs --tag",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
     return parser
@@ -486,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
         print(f"written to {out / 'shows.json'}")
         return
-    require(not args.swap_images or bool(args.tag), "--swap-images needs --tag (its own output folder)")
+    for flag, used in (("--swap-images", args.swap_images), ("--without-token", args.without_token)):
+        require(not used or bool(args.tag), f"{flag} needs --tag (its own output folder)")
     cls, cfg = method_from_args(args)
     fisher = getattr(cfg, "fisher", None)
     if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
@@ -505,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         queries = load_queries(out / "queries" / concept.unit)
         if args.swap_images:
             queries = swapped_images(queries, out, concepts, concept)
+        if args.without_token:
+            queries = without_token(queries, model, spec)
         method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data, cache / concept.unit)
         if args.prepare_only:
             method.prepare()

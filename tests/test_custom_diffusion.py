@@ -841,6 +841,35 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         np.testing.assert_array_equal(swapped[-16:], own[-16:])  # the donor's image against the same pool
         assert not np.array_equal(swapped[-16:], np.load(tmp_path / f"out/pixel/{unit}/{unit}-q001/scores.npy")[-16:])
     assert sorted(json.loads((tmp_path / "out/swapped/retrieval.json").read_text())) == sorted(rows)
+    # the image-only control: own images, prompts without the token ("thing" in its place, the word it started from)
+    with pytest.raises(SystemExit):
+        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--without-token"])
+    assert "--without-token needs --tag" in capsys.readouterr().err
+    main(["attribute", *common, "--method", "text-condition", "--no-plot", "--pool", "16"])
+    for method in ("pixel", "text-condition"):
+        main(["attribute", *common, "--method", method, "--no-plot", "--pool", "16", "--without-token",
+              "--tag", f"no-token-{method}"])  # fmt: skip
+
+    def q001(tag, unit):
+        return np.load(tmp_path / f"out/{tag}/{unit}/{unit}-q001/scores.npy")
+
+    for unit in ("stripes-s0", "ring-s0"):
+        np.testing.assert_array_equal(q001("no-token-pixel", unit), q001("pixel", unit))  # the query's own image
+        assert not np.allclose(q001("no-token-text-condition", unit), q001("text-condition", unit))
+    import torch
+
+    from common.queries import load_queries
+    from custom_diffusion.tiny_abc import load_concepts, without_token
+
+    spec = load_concepts(tmp_path / "concepts.yaml")[1]
+    model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/stripes-s0")
+    queries = load_queries(tmp_path / "out/queries/stripes-s0")
+    (changed, *_) = without_token(queries, model, spec)
+    assert changed.prompt == queries[0].prompt.replace("<new1>", "thing")
+    assert changed.text.shape == queries[0].text.shape
+    torch.testing.assert_close(changed.text, model.encode_text([changed.prompt]))
+    with pytest.raises(AttributionError, match="stripes-s0-q000 has no <new1>"):
+        without_token([changed], model, spec)
     from tests.conftest import ROOT
 
     config = str(ROOT / "tiny" / "configs" / "tiny.yaml")
@@ -890,7 +919,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
         "GRID_STEPS": "1 2", "DRAWS": "16", "METHODS": "pixel random text-condition", "PRESET": "micro",
         "SHARDS": "2", "SEEDS": "0",  # ring and stripes side by side; on one split shard 1 has nothing to do
-        "CONTROL": "1",
+        "CONTROL": "1 no-token",
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
@@ -919,7 +948,16 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         assert sorted(json.loads((out / "controls" / method / "retrieval.json").read_text())) == ids
     swapped = np.load(out / "controls" / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy")
     assert not np.array_equal(swapped, np.load(out / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy"))
-    assert "| pixel |" in (out / "controls" / "retrieval.md").read_text() and "| control: pixel |" in times
+    assert "| pixel |" in (out / "controls" / "retrieval.md").read_text() and "| control 1: pixel |" in times
+    for method in (name, "pixel", "random", "text-condition"):  # the image-only control: own images, no token
+        assert sorted(json.loads((out / "no_token" / method / "retrieval.json").read_text())) == ids
+    own_image = np.load(out / "no_token" / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy")
+    np.testing.assert_array_equal(own_image, np.load(out / "pixel" / "stripes-s0" / "stripes-s0-q000" / "scores.npy"))
+    assert "queries that show their concept" in (out / "no_token" / "retrieval.md").read_text()
+    bad = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env | {"CONTROL": "prompt"},
+                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "CONTROL takes swap and no-token, not prompt" in bad.stderr
+    assert (out / "times.md").read_text() == times  # refused before anything was written
 
 
 def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_query_seeds(tmp_path):

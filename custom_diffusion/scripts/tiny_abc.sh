@@ -23,9 +23,12 @@
 #   SEEDS            only these replicates in every stage (e.g. "0": 16 models, 60 report queries; default all:
 #                    48 models, 180); a later run with more adds theirs and keeps what is done
 #   TUNE_SEEDS       tune on these replicates only (e.g. "0"; default SEEDS: all gives 60 queries per grid cell)
-#   CONTROL=1        also the prompt-only control: every reported variant and method again with each query's image
-#                    swapped for another concept's (its prompt kept; tiny_abc --swap-images), in OUT/controls/ with
-#                    its own retrieval.md: a method that scores as well there ranks by the prompt, not the image
+#   CONTROL          controls, space-separated; each runs every reported variant and method again, with its own
+#                    retrieval.md. swap (or 1): the prompt-only control, each query's image swapped for another
+#                    concept's, its prompt kept (tiny_abc --swap-images; OUT/controls/): a method that scores as
+#                    well there ranks by the prompt. no-token: the image-only control, each query's own image under
+#                    its prompt with the new token replaced by finetune.init_word (--without-token; OUT/no_token/):
+#                    a method that scores as well there finds the exemplars from the image
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
@@ -39,6 +42,14 @@ PRESET=${PRESET:-default}
 CONCEPTS=${CONCEPTS:-custom_diffusion/configs/tiny_concepts.yaml}
 DRAWS=${DRAWS:-1000}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+control() {  # KIND: a control's attribute flag, its output folder and (when the images are the queries' own) the
+  case $1 in   # shows file for its tables
+    1 | swap) echo "--swap-images controls" ;;
+    no-token) echo "--without-token no_token --shows $OUT/shows.json" ;;
+    *) echo "error: CONTROL takes swap and no-token, not $1" >&2; return 2 ;;
+  esac
+}
+for K in ${CONTROL:-}; do control "$K" > /dev/null || exit 2; done
 mkdir -p "$OUT"
 TIMES=$OUT/times.md
 printf '| stage | seconds |\n|---|---|\n' > "$TIMES"
@@ -141,10 +152,10 @@ if rows:  # the first of equals: the grid's order
   echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
   read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
   timed "report: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --tag "$NAME" "${FLAGS[@]}"
-  if [ -n "${CONTROL:-}" ]; then
-    timed "control: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --swap-images --tag "controls/$NAME" "${FLAGS[@]}" \
-      --no-plot
-  fi
+  for K in ${CONTROL:-}; do
+    read -r FLAG DIR _ < <(control "$K")
+    timed "control $K: $NAME" sharded attribute "${REPORT_SPLIT[@]}" "$FLAG" --tag "$DIR/$NAME" "${FLAGS[@]}" --no-plot
+  done
 done
 for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}; do
   IFS=: read -r NAME W <<< "$M"
@@ -153,11 +164,16 @@ for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}
   [ -n "${W:-}" ] && EXTRA=(--tag "$NAME-$W" "--${NAME//-/_}.selection" "$W")
   timed "report: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
     "${EXTRA[@]}"
-  if [ -n "${CONTROL:-}" ]; then
-    timed "control: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" --preset "$PRESET" \
-      "${EXTRA[@]}" --swap-images --tag "controls/$NAME${W:+-$W}" --no-plot
-  fi
+  for K in ${CONTROL:-}; do
+    read -r FLAG DIR _ < <(control "$K")
+    timed "control $K: $M" sharded attribute "${REPORT_SPLIT[@]}" --method "$NAME" --config "$CONFIG" \
+      --preset "$PRESET" "${EXTRA[@]}" "$FLAG" --tag "$DIR/$NAME${W:+-$W}" --no-plot
+  done
 done
 python -m custom_diffusion.compare "$OUT"
-if [ -n "${CONTROL:-}" ]; then python -m custom_diffusion.compare "$OUT/controls"; fi
+for K in ${CONTROL:-}; do
+  read -r _ DIR SHOWS < <(control "$K")
+  # shellcheck disable=SC2086
+  python -m custom_diffusion.compare "$OUT/$DIR" $SHOWS
+done
 cat "$TIMES"
