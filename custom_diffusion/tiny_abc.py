@@ -325,14 +325,24 @@ def swapped_images(queries: list, out: Path, concepts: list[Concept], concept: C
 
 
 def without_token(queries: list, model: TinyTextToImage, spec: dict) -> list:
-    """The image-only control: ``queries`` with the new token of each prompt replaced by the word its embedding
-    started from (the file's ``finetune.init_word``), and the text condition the customized model gives that prompt;
-    ids and images kept. Only the exemplars' captions hold the token, so a method that keeps its AP here finds them
-    from the image; one that falls ranked by the token."""
+    """The image-only control: ``queries`` under a prompt that names nothing only the exemplars' captions hold, with
+    the text condition the customized model gives it; ids and images kept. The prompt is the kind's ``neutral``
+    template of the concepts file filled with the query's slots (for styles, which drops "in <new1> style": no
+    pretraining caption has the phrase), else the query's prompt with the new token replaced by the word its
+    embedding started from (``finetune.init_word``). A method that keeps its AP here finds the exemplars from the
+    image; one that falls ranked by the prompt."""
     recipe = FinetuneConfig(**(spec.get("finetune") or {}))
-    prompts = [q.prompt.replace(recipe.token, recipe.init_word) for q in queries]
-    missing = [q.id for q, p in zip(queries, prompts) if p == q.prompt]
-    require(not missing, f"--without-token: the prompt of {', '.join(missing)} has no {recipe.token}")
+    prompts = []
+    for q in queries:
+        attrs = q.extra.get("attributes", {})
+        template = (spec.get("prompts") or {}).get(attrs.get("kind"), {}).get("neutral")
+        try:
+            prompt = template.format(**attrs) if template else q.prompt.replace(recipe.token, recipe.init_word)
+        except KeyError as err:
+            raise AttributionError(f"--without-token: {q.id} has no slot {err} of the neutral prompt") from None
+        require(recipe.token not in prompt, f"--without-token: the neutral prompt of {q.id} holds {recipe.token}")
+        require(prompt != q.prompt, f"--without-token: the prompt of {q.id} has no {recipe.token}")
+        prompts.append(prompt)
     with torch.no_grad():
         text = model.encode_text(prompts)
     return [replace(q, prompt=p, text=t[None]) for q, p, t in zip(queries, prompts, text)]
@@ -473,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--without-token",
         action="store_true",
-        help="the image-only control: each query keeps its image but is attributed under its prompt with the new "
-        "token replaced by the word it started from (finetune.init_word); needs --tag",
+        help="the image-only control: each query keeps its image but is attributed under its kind's neutral prompt "
+        "(the concepts file's prompts.KIND.neutral, else the new token replaced by finetune.init_word); needs --tag",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")

@@ -781,7 +781,8 @@ def write_twin(root, concepts_extra=""):
         "queries: {per_concept: 2, num_steps: 4, guidance_scale: 1.0}\n"
         "prompts:\n"
         "  object: {train: 'a <new1> shape', query: 'a {colour} <new1> shape'}\n"
-        "  style: {train: 'a shape in <new1> style', query: 'a {colour} {shape} in <new1> style'}\n"
+        "  style: {train: 'a shape in <new1> style', query: 'a {colour} {shape} in <new1> style',\n"
+        "          neutral: 'a {colour} {shape}'}\n"
         "concepts:\n"
         "  - {name: ring, kind: object, shape: ring, exemplars: 2, split: tune}\n"
         "  - {name: stripes, kind: style, style: stripes, exemplars: 3, split: report}\n" + concepts_extra
@@ -841,7 +842,7 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         np.testing.assert_array_equal(swapped[-16:], own[-16:])  # the donor's image against the same pool
         assert not np.array_equal(swapped[-16:], np.load(tmp_path / f"out/pixel/{unit}/{unit}-q001/scores.npy")[-16:])
     assert sorted(json.loads((tmp_path / "out/swapped/retrieval.json").read_text())) == sorted(rows)
-    # the image-only control: own images, prompts without the token ("thing" in its place, the word it started from)
+    # the image-only control: own images, neutral prompts (the kind's template, or "thing" in the token's place)
     with pytest.raises(SystemExit):
         main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--without-token"])
     assert "--without-token needs --tag" in capsys.readouterr().err
@@ -864,12 +865,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     spec = load_concepts(tmp_path / "concepts.yaml")[1]
     model = apply_custom(TinyTextToImage.load(tmp_path / "base"), tmp_path / "out/models/stripes-s0")
     queries = load_queries(tmp_path / "out/queries/stripes-s0")
-    (changed, *_) = without_token(queries, model, spec)
-    assert changed.prompt == queries[0].prompt.replace("<new1>", "thing")
+    (changed, *_) = without_token(queries, model, spec)  # a style: its kind's neutral prompt, no "in <new1> style"
+    assert changed.prompt == "a {colour} {shape}".format(**queries[0].extra["attributes"])
     assert changed.text.shape == queries[0].text.shape
     torch.testing.assert_close(changed.text, model.encode_text([changed.prompt]))
     with pytest.raises(AttributionError, match="stripes-s0-q000 has no <new1>"):
         without_token([changed], model, spec)
+    ring = load_queries(tmp_path / "out/queries/ring-s0")[0]  # an object: no neutral prompt, the token's first word
+    assert without_token([ring], model, spec)[0].prompt == ring.prompt.replace("<new1>", "thing")
     from tests.conftest import ROOT
 
     config = str(ROOT / "tiny" / "configs" / "tiny.yaml")
