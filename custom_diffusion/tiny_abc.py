@@ -116,6 +116,8 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
         texts = prompts.get(kind, {})
         require(token in texts.get("train", "") and token in texts.get("query", ""),
                 f"{path}: prompts.{kind} needs train and query prompts with {token}")  # fmt: skip
+        require(token not in texts.get("neutral", ""), f"{path}: prompts.{kind}.neutral (the image-only control's "
+                                                       f"prompt) must not hold {token}")  # fmt: skip
         seen.add(name)
         concept = Concept(name, kind, shape, style, count, entry["split"], texts["train"], texts["query"])
         out += [replace(concept, seed=s) for s in seeds]

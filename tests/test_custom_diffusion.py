@@ -873,6 +873,10 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         without_token([changed], model, spec)
     ring = load_queries(tmp_path / "out/queries/ring-s0")[0]  # an object: no neutral prompt, the token's first word
     assert without_token([ring], model, spec)[0].prompt == ring.prompt.replace("<new1>", "thing")
+    text = (tmp_path / "concepts.yaml").read_text()
+    (tmp_path / "bad.yaml").write_text(text.replace("neutral: 'a {colour} {shape}'", "neutral: 'a <new1> {shape}'"))
+    with pytest.raises(AttributionError, match=r"prompts.style.neutral \(the image-only control's prompt\) must not"):
+        load_concepts(tmp_path / "bad.yaml")
     from tests.conftest import ROOT
 
     config = str(ROOT / "tiny" / "configs" / "tiny.yaml")

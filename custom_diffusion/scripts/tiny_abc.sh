@@ -27,8 +27,8 @@
 #                    retrieval.md. swap (or 1): the prompt-only control, each query's image swapped for another
 #                    concept's, its prompt kept (tiny_abc --swap-images; OUT/controls/): a method that scores as
 #                    well there ranks by the prompt. no-token: the image-only control, each query's own image under
-#                    its prompt with the new token replaced by finetune.init_word (--without-token; OUT/no_token/):
-#                    a method that scores as well there finds the exemplars from the image
+#                    its kind's neutral prompt of CONCEPTS, without the token (--without-token; OUT/no_token/): a
+#                    method that scores as well there finds the exemplars from the image
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
