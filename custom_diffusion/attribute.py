@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from common.evaluation.retrieval import average_precision, recall_at_k
 from common.methods.base import run_method
 from common.outputs import write_json
 from custom_diffusion.compare import KINDS, group_stats
-from custom_diffusion.model import SD_V14, StableDiffusionModel
+from custom_diffusion.model import CUSTOM_WEIGHTS, SD_V14, StableDiffusionModel
 from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set
 from custom_diffusion.tasks import TEST_CASES, Task, load_tasks
 
@@ -67,6 +68,16 @@ def retrieval_table(rows: dict[str, dict], title: str, groups: list[tuple[str, S
     return "\n".join(lines) + "\n"
 
 
+def ensemble_member(source: str, model_dir: Path, sd: str, device) -> StableDiffusionModel:
+    """A TRAK ensemble member (``--trak.ensemble``) beside the customized model of ``model_dir``: a Custom Diffusion
+    folder applied to the base model, or another Stable Diffusion (hub id or folder) customized by ``model_dir``."""
+    if (Path(source) / CUSTOM_WEIGHTS).is_file():
+        member = StableDiffusionModel.load(sd, device).with_custom(source)
+    else:
+        member = StableDiffusionModel.load(source, device).with_custom(model_dir)
+    return member.prepare_for_gradients(device)
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
@@ -86,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     by_model: dict[Path, list[Task]] = {}
     for task in tasks:  # the authors' list interleaves models: each is loaded once
         by_model.setdefault(task.model_dir, []).append(task)
+    customs = [m for m in getattr(cfg, "ensemble", ()) if (Path(m) / CUSTOM_WEIGHTS).is_file()]
+    require(
+        not customs or len(by_model) == 1,
+        f"--trak.ensemble names Custom Diffusion folders ({customs[0] if customs else ''}), other fine-tunings of one "
+        f"concept, but the tasks use {len(by_model)} customized models: attribute one model's tasks per run",
+    )
     for model_dir, group in by_model.items():
         require(
             len({(t.train_prompt, t.exemplars) for t in group}) == 1,
@@ -100,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         data = training_set(model, group[0], laion)
         queries = [task_query(model, t) for t in group]
         cache = out / "cache" / cls.name / model_dir.name
-        method = cls(cfg, model.prepare_for_gradients(accelerator.device), data, cache, accelerator=accelerator)
+        members = partial(ensemble_member, model_dir=model_dir, sd=args.sd, device=accelerator.device)
+        method = cls(
+            cfg, model.prepare_for_gradients(accelerator.device), data, cache, members, accelerator=accelerator
+        )
         if args.prepare_only:  # each customized model's pretrained losses (or features), before any query
             method.prepare()
             continue

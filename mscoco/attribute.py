@@ -19,7 +19,7 @@ from common.config import add_attribution_arguments, load_preset, method_from_ar
 from common.errors import cli
 from common.methods.base import run_method
 from mscoco.model import DEFAULT_COMPONENTS
-from mscoco.pipeline import load_query_spec, load_run
+from mscoco.pipeline import load_model, load_query_spec, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     run = load_run(args.data, args.unet, args.components, accelerator.device)
     queries = load_query_spec(args.queries, args.data)
     out = Path(args.out)
-    method = cls(cfg, run.model, run.data, out / "cache" / cls.name, accelerator=accelerator)
+    # TRAK's ensemble members (--trak.ensemble): other UNets of the same recipe, by folder or hub id
+    members = lambda unet: load_model(args.data, unet, args.components, accelerator.device)
+    method = cls(cfg, run.model, run.data, out / "cache" / cls.name, members, accelerator=accelerator)
     if args.prepare_only:  # e.g. the EK-FAC factors and pretrained losses, on every GPU, before the queries
         method.prepare()
         if accelerator.is_main_process:

@@ -491,6 +491,46 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
     assert "missing LAION captions" in capsys.readouterr().err
 
 
+def test_trak_ensembles_another_stable_diffusion_or_another_fine_tuning_of_one_concept(tmp_path, capsys):
+    """``--trak.ensemble``: a base model folder (customized by each task's model) or a Custom Diffusion folder."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from custom_diffusion.attribute import main
+
+    write_abc(tmp_path)
+    data = tmp_path / "abc"
+    shutil.copytree(tmp_path / "sd", tmp_path / "sd_other")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd" / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "sd_other" / "unet")  # another model of the same architecture
+    flags = ["--data", str(data), "--tasks", str(data / "tasks.json"), "--sd", str(tmp_path / "sd")]
+    flags += ["--config", str(CONFIG), "--preset", "micro", "--device", "cpu", "--laion-count", "4", "--no-plot"]
+    flags += ["--method", "trak", "--trak.selection", "cross-attn-kv"]
+    main([*flags, "--out", str(tmp_path / "alone")])
+    main([*flags, "--out", str(tmp_path / "out"), "--trak.ensemble", str(tmp_path / "sd_other")])
+    check_retrieval(tmp_path / "out", "trak")
+    for folder in sorted((tmp_path / "out" / "trak").glob("*/ranking.json")):
+        assert json.loads(folder.read_text())["stats"]["ensemble_size"] == 2
+        alone = np.load(tmp_path / "alone" / "trak" / folder.parent.name / "scores.npy")
+        assert not np.allclose(np.load(folder.parent / "scores.npy"), alone)
+    other_tuning = data / "models" / "bamfg" / "101_0"  # stands in for a second fine-tuning of 100_0's concept
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--out", str(tmp_path / "bad"), "--trak.ensemble", str(other_tuning)])
+    assert exit_info.value.code == 2 and "2 customized models" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
+    tasks = json.loads((data / "tasks.json").read_text())
+    (data / "one.json").write_text(json.dumps([t for t in tasks if t["model_path"].endswith("100_0")]))
+    one = [*flags, "--tasks", str(data / "one.json"), "--out", str(tmp_path / "one")]
+    main([*one, "--trak.ensemble", str(other_tuning)])
+    rankings = [json.loads(f.read_text()) for f in (tmp_path / "one" / "trak").glob("*/ranking.json")]
+    assert len(rankings) == 2 and {r["stats"]["ensemble_size"] for r in rankings} == {2}
+
+
 @pytest.mark.slow  # about a minute: multi-step unlearning on two customized models
 def test_attribute_script_unlearns_each_customized_model(tmp_path):
     import torch

@@ -356,6 +356,25 @@ def attribute_flags(tmp_path):
     return flags + ["--fisher.file", str(tmp_path / "data" / release.FISHER)]
 
 
+def test_trak_with_an_ensemble_loads_the_other_unet_through_the_attribute_script(tmp_path, capsys):
+    """The paper's TRAK recipe (an ensemble of independently trained models) on the release: each member by path."""
+    from mscoco.attribute import main
+
+    flags = [*attribute_flags(tmp_path)[:-2], "--out", str(tmp_path / "out"), "--no-plot", "--method", "trak"]
+    flags += ["--queries", "release:1", "--trak.selection", "cross-attn-kv", "--trak.num_timesteps", "1"]
+    small_unet(seed=1).save_pretrained(tmp_path / "other")
+    main([*flags, "--trak.ensemble", str(tmp_path / "other")])
+    ranking = json.loads((tmp_path / "out" / "trak" / "sample001" / "ranking.json").read_text())
+    assert ranking["stats"]["ensemble_size"] == 2
+    both = np.load(tmp_path / "out" / "trak" / "sample001" / "scores.npy")
+    main([*flags, "--out", str(tmp_path / "alone")])
+    alone = np.load(tmp_path / "alone" / "trak" / "sample001" / "scores.npy")
+    assert both.shape == alone.shape == (6,) and np.isfinite(both).all() and not np.allclose(both, alone)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--out", str(tmp_path / "bad"), "--trak.ensemble", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "nowhere" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.slow  # 50 s: the library path it drives runs by default in the unlearning test above
 def test_attribute_script_scores_the_release_resumes_and_refuses_a_partial_fisher(tmp_path):
     flags = attribute_flags(tmp_path)
