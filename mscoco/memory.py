@@ -75,9 +75,8 @@ def status_kb(pid: int) -> dict[str, int]:
 def peak_memory(command: list[str], interval: float = 0.02) -> dict:
     """Run ``command``; the peaks of its sampled RssAnon, RssFile and VmRSS (MiB) and its wall time."""
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
     t0 = time.time()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def watch() -> None:
         while proc.poll() is None:

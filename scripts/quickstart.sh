@@ -13,9 +13,9 @@ NUM_QUERIES=${NUM_QUERIES:-4}
 PRESET=${PRESET:-default}
 DEVICE=${DEVICE:-auto}
 CONFIG=tiny/configs/tiny.yaml
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-python -c "import torch, diffusers, open_clip" 2>/dev/null || pip install -r requirements.txt
+python -c "import importlib.metadata as m, torch, diffusers, open_clip; m.version('attribute-by-unlearning')" \
+  2>/dev/null || pip install -e .
 
 stage() { echo; echo "== $1"; START=$(date +%s); }
 done_stage() { echo "   ($1: $(( $(date +%s) - START )) s)"; }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from common.data import ArrayTrainingSet, Query
+from tiny.model import TinyModelConfig, TinyTextToImage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,11 +21,6 @@ def free_port() -> str:
         sock.bind(("127.0.0.1", 0))
         return str(sock.getsockname()[1])
 
-
-sys.path.insert(0, str(ROOT))
-
-from common.data import ArrayTrainingSet, Query  # noqa: E402
-from tiny.model import TinyModelConfig, TinyTextToImage  # noqa: E402
 
 torch.set_num_threads(2)
 

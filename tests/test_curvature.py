@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -284,42 +283,13 @@ def test_undamped_curvature_refuses_zero_eigenvalues():
         precondition({"lin.weight": torch.ones(2, 2)}, factors, 0.0)
 
 
-WORKER = textwrap.dedent(
-    """
-    import sys
-    import torch
-    sys.path.insert(0, {root!r})
-    from tests.conftest import worker_model_and_data
-    from common.unlearning.block import cached_block
-    from common.unlearning.ekfac import cached_ekfac
-    from common.unlearning.fisher import FisherConfig
-
-    model, data = worker_model_and_data(dtype=torch.float64)
-    folder, mode = sys.argv[1], sys.argv[2]
-    accelerator = None
-    if mode == "two":
-        from accelerate import Accelerator
-        accelerator = Accelerator(cpu=True)
-        assert accelerator.num_processes == 2
-    ekfac = cached_ekfac(model, data, FisherConfig(num_samples=28, batch_size=4), folder + "/ekfac", False, accelerator)
-    block = cached_block(model, data, FisherConfig(num_samples=130, batch_size=20), folder + "/block.safetensors",
-                         False, accelerator)
-    if accelerator is None or accelerator.is_main_process:
-        torch.save(ekfac.lambdas | {{"A:" + k: v for k, v in ekfac.activation_eigenvectors.items()}},
-                   folder + "/ekfac.pt")
-        torch.save(block.matrices, folder + "/block.pt")
-    """
-)
-
-
 def test_two_processes_fit_the_same_factors_as_one(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "one"], check=True, cwd=ROOT)
+    worker = ["-m", "tests.workers", "curvature"]
+    subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "one"], check=True, cwd=ROOT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([*torchrun, *worker, str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
     for name in ("ekfac.pt", "block.pt"):
         one, two = torch.load(tmp_path / "one" / name), torch.load(tmp_path / "two" / name)
         assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())

@@ -19,8 +19,7 @@ CONFIG = str(ROOT / "tiny" / "configs" / "tiny.yaml")
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
     return proc

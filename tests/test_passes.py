@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -67,40 +66,8 @@ def test_pass_refuses_a_folder_made_otherwise_and_keeps_it(model, data, tmp_path
     assert sorted(p.name for p in (tmp_path / "pass" / "chunks").iterdir()) == before
 
 
-WORKER = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    sys.path.insert(0, {root!r})
-    from tests.conftest import worker_model_and_data
-    from common.diffusion.losses import LossConfig
-    from common.diffusion.passes import PassConfig, loss_pass
-    from common.unlearning.fisher import FisherConfig, estimate_fisher
-
-    model, data = worker_model_and_data()
-    folder, mode = sys.argv[1], sys.argv[2]
-    accelerator = None
-    if mode == "two":
-        from accelerate import Accelerator
-        accelerator = Accelerator(cpu=True)
-        assert accelerator.num_processes == 2
-    def stop(c):
-        if mode == "kill" and c == 2:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real signal, midway
-    losses = loss_pass(model, data, LossConfig(num_timesteps=4, batch_size=16), folder,
-                       pass_cfg=PassConfig(chunk_images=2), accelerator=accelerator, on_chunk=stop)[""]
-    fisher = estimate_fisher(model, data, FisherConfig(num_samples=14, batch_size=4), False, accelerator)
-    if accelerator is None or accelerator.is_main_process:
-        torch.save(losses, folder + f"/result-{{mode}}.pt")
-        torch.save(fisher, folder + f"/fisher-{{mode}}.pt")
-    """
-)
-
-
 def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT)))
-    py = [sys.executable, str(script)]
+    py = [sys.executable, "-m", "tests.workers", "passes"]
     subprocess.run([*py, str(tmp_path / "whole"), "one"], check=True, cwd=ROOT)
     killed = subprocess.run([*py, str(tmp_path / "resumed"), "kill"], cwd=ROOT)
     assert killed.returncode == -9
@@ -108,7 +75,8 @@ def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
     assert not list((tmp_path / "resumed" / "chunks").glob("*.tmp*"))
     subprocess.run([*py, str(tmp_path / "resumed"), "one"], check=True, cwd=ROOT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    two = subprocess.run([*torchrun, str(script), tmp_path / "two", "two"], cwd=ROOT, capture_output=True, text=True)
+    worker = ["-m", "tests.workers", "passes", str(tmp_path / "two"), "two"]
+    two = subprocess.run([*torchrun, *worker], cwd=ROOT, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     whole = torch.load(tmp_path / "whole" / "result-one.pt")
     assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)

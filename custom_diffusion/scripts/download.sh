@@ -15,7 +15,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: bash custom_diffusion/scripts/download.sh DATA_DIR [all|demo|TEST_CASE]" >&2; exit 2; }
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_ENABLE_HF_TRANSFER=${HF_HUB_ENABLE_HF_TRANSFER:-0}
 FLAGS=()
 [ -n "${ARCHIVES:-}" ] && FLAGS+=(--archives "$ARCHIVES")

@@ -41,7 +41,6 @@ CONFIG=tiny/configs/tiny.yaml
 PRESET=${PRESET:-default}
 CONCEPTS=${CONCEPTS:-custom_diffusion/configs/tiny_concepts.yaml}
 DRAWS=${DRAWS:-1000}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 control() {  # KIND: a control's attribute flag, its output folder and (when the images are the queries' own) the
   case $1 in   # shows file for its tables
     1 | swap) echo "--swap-images controls" ;;

@@ -9,7 +9,6 @@
 # FISHER_SAMPLES (256; 32 on a CPU), COMPILE (1 on a GPU: also time torch.compile; 0 on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=${DEVICE:-auto}
 if [ "$DEVICE" = cpu ] || { [ "$DEVICE" = auto ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; }; then
   IMAGES=${IMAGES:-4} FISHER_SAMPLES=${FISHER_SAMPLES:-32} COMPILE=${COMPILE:-0} NAME=cpu

@@ -11,7 +11,6 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: bash mscoco/scripts/download.sh DATA_DIR [release|coco ...]" >&2; exit 2; }
 OUT=$1
 shift
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PARTS=("$@")
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(release coco)
 python -m mscoco.download --out "$OUT" --parts "${PARTS[@]}" ${ARCHIVES:+--archives "$ARCHIVES"}

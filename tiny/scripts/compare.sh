@@ -17,7 +17,6 @@ DEVICE=${DEVICE:-cpu}
 ENSEMBLE=${ENSEMBLE:-3}
 CONFIG=tiny/configs/tiny.yaml
 METHODS=${METHODS:-unlearning unlearning-ekfac unlearning-block pixel random trak journey-trak d-trak clip clip-text dino dinov2 abc}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-2000}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" \

@@ -31,7 +31,6 @@ PRESET=${PRESET:-leave_k_out}
 NUM_QUERIES=${NUM_QUERIES:-8}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 variant_flags() {  # the unlearning, Fisher and loss settings of a Table 2 variant, as command-line flags
   python - "$OUT/table2/$1/report.json" <<'PY'

@@ -16,7 +16,6 @@ DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 VARIANTS=${VARIANTS:-newton_kv newton_cross_attn newton_attn newton_all}
 FEW=$OUT/few_captions
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 [ -f "$FEW/data/metadata.jsonl" ] || python -m tiny.shapes --out "$FEW/data" --num-images "${NUM_IMAGES:-500}" \
   --captions class

@@ -23,7 +23,6 @@ PARTS=${PARTS:-seeds draws timesteps average methods}
 SWEEP=${SWEEP_QUERIES:-4}
 TABLE=$OUT/table2
 STAB=$OUT/stability
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 REPORT=$TABLE/newton_kv/report.json
 [ -f "$REPORT" ] || { echo "error: $REPORT is missing: run tiny/scripts/table2.sh $OUT first" >&2; exit 1; }

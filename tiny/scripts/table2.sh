@@ -19,7 +19,6 @@ PRESET=${PRESET:-leave_k_out}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
 VARIANTS=${VARIANTS:-newton_kv newton_cross_attn newton_attn newton_all sgd_1 sgd_10}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
