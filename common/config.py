@@ -38,18 +38,18 @@ def method_stages(cls: type) -> dict[str, type]:
 
 
 def known_stages() -> set[str]:
-    from common.methods import METHODS
+    from common.methods import methods
 
-    return set(SCRIPT_STAGES) | {stage for cls in METHODS.values() for stage in method_stages(cls)}
+    return set(SCRIPT_STAGES) | {stage for cls in methods().values() for stage in method_stages(cls)}
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, methods: list[type] | None = None) -> None:
     """``--method NAME`` and every registered method's stage flags (``--fisher.num_samples``, ``--dino.weights``)."""
-    from common.methods import METHODS
+    from common.methods import methods as registered
 
-    parser.add_argument("--method", default="unlearning", help=f"attribution method: {', '.join(sorted(METHODS))}")
+    parser.add_argument("--method", default="unlearning", help=f"attribution method: {', '.join(sorted(registered()))}")
     added: set[str] = set()
-    for cls in methods or list(METHODS.values()):
+    for cls in methods or list(registered().values()):
         for stage, config in method_stages(cls).items():
             if stage not in added:
                 add_dataclass_arguments(parser, config, stage)

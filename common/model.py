@@ -22,6 +22,19 @@ from common.data import fingerprint_tensors
 from common.errors import AttributionError, first_line, require, require_file
 
 
+def use_classic_attention(unet: torch.nn.Module) -> None:
+    """Switch diffusers attention to the plain-matmul processor.
+
+    ``torch.func.vmap`` has no batching rule for scaled-dot-product attention on CPU and falls
+    back to a slow per-sample loop; the classic processor computes the same thing with batched
+    matmuls that vmap handles.
+    """
+    if hasattr(unet, "set_attn_processor"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
 class DiffusionModel(abc.ABC):
     """An epsilon-prediction text-to-image diffusion model, as the library uses it.
 
@@ -107,8 +120,6 @@ class DiffusionModel(abc.ABC):
 
     def prepare_for_gradients(self, device: torch.device | str | None = None) -> DiffusionModel:
         """Frozen, eval mode, on ``device``, with an attention processor that ``torch.func.vmap`` can batch."""
-        from common.diffusion.gradients import use_classic_attention
-
         if device is not None:
             self.unet.to(device)
         use_classic_attention(self.unet)

@@ -26,11 +26,11 @@ import torch
 
 from common.config import resolve_device
 from common.data import ArrayTrainingSet
-from common.diffusion.gradients import use_classic_attention
 from common.diffusion.losses import LossConfig, image_losses
 from common.diffusion.selection import select_parameters
 from common.errors import cli
 from common.evaluation.agreement import top_k_overlap
+from common.model import use_classic_attention
 from common.unlearning.fisher import FisherConfig, estimate_fisher
 from mscoco.model import MscocoModel, build_unet
 

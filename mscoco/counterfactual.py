@@ -42,7 +42,7 @@ from common.diffusion.sampling import query_stream, resample
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
-from common.methods import METHODS
+from common.methods import methods
 from common.outputs import config_matches, prepare_run_dir
 from common.training.train import TrainConfig
 from mscoco.model import DEFAULT_COMPONENTS
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attribution", default=None, help="mscoco.attribute output (default OUT/attribution)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--methods", nargs="*", default=["unlearning", "random"], choices=sorted(METHODS), help="registered methods"
+        "--methods", nargs="*", default=["unlearning", "random"], choices=sorted(methods()), help="registered methods"
     )
     parser.add_argument("--rankings", nargs="*", default=[], metavar="LABEL=FOLDER", help="rankings made elsewhere")
     parser.add_argument(

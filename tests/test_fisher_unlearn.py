@@ -10,8 +10,15 @@ from common.diffusion.losses import LossConfig
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from common.methods.unlearning import query_losses
-from common.unlearning.fisher import FisherConfig, _draws, cached_fisher, estimate_fisher, import_fisher
-from common.unlearning.unlearn import UnlearnConfig, newton_direction, query_draws, query_gradient, unlearn
+from common.unlearning.fisher import (
+    FisherConfig,
+    _draws,
+    cached_fisher,
+    estimate_fisher,
+    import_fisher,
+    newton_direction,
+)
+from common.unlearning.unlearn import UnlearnConfig, query_draws, query_gradient, unlearn
 
 KV = "cross-attn-kv"
 

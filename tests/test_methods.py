@@ -6,17 +6,17 @@ import torch
 
 from common.cache import cached_array, cached_tensors
 from common.errors import AttributionError
-from common.methods import METHODS, get_method
+from common.methods import get_method, methods
 from common.methods.base import Method
 from common.methods.pixel import Pixel, PixelConfig
-from common.methods.random import Random, RandomConfig
+from common.methods.random_scores import Random, RandomConfig
 
 
 def test_unknown_method_lists_the_choices():
     with pytest.raises(AttributionError, match="unknown method 'trak2'; choose from .*pixel.*random.*unlearning"):
         get_method("trak2")
-    assert {"unlearning", "pixel", "random"} <= set(METHODS)
-    for name, cls in METHODS.items():
+    assert {"unlearning", "pixel", "random"} <= set(methods())
+    for name, cls in methods().items():
         assert issubclass(cls, Method) and cls.name == name
 
 

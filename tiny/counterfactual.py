@@ -28,7 +28,7 @@ from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
-from common.methods import METHODS
+from common.methods import methods
 from common.outputs import prepare_run_dir, write_json
 from common.queries import load_queries
 from common.training.train import TrainConfig
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", required=True, help="queries folder (with saved noise)")
     parser.add_argument("--attribution", default=None, help="rankings folder (default: OUT/attribution)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"], choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["unlearning", "pixel", "random"], choices=sorted(methods()))
     parser.add_argument(
         "--rankings",
         nargs="*",

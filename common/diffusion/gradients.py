@@ -18,19 +18,6 @@ from common.model import DiffusionModel
 OUTPUTS = ("loss", "square")
 
 
-def use_classic_attention(unet: torch.nn.Module) -> None:
-    """Switch diffusers attention to the plain-matmul processor.
-
-    ``torch.func.vmap`` has no batching rule for scaled-dot-product attention on CPU and falls
-    back to a slow per-sample loop; the classic processor computes the same thing with batched
-    matmuls that vmap handles.
-    """
-    if hasattr(unet, "set_attn_processor"):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        unet.set_attn_processor(AttnProcessor())
-
-
 def _output(eps: torch.Tensor, noise: torch.Tensor, output: str) -> torch.Tensor:
     dtype = torch.promote_types(eps.dtype, torch.float32)
     target = noise.to(dtype) if output == "loss" else 0.0

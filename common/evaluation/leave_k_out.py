@@ -23,7 +23,7 @@ from common.data import ArrayTrainingSet, Query
 from common.errors import require
 from common.evaluation.exclusion import exclusion_key, top_k_exclusion
 from common.evaluation.tables import build_tables
-from common.methods import METHODS, get_method
+from common.methods import get_method, methods
 from common.methods.base import run_method
 from common.model import DiffusionModel
 from common.outputs import prepare_run_dir, write_json
@@ -122,7 +122,7 @@ def ranking_sources(
     ``root/cache/<name>``; the ``LABEL=FOLDER`` items are checked before anything runs.
     """
     extra = external_sources(
-        args.rankings, queries, set(METHODS), len(data), data.fingerprint, model.fingerprint(), max_k
+        args.rankings, queries, set(methods()), len(data), data.fingerprint, model.fingerprint(), max_k
     )
 
     def make(name: str, seed: int | None):

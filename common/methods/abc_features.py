@@ -26,10 +26,10 @@ import torch
 
 from common.data import fingerprint_tensors
 from common.errors import AttributionError, first_line, require, require_file
-from common.methods import register
 from common.methods.clip_image import clip_image_encoder, load_open_clip
 from common.methods.dino import dino_encoder
 from common.methods.features import Encoder, FeatureMethod
+from common.methods.registry import register
 
 # backbone -> (default weights, feature size D the mapper must have)
 BACKBONES = {"clip": ("openai", 512), "dino": ("facebook/dino-vitb16", 768)}

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from common.errors import AttributionError, first_line, require
-from common.methods import register
 from common.methods.features import Encoder, FeatureMethod, Preprocess, hub_file, image_encoder
+from common.methods.registry import register
 
 CHECKPOINT_HOW = "an open_clip checkpoint file (open_clip_model.safetensors or open_clip_pytorch_model.bin)"
 

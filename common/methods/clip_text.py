@@ -22,9 +22,9 @@ import torch
 
 from common.data import Query
 from common.errors import require
-from common.methods import register
 from common.methods.clip_image import CHECKPOINT_HOW, load_open_clip
 from common.methods.features import Encoder, FeatureMethod, weights_fingerprint
+from common.methods.registry import register
 
 REDUCTIONS = ("mean", "max", "first")
 

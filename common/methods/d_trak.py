@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.methods import register
+from common.methods.registry import register
 from common.methods.trak import Trak, TrakConfig
 
 

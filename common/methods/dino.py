@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import require
-from common.methods import register
 from common.methods.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +24,7 @@ from common.methods.features import (
     image_encoder,
     load_transformers,
 )
+from common.methods.registry import register
 
 
 @dataclass

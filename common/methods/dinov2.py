@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import AttributionError, require
-from common.methods import register
 from common.methods.dino import DinoConfig
 from common.methods.features import (
     IMAGENET_MEAN,
@@ -29,6 +28,7 @@ from common.methods.features import (
     image_encoder,
     load_transformers,
 )
+from common.methods.registry import register
 
 
 @dataclass

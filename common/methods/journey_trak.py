@@ -34,7 +34,7 @@ from common.data import Query
 from common.diffusion.loss import add_noise, unet_denoiser
 from common.diffusion.sampling import query_stream, resample
 from common.errors import require
-from common.methods import register
+from common.methods.registry import register
 from common.methods.trak import Rows, Trak, TrakConfig, window_timesteps
 from common.model import DiffusionModel
 

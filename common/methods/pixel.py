@@ -14,8 +14,8 @@ import torch
 from common.cache import cached_array
 from common.data import Query
 from common.errors import require
-from common.methods import register
 from common.methods.base import Method
+from common.methods.registry import register
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -19,9 +19,9 @@ import torch
 
 from common.data import Query
 from common.errors import require
-from common.methods import register
 from common.methods.base import Method
 from common.methods.clip_text import REDUCTIONS, reduce_captions
+from common.methods.registry import register
 
 
 @dataclass

@@ -40,8 +40,8 @@ from common.data import ArrayTrainingSet, Query
 from common.diffusion.gradients import OUTPUTS, per_sample_gradients
 from common.diffusion.selection import PRESETS, select_parameters
 from common.errors import AttributionError, require
-from common.methods import register
 from common.methods.base import Method
+from common.methods.registry import register
 from common.model import DiffusionModel
 from common.projection import KINDS, RNGS, Projection, check_dim
 

@@ -26,8 +26,8 @@ from common.diffusion.losses import LossConfig, dataset_losses
 from common.diffusion.passes import PassConfig, loss_pass, rank_world, weights_fingerprint
 from common.diffusion.selection import select_parameters
 from common.errors import require
-from common.methods import register
 from common.methods.base import Method, query_fingerprint
+from common.methods.registry import register
 from common.model import DiffusionModel
 from common.unlearning.curvature import curvature_fingerprint, load_curvature
 from common.unlearning.fisher import FisherConfig

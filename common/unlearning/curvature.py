@@ -21,7 +21,7 @@ from common.errors import require
 from common.model import DiffusionModel
 from common.unlearning.block import BlockFisher, cached_block, read_block
 from common.unlearning.ekfac import EkfacFactors, cached_ekfac, read_factor_folder
-from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher
+from common.unlearning.fisher import FisherConfig, cached_fisher, import_fisher, newton_direction
 
 PRECONDITIONERS = ("diagonal", "ekfac", "block")
 Curvature = dict[str, torch.Tensor] | EkfacFactors | BlockFisher
@@ -69,8 +69,6 @@ def curvature_fingerprint(curvature: Curvature | None, names: list[str]) -> str:
 
 def precondition(grads: dict[str, torch.Tensor], curvature: Curvature, damping: float) -> dict[str, torch.Tensor]:
     """The curvature's damped inverse applied to ``grads`` (name -> gradient shaped like the weight)."""
-    from common.unlearning.unlearn import newton_direction
-
     if isinstance(curvature, dict):
         return newton_direction(grads, curvature, damping)
     return curvature.direction(grads, damping)

@@ -36,7 +36,7 @@ from common.diffusion.loss import per_sample_loss, unet_denoiser
 from common.diffusion.passes import rank_world
 from common.errors import AttributionError, require
 from common.model import DiffusionModel, read_safetensors
-from common.unlearning.fisher import FisherConfig, curvature_identity, fisher_batch, relative_floor
+from common.unlearning.fisher import FisherConfig, curvature_identity, fisher_batch, newton_direction, relative_floor
 
 # kronfluence's file names; the first four are what a preconditioner needs (FastGDA ships only these).
 REQUIRED = ("activation_eigenvectors", "gradient_eigenvectors", "lambda_matrix", "num_lambda_processed")
@@ -146,8 +146,6 @@ class EkfacFactors:
     def direction(self, grads: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
         """Q_G [(Q_Gᵀ V Q_A) / (Λ + damping·mean Λ)] Q_Aᵀ per module (V: the weight gradient, bias as a last
         column); selected weights outside Linear modules divided by their damped diagonal Fisher."""
-        from common.unlearning.unlearn import newton_direction
-
         out = {}
         for m in self.modules:
             v = grads[m.weight].double().reshape(m.out_features, -1)

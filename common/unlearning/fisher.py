@@ -207,3 +207,19 @@ def import_fisher(path: str | Path, model: DiffusionModel, selection: str, prefi
             f"{path}: entry {n} has shape {tuple(fisher[n].shape)}, the model's weight has {want}",
         )
     return {n: fisher[n].double() for n in names}
+
+
+def newton_direction(
+    grads: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], damping: float
+) -> dict[str, torch.Tensor]:
+    """(F + damping·mean(F))⁻¹ g for each named tensor; the mean is over all selected entries."""
+    missing = [n for n in grads if n not in fisher]
+    if missing:
+        raise AttributionError(f"the Fisher lacks {len(missing)} selected weights, e.g. {missing[0]}")
+    count = sum(fisher[n].numel() for n in grads)
+    mean = sum(float(fisher[n].double().sum()) for n in grads) / count
+    floor = damping * mean if mean > 0 else damping
+    if floor == 0:  # undamped, as the original release: every entry must be positive
+        zeros = sum(int((fisher[n] <= 0).sum()) for n in grads)
+        require(zeros == 0, f"the Fisher has {zeros} zero entries and damping is 0: set unlearn.damping > 0")
+    return {n: g / (fisher[n].to(g) + floor) for n, g in grads.items()}

@@ -24,7 +24,7 @@ from common import keyed_random
 from common.data import Query
 from common.diffusion.gradients import mean_gradient
 from common.diffusion.selection import check_selection, select_parameters
-from common.errors import AttributionError, require
+from common.errors import require
 from common.model import DiffusionModel
 from common.unlearning.curvature import PRECONDITIONERS, precondition
 
@@ -99,22 +99,6 @@ def query_gradient(
         for n in names:
             total[n] += grads[n].double()
     return {n: v / cfg.accumulations for n, v in total.items()}
-
-
-def newton_direction(
-    grads: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], damping: float
-) -> dict[str, torch.Tensor]:
-    """(F + damping·mean(F))⁻¹ g for each named tensor; the mean is over all selected entries."""
-    missing = [n for n in grads if n not in fisher]
-    if missing:
-        raise AttributionError(f"the Fisher lacks {len(missing)} selected weights, e.g. {missing[0]}")
-    count = sum(fisher[n].numel() for n in grads)
-    mean = sum(float(fisher[n].double().sum()) for n in grads) / count
-    floor = damping * mean if mean > 0 else damping
-    if floor == 0:  # undamped, as the original release: every entry must be positive
-        zeros = sum(int((fisher[n] <= 0).sum()) for n in grads)
-        require(zeros == 0, f"the Fisher has {zeros} zero entries and damping is 0: set unlearn.damping > 0")
-    return {n: g / (fisher[n].to(g) + floor) for n, g in grads.items()}
 
 
 @dataclass

@@ -8,8 +8,8 @@ import numpy as np
 
 from common import keyed_random
 from common.data import Query
-from common.methods import register
 from common.methods.base import Method
+from common.methods.registry import register
 
 
 @dataclass
