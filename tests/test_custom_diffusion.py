@@ -966,7 +966,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
         "CONCEPTS": str(tmp_path / "concepts.yaml"), "POOL": "16", "GRID_STEP_SIZES": "0.0001 0.001",
         "GRID_STEPS": "1 2", "DRAWS": "16", "METHODS": "pixel random text-condition", "PRESET": "micro",
         "SHARDS": "2", "SEEDS": "0",  # ring and stripes side by side; on one split shard 1 has nothing to do
-        "CONTROL": "1 no-token",
+        "CONTROL": "1 no-token", "VARIANTS": "diagonal:cross-attn-kv:base:0.01", "TUNE_CONTROL": "no-token",
     }  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=env, cwd=ROOT,
@@ -975,10 +975,16 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     assert "no concept left" in (out / "shard1.log").read_text()  # the last step's: text-condition on stripes only
     tune = (out / "tune" / "tune.md").read_text()
     assert tune.count("| 0.0001 |") == 2 and tune.count("| 0.001 |") == 2 and "chosen on the tune concepts" in tune
-    assert tune.count("| diagonal | cross-attn-kv | base |") == 4  # every cell with its relative update
-    name = "unlearning-diagonal-cross-attn-kv-base"
+    assert tune.count("| diagonal | cross-attn-kv | base | 0.01 |") == 4  # every cell with its relative update
+    assert tune.startswith("Tuned under the control no-token.")
+    name = "unlearning-diagonal-cross-attn-kv-base-d0.01"
     tuned = json.loads((out / "tune" / name / "a0.001-s2" / "retrieval.json").read_text())
     assert sorted(tuned) == ["ring-s0-q000", "ring-s0-q001"]  # tuned on the tune split only
+    cell = out / "tune" / name / "a0.001-s2" / "ring-s0" / "ring-s0-q000"
+    assert json.loads((cell / "config.json").read_text())["settings"]["unlearn"]["damping"] == 0.01
+    assert "<new1>" not in json.loads((cell / "ranking.json").read_text())["query"]["prompt"]  # the image only
+    reported = out / name / "stripes-s0" / "stripes-s0-q000"
+    assert "<new1>" in json.loads((reported / "ranking.json").read_text())["query"]["prompt"]  # reported as asked
     (fisher,) = (out / "cache").glob("unlearning-base-*/ring-s0/base_losses*")  # the grid shares one cache
     for method in (name, "pixel", "random", "text-condition"):
         ids = sorted(json.loads((out / method / "retrieval.json").read_text()))
@@ -1005,6 +1011,12 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "CONTROL takes swap and no-token, not prompt" in bad.stderr
     assert (out / "times.md").read_text() == times  # refused before anything was written
+    for bad_env, line in ((env | {"TUNE_CONTROL": "prompt"}, "CONTROL takes swap and no-token, not prompt"),
+                          (env | {"VARIANTS": "ekfac:cross-attn-kv:base:high"}, "damping is a number, not high")):
+        bad = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=bad_env, cwd=ROOT,
+                             capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 2 and line in bad.stderr
+    assert (out / "times.md").read_text() == times
 
 
 def test_tiny_twin_replicates_share_exemplars_and_differ_in_fine_tuning_and_query_seeds(tmp_path):

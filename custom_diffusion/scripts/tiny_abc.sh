@@ -14,9 +14,11 @@
 #   BASE, BASE_DATA  a trained tiny model and its images (default: train one with the default preset on 2,000
 #                    shapes into OUT/base, ~10 min)
 #   POOL             pretraining images ranked (default 500, as AbC ranks a subset of LAION); CONCEPTS (the YAML)
-#   VARIANTS         unlearning variants, PRECONDITIONER:WEIGHTS:CURVATURE each (default
+#   VARIANTS         unlearning variants, PRECONDITIONER:WEIGHTS:CURVATURE[:DAMPING] each (default
 #                    "diagonal:cross-attn-kv:base", the paper's); e.g. "ekfac:cross-attn-kv:base block:attn:custom";
-#                    weights: cross-attn-kv, attn or all; curvature: base (the base model's, as AbC) or custom
+#                    weights: cross-attn-kv, attn or all; curvature: base (the base model's, as AbC) or custom;
+#                    DAMPING overrides the preset's unlearn.damping (e.g. ekfac:cross-attn-kv:base:0.1, FastGDA's)
+#                    and names the variant ...-base-d0.1
 #   GRID_STEP_SIZES  ("0.00003 0.0001 0.0003 0.001") and GRID_STEPS ("1 10 100"): each run takes DRAWS (1000) query
 #                    draws in all, as one Newton step or as S steps of DRAWS/S (AbC takes 100 steps of 160)
 #   METHODS          ("pixel random text-condition d-trak:cross-attn-kv d-trak:all"; NAME:WEIGHTS for D-TRAK)
@@ -29,6 +31,8 @@
 #                    well there ranks by the prompt. no-token: the image-only control, each query's own image under
 #                    its kind's neutral prompt of CONCEPTS, without the token (--without-token; OUT/no_token/): a
 #                    method that scores as well there finds the exemplars from the image
+#   TUNE_CONTROL     tune under this control (swap or no-token) instead of the queries' own prompts: no-token
+#                    chooses each variant's step size by the image-only score
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
 #                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
@@ -48,7 +52,11 @@ control() {  # KIND: a control's attribute flag, its output folder and (when the
     *) echo "error: CONTROL takes swap and no-token, not $1" >&2; return 2 ;;
   esac
 }
-for K in ${CONTROL:-}; do control "$K" > /dev/null || exit 2; done
+for K in ${CONTROL:-} ${TUNE_CONTROL:-}; do control "$K" > /dev/null || exit 2; done
+for V in ${VARIANTS:-}; do
+  IFS=: read -r _ _ _ D _ <<< "$V"
+  [[ -z "$D" || "$D" =~ ^[0-9.eE+-]+$ ]] || { echo "error: a variant's damping is a number, not $D ($V)" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 TIMES=$OUT/times.md
 printf '| stage | seconds |\n|---|---|\n' > "$TIMES"
@@ -94,32 +102,41 @@ timed "prepare: exemplars, fine-tuning, queries" sharded prepare "${ONLY_SEEDS[@
 timed "shows: which queries show their concept" "${TWIN[@]}" shows "${ONLY_SEEDS[@]}"
 
 # Unlearning, tuned on the tune concepts per variant: every (step size, steps) of the grid, the best by mAP reported.
-unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS: the attribute flags of one unlearning run
+unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS [DAMPING]: the attribute flags of one run
   local per=$((DRAWS / $5)) batch
   if [ $((DRAWS % $5)) -ne 0 ]; then echo "error: GRID_STEPS must divide DRAWS ($DRAWS), not $5" >&2; return 2; fi
   batch=$((per < 100 ? per : 100))
   if [ $((per % batch)) -ne 0 ]; then echo "error: DRAWS / steps ($per) is not a multiple of 100" >&2; return 2; fi
   echo --method unlearning --config "$CONFIG" --preset "$PRESET" --unlearn.preconditioner "$1" \
     --unlearn.selection "$2" --fisher.selection "$2" --curvature "$3" --unlearn.step_size "$4" --unlearn.steps "$5" \
-    --unlearn.batch_size "$batch" --unlearn.accumulations $((per / batch))
+    --unlearn.batch_size "$batch" --unlearn.accumulations $((per / batch)) ${6:+--unlearn.damping "$6"}
 }
+variant() {  # SPEC: its preconditioner, weights, curvature, damping (or -) and name
+  local p w c d
+  IFS=: read -r p w c d <<< "$1"
+  echo "$p" "$w" "$c" "${d:--}" "unlearning-$p-$w-$c${d:+-d$d}"
+}
+TUNE_FLAGS=()
+if [ -n "${TUNE_CONTROL:-}" ]; then read -r FLAG _ < <(control "$TUNE_CONTROL"); TUNE_FLAGS=("$FLAG"); fi
 mkdir -p "$OUT/tune"
 TUNE_SPLIT=(--split tune)
 [ -n "${TUNE_SEEDS:-${SEEDS:-}}" ] && TUNE_SPLIT+=(--seeds "${TUNE_SEEDS:-$SEEDS}")
 REPORT_SPLIT=(--split report "${ONLY_SEEDS[@]}")
 for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
-  IFS=: read -r P W C <<< "$V"
-  NAME=unlearning-$P-$W-$C
+  read -r P W C D NAME < <(variant "$V")
+  [ "$D" = - ] && D=
   rm -f "$OUT/tune/$NAME.rows"
   for A in ${GRID_STEP_SIZES:-0.00003 0.0001 0.0003 0.001}; do
     for S in ${GRID_STEPS:-1 10 100}; do
       TAG=tune/$NAME/a$A-s$S
-      read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
-      if ! timed "tune $TAG" sharded attribute "${TUNE_SPLIT[@]}" --tag "$TAG" "${FLAGS[@]}" --no-plot > "$OUT/tune/last.log" 2>&1; then
-        echo "| $P | $W | $C | $A | $S | refused: $(tail -n 1 "$OUT/tune/last.log") | – |" >> "$OUT/tune/$NAME.rows"
+      read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S" "$D")
+      if ! timed "tune $TAG" sharded attribute "${TUNE_SPLIT[@]}" "${TUNE_FLAGS[@]}" --tag "$TAG" "${FLAGS[@]}" \
+        --no-plot > "$OUT/tune/last.log" 2>&1; then
+        echo "| $P | $W | $C | ${D:-preset} | $A | $S | refused: $(tail -n 1 "$OUT/tune/last.log") | – |" \
+          >> "$OUT/tune/$NAME.rows"
         continue
       fi
-      python - "$OUT/$TAG" "$P | $W | $C | $A | $S" >> "$OUT/tune/$NAME.rows" <<'PY'
+      python - "$OUT/$TAG" "$P | $W | $C | ${D:-preset} | $A | $S" >> "$OUT/tune/$NAME.rows" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out, cells = Path(sys.argv[1]), sys.argv[2]
@@ -131,25 +148,27 @@ PY
   done
 done
 {
-  echo "| preconditioner | weights | curvature | step size | steps | mAP (tune concepts) | median relative update |"
-  echo "|---|---|---|---|---|---|---|"
+  [ -n "${TUNE_CONTROL:-}" ] && echo "Tuned under the control $TUNE_CONTROL." && echo
+  echo "| preconditioner | weights | curvature | damping | step size | steps | mAP (tune concepts) |" \
+    "median relative update |"
+  echo "|---|---|---|---|---|---|---|---|"
   cat "$OUT"/tune/*.rows
 } > "$OUT/tune/tune.md"
 cat "$OUT/tune/tune.md"
 [ -n "${TUNE_ONLY:-}" ] && exit 0
 
 for V in ${VARIANTS:-diagonal:cross-attn-kv:base}; do
-  IFS=: read -r P W C <<< "$V"
-  NAME=unlearning-$P-$W-$C
+  read -r P W C D NAME < <(variant "$V")
+  [ "$D" = - ] && D=
   read -r A S < <(python -c "
 rows = [line.strip('|\n').split('|') for line in open('$OUT/tune/$NAME.rows')]
-rows = [r for r in rows if not r[5].strip().startswith('refused')]
+rows = [r for r in rows if not r[6].strip().startswith('refused')]
 if rows:  # the first of equals: the grid's order
-    best = max(rows, key=lambda r: float(r[5]))
-    print(best[3].strip(), best[4].strip())")
+    best = max(rows, key=lambda r: float(r[6]))
+    print(best[4].strip(), best[5].strip())")
   if [ -z "${A:-}" ]; then echo "$NAME: every grid cell was refused (OUT/tune/$NAME.rows)" | tee -a "$OUT/tune/tune.md"; continue; fi
   echo "$NAME: chosen on the tune concepts: step size $A, $S step(s)" | tee -a "$OUT/tune/tune.md"
-  read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S")
+  read -ra FLAGS < <(unlearning_args "$P" "$W" "$C" "$A" "$S" "$D")
   timed "report: $NAME" sharded attribute "${REPORT_SPLIT[@]}" --tag "$NAME" "${FLAGS[@]}"
   for K in ${CONTROL:-}; do
     read -r FLAG DIR _ < <(control "$K")
