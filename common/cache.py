@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from common.errors import AttributionError
+from common.files import save_tensors, write_json
 
 # How an identity key is named in the refusal message.
 WHAT = {"model": "model", "data": "training set", "models": "model ensemble"}
@@ -78,13 +78,7 @@ def cached_tensors(
             ) from None
     tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"identity": json.dumps(wanted, sort_keys=True)},
-    )
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache
+    save_tensors(path, tensors, metadata={"identity": json.dumps(wanted, sort_keys=True)})
     return tensors
 
 
@@ -154,18 +148,12 @@ def cached_array(
         out[start:stop] = rows
         out.flush()
         state["rows_done"] = stop
-        _write_json(side, state)  # after the flush: a recorded chunk is on disk
+        write_json(side, state, sort_keys=True, indent=None)  # after the flush: a recorded chunk is on disk
         bar.update(stop - start)
     bar.close()
     del out
     os.replace(partial, path)
     return np.load(path, mmap_mode="r")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def resumable_sums(
@@ -215,9 +203,7 @@ def resumable_sums(
         bar.update(1)
         if path is not None and ((i + 1) % every == 0 or i + 1 == len(jobs)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             meta = {"identity": json.dumps(wanted, sort_keys=True), "done": str(i + 1)}
-            save_file({k: v.cpu().contiguous() for k, v in sums.items()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            save_tensors(path, sums, metadata=meta)
     bar.close()
     return sums

@@ -13,6 +13,7 @@ Flags given on the command line override the preset.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -22,6 +23,28 @@ import torch
 import yaml
 
 from common.errors import AttributionError, require_file
+
+# A field's metadata key: the field changes how a stage runs, never what it computes.
+NO_EFFECT = "no_effect_on_results"
+
+
+def no_effect(default: Any, help: str) -> Any:
+    """A dataclass field that changes how a stage runs (batch sizes, chunks, compiling, checkpoints, memory), never
+    its results: left out of every identity (:func:`identity_settings`), so changing it reuses what was made."""
+    return dataclasses.field(default=default, metadata={"help": help, NO_EFFECT: True})
+
+
+def identity_settings(cfg: Any) -> dict[str, Any]:
+    """A config's settings that change results (nested dataclasses included): every field but those made with
+    :func:`no_effect`. The one identity of a config's settings, recorded by every cache and run folder."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get(NO_EFFECT):
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = identity_settings(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
 
 # Stages of the scripts; each registered method adds its own (see :func:`method_stages`).
 SCRIPT_STAGES = ("model", "train", "eval")

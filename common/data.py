@@ -16,17 +16,7 @@ import numpy as np
 import torch
 
 from common.errors import AttributionError, require
-
-
-def fingerprint_tensors(*tensors: torch.Tensor) -> str:
-    """A short sha256 of tensors' shapes, dtypes and bytes."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place: no copy of large weights
-    return h.hexdigest()[:16]
+from common.fingerprints import digest, fingerprint_tensors
 
 
 class ArrayTrainingSet:
@@ -168,7 +158,7 @@ class ConcatTrainingSet(ArrayTrainingSet):
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = hashlib.sha256("+".join(p.fingerprint for p in self.parts).encode()).hexdigest()[:16]
+            self._fingerprint = digest("+".join(p.fingerprint for p in self.parts))
         return self._fingerprint
 
     def release_pages(self) -> None:
@@ -214,6 +204,35 @@ def query_key(query_id: str) -> int:
     return int.from_bytes(hashlib.sha256(query_id.encode()).digest()[:7], "little")
 
 
+@dataclass(frozen=True)
+class NoiseStream:
+    """The batch noise stream a query was sampled in: row ``row`` of a pipeline's batch of ``batch_size`` images
+    whose noise came from one generator seeded ``seed`` (the released MSCOCO queries). Regeneration and JourneyTRAK
+    replay it (:class:`common.diffusion.sampling.BatchStream`); it is part of the query's identity."""
+
+    seed: int
+    batch_size: int
+    row: int
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "batch_size", "row"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"a query's noise stream needs a non-negative integer {name}, got {value!r}")  # fmt: skip
+        require(self.row < self.batch_size, f"noise stream row {self.row} lies outside a batch of {self.batch_size}")
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> NoiseStream:
+        """The stream a query folder records (``{"seed", "batch_size", "row"}``); anything else is one line."""
+        fields = {"seed", "batch_size", "row"}
+        require(isinstance(value, dict) and set(value) == fields,
+                f"{where}: 'stream' must hold exactly seed, batch_size and row, got {value!r}")  # fmt: skip
+        return cls(value["seed"], value["batch_size"], value["row"])
+
+    def as_json(self) -> dict[str, int]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "row": self.row}
+
+
 @dataclass
 class Query:
     """A synthesized image to attribute.
@@ -226,6 +245,7 @@ class Query:
         image_path: a viewable image file, if any.
         extra: what else its folder records (sampler settings, attributes).
         noise: the initial noise x_T (C,H,W) it was generated from, when saved.
+        stream: the batch noise stream it was sampled in, when its noise depended on its batch.
     """
 
     id: str
@@ -235,6 +255,7 @@ class Query:
     image_path: str | None = None
     extra: dict = field(default_factory=dict)
     noise: torch.Tensor | None = None
+    stream: NoiseStream | None = None
 
     def __post_init__(self) -> None:
         if self.text.dim() == 2:
@@ -257,4 +278,4 @@ def as_numpy_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).numpy()
 
 
-__all__ = ["ArrayTrainingSet", "Query", "AttributionError", "fingerprint_tensors", "as_numpy_uint8"]
+__all__ = ["ArrayTrainingSet", "NoiseStream", "Query", "AttributionError", "as_numpy_uint8"]

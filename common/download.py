@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from common.errors import AttributionError, first_line, require
+from common.files import write_json
 
 ALL = "*"  # recorded when every member of an archive was extracted
 
@@ -112,9 +113,7 @@ def record(out: Path, archive: str, parts: list[Path], prefixes: Iterable[str] |
     before = done.get(archive, {}).get("prefixes", []) if isinstance(done.get(archive), dict) else []
     taken = [ALL] if prefixes is None else sorted(set(before) | set(prefixes))
     done[archive] = {"sizes": [p.stat().st_size for p in parts], "prefixes": taken}
-    tmp = out / ".extracted.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    os.replace(tmp, out / ".extracted.json")
+    write_json(out / ".extracted.json", done)
 
 
 def release_files(source: Path | None, out: Path, repo: str, patterns: list[str]) -> Path:

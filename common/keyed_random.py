@@ -17,22 +17,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 
 import torch
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = 0xFFFFFFFF
 
-# Purposes keep streams used for different things apart even when the other ids coincide.
-SCORE = 1
-FISHER = 2
-QUERY = 3
-TRAIN = 4
-SAMPLE = 5
-EVAL = 6
-TRAK = 7  # TRAK-style gradient features (common.methods.trak)
-PROJECTION = 8  # random projection blocks (common.projection)
-ENCODE = 9  # VAE posterior samples of images encoded at run time (AbC's exemplars and queries)
+
+class Purpose(IntEnum):
+    """What a keyed stream is for: the second id of every key (after the seed), so streams used for different
+    things stay apart even when their other ids coincide. The values are part of every recorded draw: add new
+    purposes at the end, never renumber."""
+
+    SCORE = 1  # losses of a scoring pass (common.diffusion.keyed_losses), random scores
+    FISHER = 2  # per-sample draws of the curvature (common.unlearning)
+    QUERY = 3  # the query-gradient draws of unlearning
+    TRAIN = 4  # training: data order, flips, noise and timesteps (common.training)
+    SAMPLE = 5  # initial noise of generated queries
+    EVAL = 6  # evaluation losses (leave-K-out ΔL, unlearning checks)
+    TRAK = 7  # TRAK-style gradient features (common.methods.trak, journey_trak)
+    PROJECTION = 8  # random projection blocks (common.projection)
+    ENCODE = 9  # VAE posterior samples of images encoded at run time (AbC's exemplars and queries)
+    FINETUNE = 10  # Custom Diffusion fine-tuning (custom_diffusion.finetune)
+
 
 # Recorded in every cached artifact's identity: values made by another generator are never reused.
 NOISE = "philox4x32-10"

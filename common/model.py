@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import abc
 import copy
-import json
-import zipfile
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
-from common.data import fingerprint_tensors
-from common.errors import AttributionError, first_line, require, require_file
+from common.errors import AttributionError, require
+from common.files import read_json
+from common.fingerprints import module_fingerprint
 
 
 def use_classic_attention(unet: torch.nn.Module) -> None:
@@ -109,8 +108,7 @@ class DiffusionModel(abc.ABC):
 
     def fingerprint(self) -> str:
         """Identifies the denoiser's weights (for caches and rankings)."""
-        state = self.unet.state_dict()
-        return fingerprint_tensors(*(state[k] for k in sorted(state)))
+        return module_fingerprint(self.unet)
 
     def with_unet(self, unet: torch.nn.Module) -> DiffusionModel:
         """The same model (schedule, text encoder, decoder) around another denoiser, e.g. an unlearned copy."""
@@ -142,33 +140,11 @@ def set_token_embedding(text_encoder, vocab_size: int, row: int, embedding: torc
         table.weight[row] = embedding.to(table.weight)
 
 
-def read_json(path: str | Path, what: str, remedy: str = "copy it again"):
-    """A JSON file's contents; a missing or broken file is one line naming it (and ``remedy``)."""
-    require_file(path, what)
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AttributionError(f"{path} is damaged (not valid JSON); {remedy}") from None
-
-
 def read_model_json(path: str | Path) -> dict:
     """A model's JSON description; a missing or broken file is one line naming it."""
     info = read_json(path, "model config", "copy it again or retrain")
     require(isinstance(info, dict), f"{path} is damaged (expected a JSON object)")
     return info
-
-
-def read_safetensors(path: str | Path, what: str = "model weights") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing, partial or corrupt file is one line naming it."""
-    from safetensors.torch import load_file
-
-    require_file(path, what)
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for truncated or corrupt files
-        raise AttributionError(
-            f"{path} is damaged or incomplete ({err.__class__.__name__}: {str(err)[:80]}); copy it again"
-        ) from None
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True) -> None:
@@ -178,19 +154,3 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: st
     except RuntimeError as err:
         first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)[:120]
         raise AttributionError(f"{path} does not fit this architecture ({first})") from None
-
-
-def read_pickle(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """A state dict saved with ``torch.save``, read with ``weights_only=True`` (no code runs); damage is one line."""
-    require_file(path, what)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise AttributionError(f"{path} is damaged or incomplete ({first_line(err)}); download it again") from None
-    except Exception as err:  # noqa: BLE001 - the weights-only unpickler refuses anything but tensors
-        raise AttributionError(f"{path} is not a plain tensor file ({first_line(err)})") from None
-    require(
-        isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
-        f"{path} is not a state dict of tensors",
-    )
-    return state

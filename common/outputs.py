@@ -18,7 +18,6 @@ config differs, or a non-empty folder with no config at all, unless told to over
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError, require, require_file
+from common.files import write_json
 
 SCHEMA_VERSION = 2
 TOP_K_FIELDS = ("rank", "index", "score", "caption", "image")
@@ -72,14 +72,6 @@ def prepare_run_dir(path: str | Path, config: dict, overwrite: bool = False) -> 
     path.mkdir(parents=True, exist_ok=True)
     write_json(saved, config)
     return path
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (a crash never leaves a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def build_ranking(

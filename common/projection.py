@@ -131,7 +131,7 @@ class Projection:
         else:
             buf = self._buffer[:rows]
         gen = torch.Generator(device=self.rng_device).manual_seed(
-            keyed_random.key_seed(self.seed, keyed_random.PROJECTION, c)
+            keyed_random.key_seed(self.seed, keyed_random.Purpose.PROJECTION, c)
         )
         if self.kind == "gaussian":
             buf.normal_(generator=gen)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from common import keyed_random
-from common.data import Query, query_key
+from common.data import NoiseStream, Query, query_key
 from common.errors import AttributionError, require_file
+from common.files import write_json
 from common.model import DiffusionModel
-from common.outputs import write_json
 
 
 def save_query(
@@ -37,7 +37,8 @@ def save_query(
         np.save(folder / "noise.npy", noise.detach().cpu().float().numpy())
     if image is not None:
         Image.fromarray(image).save(folder / "image.png")
-    write_json(folder / "query.json", {"id": query.id, "prompt": query.prompt} | info)
+    stream = {"stream": query.stream.as_json()} if query.stream is not None else {}
+    write_json(folder / "query.json", {"id": query.id, "prompt": query.prompt} | info | stream)
     return folder
 
 
@@ -53,7 +54,9 @@ def load_query(folder: str | Path) -> Query:
         raise AttributionError(f"{folder / 'input.npy'}: expected (C,H,W), got shape {tuple(image.shape)}")
     png = folder / "image.png"
     noise = torch.from_numpy(np.load(folder / "noise.npy")) if (folder / "noise.npy").exists() else None
-    return Query(info["id"], image, text, info.get("prompt", ""), str(png) if png.exists() else None, info, noise)
+    stream = NoiseStream.from_json(info.pop("stream"), str(folder / "query.json")) if "stream" in info else None
+    return Query(info["id"], image, text, info.get("prompt", ""), str(png) if png.exists() else None, info, noise,
+                 stream)  # fmt: skip
 
 
 def load_noise(folder: str | Path) -> torch.Tensor:
@@ -98,7 +101,7 @@ def generate_queries(
     for start in range(0, len(prompts), batch_size):
         batch, names = prompts[start : start + batch_size], ids[start : start + batch_size]
         keys = [query_key(i) for i in names]
-        noise = keyed_random.keyed_normal([(seed, keyed_random.SAMPLE, k) for k in keys], model.input_shape)
+        noise = keyed_random.keyed_normal([(seed, keyed_random.Purpose.SAMPLE, k) for k in keys], model.input_shape)
         text = model.encode_text([p for p, _ in batch])
         device, dtype = model.device, model.dtype
         images = sample(

@@ -27,8 +27,8 @@ import torch
 from common.config import add_attribution_arguments, load_preset, method_from_args
 from common.errors import cli, require
 from common.evaluation.retrieval import average_precision, recall_at_k
+from common.files import write_json
 from common.methods.base import run_method
-from common.outputs import write_json
 from custom_diffusion.compare import KINDS, group_stats
 from custom_diffusion.model import CUSTOM_WEIGHTS, SD_V14, StableDiffusionModel
 from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set

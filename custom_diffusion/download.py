@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common.download import download, extract, is_extracted, record, release_files, require_complete, volumes
 from common.errors import AttributionError, cli, require
-from common.model import read_json
+from common.files import read_json
 from custom_diffusion.release import (
     LAION_CAPTIONS,
     LAION_COUNT,

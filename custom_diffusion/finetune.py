@@ -34,15 +34,13 @@ from tqdm.auto import tqdm
 from common import keyed_random
 from common.config import add_dataclass_arguments, dataclass_from_args, resolve_device
 from common.data import ArrayTrainingSet
-from common.diffusion.loss import per_sample_loss, unet_denoiser
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, cli, require
+from common.files import write_json
 from common.model import DiffusionModel
-from common.outputs import write_json
 from custom_diffusion.model import CUSTOM_WEIGHTS, SD_V14, StableDiffusionModel, save_custom
 from custom_diffusion.release import LAION_COUNT, encode, load_laion
-
-FINETUNE = 10  # purpose of the keyed draws (common.keyed_random's list stops at 9)
 
 
 @dataclass
@@ -99,7 +97,7 @@ def init_embedding(model: DiffusionModel, word: str) -> torch.Tensor:
 
 def _draws(cfg: FinetuneConfig, step: int, num_exemplars: int, num_regular: int, num_captions: int, t_max: int):
     slots = torch.arange(cfg.batch_size)
-    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, FINETUNE, step, slots), 7)
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.Purpose.FINETUNE, step, slots), 7)
     return {
         "exemplar": keyed_random.below(u[:, 0], num_exemplars),
         "flip": (u[:, 1] < 0.5) & cfg.flips,
@@ -108,8 +106,10 @@ def _draws(cfg: FinetuneConfig, step: int, num_exemplars: int, num_regular: int,
         "caption": keyed_random.below(u[:, 4], num_captions),
         "t": keyed_random.below(u[:, 5], t_max),
         "regular_t": keyed_random.below(u[:, 6], t_max),
-        "keys": keyed_random.key_rows(cfg.seed, FINETUNE, step, 1 + slots, 0),  # the exemplars' noise
-        "regular_keys": keyed_random.key_rows(cfg.seed, FINETUNE, step, 1 + slots, 1),
+        "keys": keyed_random.key_rows(
+            cfg.seed, keyed_random.Purpose.FINETUNE, step, 1 + slots, 0
+        ),  # the exemplars' noise
+        "regular_keys": keyed_random.key_rows(cfg.seed, keyed_random.Purpose.FINETUNE, step, 1 + slots, 1),
     }
 
 
@@ -132,7 +132,7 @@ def _step_loss(model, denoise, schedule, exemplars, pretraining, pool, ids, d, c
 
 def regularisation_indices(num_images: int, cfg: FinetuneConfig) -> torch.Tensor:
     """The keyed sample of pretraining images used as regularisation (all when there are fewer)."""
-    order = torch.randperm(num_images, generator=keyed_random.generator(cfg.seed, FINETUNE, 0))
+    order = torch.randperm(num_images, generator=keyed_random.generator(cfg.seed, keyed_random.Purpose.FINETUNE, 0))
     return order[: cfg.num_regularisation].sort().values
 
 

@@ -24,8 +24,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError, first_line, require
+from common.files import read_pickle
 from common.latent import LatentDiffusionModel, require_source
-from common.model import DiffusionModel, load_state, read_pickle
+from common.model import DiffusionModel, load_state
 
 SD_V14 = "CompVis/stable-diffusion-v1-4"
 CUSTOM_WEIGHTS = "pytorch_custom_diffusion_weights.pt"

@@ -127,7 +127,7 @@ def encode(model: StableDiffusionModel, paths, seed: int) -> tuple[torch.Tensor,
     for flip in (0, 1):
         batch = pixels.flip(-1) if flip else pixels
         rows = [
-            model.encode_images(batch[i : i + 1], keyed_random.generator(seed, keyed_random.ENCODE, 0, i, flip))
+            model.encode_images(batch[i : i + 1], keyed_random.generator(seed, keyed_random.Purpose.ENCODE, 0, i, flip))
             for i in range(len(paths))
         ]
         out.append(torch.cat(rows))
@@ -154,7 +154,9 @@ def training_set(model: StableDiffusionModel, task: Task, laion: ArrayTrainingSe
 def task_query(model: StableDiffusionModel, task: Task, seed: int = 0) -> Query:
     """The synthesized image as a query: its scaled latent (a seeded posterior sample) and its prompt's condition."""
     pixels = read_image(task.image, resolution_of(model))[None]
-    latent = model.encode_images(pixels, keyed_random.generator(seed, keyed_random.ENCODE, 1, query_key(task.id)))
+    latent = model.encode_images(
+        pixels, keyed_random.generator(seed, keyed_random.Purpose.ENCODE, 1, query_key(task.id))
+    )
     text = model.encode_text([task.prompt])[0]
     extra = {"test_case": task.test_case, "kind": task.kind}
     return Query(task.id, latent[0], text, task.prompt, str(task.image), extra=extra)

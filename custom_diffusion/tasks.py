@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import AttributionError, require
-from common.model import read_json
+from common.files import read_json
 from custom_diffusion.model import CUSTOM_WEIGHTS, TOKEN_FILE
 
 TASK_FIELDS = ("synth_image_path", "prompt", "test_case", "test_case_ind", "model_path", "train_prompt", "category")

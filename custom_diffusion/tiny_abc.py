@@ -23,10 +23,10 @@ AP per query) and ``retrieval.md`` (per concept, per kind);
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,9 @@ from common import keyed_random
 from common.config import add_attribution_arguments, load_preset, method_from_args, resolve_device
 from common.data import ArrayTrainingSet, ConcatTrainingSet
 from common.errors import AttributionError, cli, first_line, require, require_file
+from common.files import read_json, write_json
+from common.fingerprints import settings_digest
 from common.methods.base import run_method
-from common.model import read_json
-from common.outputs import write_json
 from common.queries import generate_queries, load_queries
 from custom_diffusion.attribute import retrieval_row, retrieval_table
 from custom_diffusion.compare import KINDS
@@ -124,16 +124,24 @@ def load_concepts(path: str | Path = CONCEPTS) -> tuple[list[Concept], dict]:
     return out, spec
 
 
-def concept_seed(concept: Concept, seed: int, purpose: int) -> int:
-    """A seed keyed by the concept's name and ``purpose``; the fine-tuning and the queries (purposes 1, 2) also by
-    the replicate's seed, the exemplars (0) not."""
-    replicate = () if purpose == 0 else (concept.seed,)
+class ConceptDraw(IntEnum):
+    """What a concept's seed is for (its own small set of purposes: these seeds key whole generators, by name)."""
+
+    EXEMPLARS = 0  # the same for every replicate of a concept
+    QUERIES = 1
+    FINETUNE = 2
+
+
+def concept_seed(concept: Concept, seed: int, purpose: ConceptDraw) -> int:
+    """A seed keyed by the concept's name and ``purpose``; the queries and the fine-tuning also by the replicate's
+    seed, the exemplars not."""
+    replicate = () if purpose == ConceptDraw.EXEMPLARS else (concept.seed,)
     return keyed_random.key_seed(seed, purpose, *replicate, *concept.name.encode())
 
 
 def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int = 0) -> None:
     """The concept's exemplars as an image folder; each captioned by the training prompt, its slots filled."""
-    rng = np.random.default_rng(concept_seed(concept, seed, 0))
+    rng = np.random.default_rng(concept_seed(concept, seed, ConceptDraw.EXEMPLARS))
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(concept.exemplars):
@@ -149,7 +157,7 @@ def render_exemplars(concept: Concept, folder: Path, resolution: int, seed: int 
 
 def query_prompts(concept: Concept, count: int, seed: int) -> list[tuple[str, dict]]:
     """``count`` prompts from the concept's template, slots drawn from the shapes grammar (seeded)."""
-    rng = np.random.default_rng(concept_seed(concept, seed, 1))
+    rng = np.random.default_rng(concept_seed(concept, seed, ConceptDraw.QUERIES))
     out = []
     for _ in range(count):
         attrs = shapes.sample_spec(rng).attributes()
@@ -189,7 +197,7 @@ def prepare(
                                                  f"{len(pretraining)} pretraining images")  # fmt: skip
             images = load_image_folder(folder, model.cfg.resolution)
             exemplars = ArrayTrainingSet(images.pixels, torch.zeros(len(images), 1, 1))  # prompts are given apart
-            cfg = FinetuneConfig(**(ft | {"seed": concept_seed(concept, int(ft.get("seed", 0)), 2)}))
+            cfg = FinetuneConfig(**(ft | {"seed": concept_seed(concept, int(ft.get("seed", 0)), ConceptDraw.FINETUNE)}))
             model.to(resolve_device(device))
             outside = pretraining.subset(range(pool, len(pretraining)))  # never among the ranked images
             summary = finetune(model, exemplars, [c[0] for c in images.captions], outside, cfg)
@@ -374,8 +382,7 @@ def cache_name(name: str, cfg, curvature: str) -> str:
     if "unlearn" in settings:
         settings["unlearn"] = {"preconditioner": settings["unlearn"]["preconditioner"]}
         name = f"{name}-{curvature}"
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
+    return f"{name}-{settings_digest(settings, length=8, default=str)}"
 
 
 def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:

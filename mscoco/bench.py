@@ -5,7 +5,7 @@
 On the MSCOCO UNet architecture (random init) at the paper's shapes (4x16x16 latents, 5 captions of
 77x1024, 20 timesteps), in the same run:
 
-- scoring: UNet forwards per second of :func:`common.diffusion.losses.image_losses` (keyed noise drawn
+- scoring: UNet forwards per second of :func:`common.diffusion.keyed_losses.image_losses` (keyed noise drawn
   on the device, one read of each image group, losses kept on the device) against the original's
   ``collect_loss`` (80 images x 5 captions x 20 timesteps per batch by ``repeat_interleave``, a
   generator seeded per batch, losses copied to the host per batch); fp32 and bf16;
@@ -26,7 +26,7 @@ import torch
 
 from common.config import resolve_device
 from common.data import ArrayTrainingSet
-from common.diffusion.losses import LossConfig, image_losses
+from common.diffusion.keyed_losses import LossConfig, image_losses
 from common.diffusion.selection import select_parameters
 from common.errors import cli
 from common.evaluation.agreement import top_k_overlap

@@ -23,9 +23,6 @@ One retraining is about 16 A100-hours at the paper's recipe (PAPER.md); see msco
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -37,11 +34,12 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from common import keyed_random
 from common.config import add_dataclass_arguments, add_method_arguments, dataclass_from_args, load_preset
-from common.data import fingerprint_tensors
 from common.diffusion.sampling import query_stream, resample
 from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
+from common.files import atomic
+from common.fingerprints import fingerprint_tensors, settings_digest
 from common.methods import methods
 from common.outputs import config_matches, prepare_run_dir
 from common.training.train import TrainConfig
@@ -84,9 +82,8 @@ def reference_image(reference, query, folder: Path) -> torch.Tensor:
     path = folder / f"{query.id}.npy"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, resample(reference, query).float().cpu().numpy())
-        os.replace(tmp, path)  # processes measuring the same query write the same values
+        with atomic(path, ".npy") as tmp:  # processes measuring the same query write the same values
+            np.save(tmp, resample(reference, query).float().cpu().numpy())
     return torch.from_numpy(np.load(path))
 
 
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe_info = {"train": asdict(recipe), "unet": unet_config, "data": run.data.fingerprint}
     recipe_info["noise"] = keyed_random.NOISE
     recipe_info["train"].pop("checkpoint_every")  # how often a training saves changes no model
-    recipe_id = hashlib.sha256(json.dumps(recipe_info, sort_keys=True).encode()).hexdigest()[:12]
+    recipe_id = settings_digest(recipe_info)
     out = Path(args.out)
     reference_id = run.model.fingerprint() if args.reference == "released" else "retrained"
     identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}

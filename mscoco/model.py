@@ -23,8 +23,9 @@ from pathlib import Path
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from common.errors import AttributionError, first_line, require_file
+from common.files import read_pickle, read_safetensors
 from common.latent import LatentDiffusionModel, require_source
-from common.model import load_state, read_pickle, read_safetensors
+from common.model import load_state
 
 # The UNet of the original code (AbU mscoco/models/diffusion/mscoco_t2i.py; JourneyTRAK examples/utils.py).
 UNET_CONFIG = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data import Query
+from common.data import NoiseStream, Query
 from common.diffusion.sampling import BatchStream
 from common.errors import AttributionError, require, require_file
 from common.memmap import MemmapTrainingSet, open_array
@@ -130,7 +130,6 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
     queries = []
     for i, noise in zip(indices, initial):
         png = data_dir / "sample" / f"{i}.png"
-        stream = {"seed": GENERATION["seed"], "batch_size": GENERATION_BATCH, "row": i}
         queries.append(
             Query(
                 f"sample{i:03d}",
@@ -138,8 +137,9 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
                 torch.from_numpy(np.array(text[i], dtype=np.float32)),
                 captions[i].strip(),
                 str(png) if png.exists() else None,
-                {"release_index": i, **GENERATION, "stream": stream},
+                {"release_index": i, **GENERATION},
                 noise,
+                NoiseStream(GENERATION["seed"], GENERATION_BATCH, i),
             )
         )
     return queries

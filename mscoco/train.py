@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from common.config import add_dataclass_arguments, dataclass_from_args, load_preset, resolve_device
 from common.errors import AttributionError, cli, require_file
-from common.outputs import write_json
+from common.files import write_json
 from common.training.runs import finished, read_exclusions, train_and_save
 from common.training.train import TrainConfig
 from mscoco import release

@@ -13,7 +13,7 @@ import torch
 
 from common import keyed_random
 from common.data import ArrayTrainingSet
-from common.diffusion.losses import LossConfig, image_losses
+from common.diffusion.keyed_losses import LossConfig, image_losses
 from common.unlearning.fisher import FisherConfig, estimate_fisher
 from mscoco.model import MscocoModel
 from tests.test_mscoco import attribute_flags, run_module, small_unet
@@ -37,7 +37,7 @@ def exact_float32():
 
 
 def test_keyed_noise_is_the_same_on_the_device_as_on_the_cpu():
-    keys = keyed_random.key_rows(0, keyed_random.SCORE, torch.arange(257), 1, torch.arange(257) % 5)
+    keys = keyed_random.key_rows(0, keyed_random.Purpose.SCORE, torch.arange(257), 1, torch.arange(257) % 5)
     cpu = keyed_random.keyed_normal(keys, (4, 16, 16), torch.float64)
     dev = keyed_random.keyed_normal(keys.to(DEVICE), (4, 16, 16), torch.float64, device=DEVICE).cpu()
     assert torch.allclose(cpu, dev, rtol=0, atol=1e-12)  # exact integer Philox, Box-Muller in float64

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.diffusion.gradients import per_sample_gradients
-from common.diffusion.loss import per_sample_loss, unet_denoiser
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from common.unlearning.block import BlockFisher, cached_block, fit_block
@@ -303,7 +303,7 @@ def test_two_processes_fit_the_same_factors_as_one(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ekfac", "block"])
 def test_unlearning_with_a_curvature_scores_and_records_it(model, data, query, tmp_path, kind):
-    from common.diffusion.losses import LossConfig
+    from common.diffusion.keyed_losses import LossConfig
     from common.methods.unlearning import Unlearning, UnlearningConfig
 
     def config(preconditioner: str) -> UnlearningConfig:

@@ -1011,8 +1011,10 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "CONTROL takes swap and no-token, not prompt" in bad.stderr
     assert (out / "times.md").read_text() == times  # refused before anything was written
-    for bad_env, line in ((env | {"TUNE_CONTROL": "prompt"}, "CONTROL takes swap and no-token, not prompt"),
-                          (env | {"VARIANTS": "ekfac:cross-attn-kv:base:high"}, "damping is a number, not high")):
+    for bad_env, line in (
+        (env | {"TUNE_CONTROL": "prompt"}, "CONTROL takes swap and no-token, not prompt"),
+        (env | {"VARIANTS": "ekfac:cross-attn-kv:base:high"}, "damping is a number, not high"),
+    ):
         bad = subprocess.run(["bash", "custom_diffusion/scripts/tiny_abc.sh", str(out)], env=bad_env, cwd=ROOT,
                              capture_output=True, text=True)  # fmt: skip
         assert bad.returncode == 2 and line in bad.stderr

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from common import keyed_random
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.diffusion.gradients import mean_gradient, per_sample_gradients
-from common.diffusion.loss import per_sample_loss, unet_denoiser
-from common.diffusion.losses import LossConfig
+from common.diffusion.keyed_losses import LossConfig
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError
 from common.methods.unlearning import query_losses
@@ -73,7 +73,7 @@ def test_fisher_is_the_mean_of_squared_gradients_by_hand(model, data):
     idx, flip, cap, t = _draws(0, 6, len(data), data.num_captions, cfg, model.num_train_timesteps, True)
     total = {n: 0.0 for n in names}
     for j in range(6):
-        noise = keyed_random.keyed_normal([(2, keyed_random.FISHER, 2, j)], data.image_shape, torch.float64)
+        noise = keyed_random.keyed_normal([(2, keyed_random.Purpose.FISHER, 2, j)], data.image_shape, torch.float64)
         g = _loss_grad(model, names, data.images(idx[j : j + 1], flip[j : j + 1]), data.text(idx[j : j + 1], cap[j]),
                        t[j : j + 1], noise)  # fmt: skip
         for n in names:
@@ -174,8 +174,8 @@ def test_query_gradient_is_the_mean_over_every_accumulation_and_draw(model, quer
         t, cap = query_draws(query, cfg, 1, acc, 1000)
         assert len(set(t.tolist())) == 3  # distinct timesteps within a batch
         for j in range(3):
-            noise = keyed_random.keyed_normal([(5, keyed_random.QUERY, query.key, 1, acc, j)], query.image.shape,
-                                              torch.float64)  # fmt: skip
+            key = (5, keyed_random.Purpose.QUERY, query.key, 1, acc, j)
+            noise = keyed_random.keyed_normal([key], query.image.shape, torch.float64)
             grad = _loss_grad(model, names, query.image[None], query.text[cap[j : j + 1]], t[j : j + 1], noise)
             for n in names:
                 total[n] = total[n] + grad[n]

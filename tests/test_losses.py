@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from common import keyed_random
-from common.diffusion.loss import add_noise, per_sample_loss, strided_timesteps, unet_denoiser
-from common.diffusion.losses import LossConfig, dataset_losses
+from common.diffusion.ddpm_loss import add_noise, per_sample_loss, strided_timesteps, unet_denoiser
+from common.diffusion.keyed_losses import LossConfig, dataset_losses
 from common.errors import AttributionError
 
 
@@ -34,7 +34,7 @@ def test_philox_matches_the_reference_known_answers(counter, key, expected):
 
 
 def test_keyed_noise_is_the_same_in_any_batch():
-    keys = keyed_random.key_rows(3, keyed_random.SCORE, torch.arange(64) * 7919, 1, 2, torch.arange(64) % 20)
+    keys = keyed_random.key_rows(3, keyed_random.Purpose.SCORE, torch.arange(64) * 7919, 1, 2, torch.arange(64) % 20)
     whole = keyed_random.keyed_normal(keys, (4, 16, 16))
     for size in (1, 7, 64):
         parts = torch.cat([keyed_random.keyed_normal(keys[i : i + size], (4, 16, 16)) for i in range(0, 64, size)])
@@ -59,7 +59,7 @@ def test_keyed_noise_is_standard_normal_and_uncorrelated():
 
 
 def test_key_rows_follow_the_ids_device_and_empty_draws_work():
-    keys = keyed_random.key_rows(3, keyed_random.SCORE, torch.arange(4, device="meta"), 1)
+    keys = keyed_random.key_rows(3, keyed_random.Purpose.SCORE, torch.arange(4, device="meta"), 1)
     assert keys.device.type == "meta" and keys.shape == (4, 4)  # scalars join the tensors' device (CUDA alike)
     assert keyed_random.keyed_normal(torch.zeros(0, 3, dtype=torch.long), (2, 3)).shape == (0, 2, 3)
 
@@ -137,7 +137,7 @@ def test_losses_by_hand_average_the_captions(model, data):
             per_caption = []
             for c in range(data.num_captions):
                 noise = keyed_random.keyed_normal(
-                    [(3, keyed_random.SCORE, i, flip, c, t)], data.image_shape, torch.float64
+                    [(3, keyed_random.Purpose.SCORE, i, flip, c, t)], data.image_shape, torch.float64
                 )
                 x0 = data.images(torch.tensor([i]), bool(flip))
                 text = data.text(torch.tensor([i]), c)

@@ -107,7 +107,7 @@ def test_cached_array_resumes_after_an_interruption(tmp_path):
 
 def _offline_methods():
     """Every registered method that needs no downloaded weights, with settings small enough for the test model."""
-    from common.diffusion.losses import LossConfig
+    from common.diffusion.keyed_losses import LossConfig
     from common.methods.d_trak import DTrakConfig
     from common.methods.journey_trak import JourneyTrakConfig
     from common.methods.trak import TrakConfig

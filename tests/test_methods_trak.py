@@ -164,7 +164,7 @@ def test_features_cache_reused_and_mismatch_refused(model, data, query, tmp_path
 def generated_query(model) -> Query:
     """A query sampled by the model itself (DDPM, 4 steps, guidance 2), with its initial noise saved."""
     key = Query("gen", torch.zeros(1, 1, 1), torch.zeros(1, 1)).key
-    noise = keyed_random.keyed_normal([(0, keyed_random.SAMPLE, key)], (3, 8, 8), dtype=torch.float64)
+    noise = keyed_random.keyed_normal([(0, keyed_random.Purpose.SAMPLE, key)], (3, 8, 8), dtype=torch.float64)
     text = model.encode_text(["a red square"]).double()
     info = {"seed": 0, "sampler": "ddpm", "num_steps": 4, "guidance_scale": 2.0}
     image = sample(model, text, noise, [key], progress=False, **info)[0]

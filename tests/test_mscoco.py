@@ -183,9 +183,11 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
     keyed = sample(model, text[[4, 1]], stream.initial_noise((4, 16, 16)), [0, 1], num_steps=5, guidance_scale=7.5)
     assert (keyed - replayed).abs().max() > 0.1  # the keyed step noise is another stream
 
+    from common.data import NoiseStream
+
     write_release(tmp_path / "data", queries=3)
     (query,) = release.load_release_queries(tmp_path / "data", [2])
-    assert query.extra["stream"] == {"seed": 0, "batch_size": 500, "row": 2} and query.extra["guidance_scale"] == 7.5
+    assert query.stream == NoiseStream(0, 500, 2) and query.extra["guidance_scale"] == 7.5
     assert torch.equal(query.noise, BatchStream(0, 500, (2,)).initial_noise((4, 16, 16))[0])
     query.extra["num_steps"] = 5
     expected = sample(model, query.text, None, [0], num_steps=5, guidance_scale=7.5, stream=BatchStream(0, 500, (2,)))
@@ -198,9 +200,18 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
     assert [q.id for q in exported] == ["sample001", "sample002"] and (
         tmp_path / "q" / "sample002" / "image.png"
     ).exists()
-    assert torch.equal(exported[1].image, query.image) and exported[1].extra["stream"]["row"] == 2
+    assert torch.equal(exported[1].image, query.image) and exported[1].stream == query.stream
     exported[1].extra["num_steps"] = 5
     assert torch.equal(regenerate(model, exported[1]), expected[0])
+    record = tmp_path / "q" / "sample002" / "query.json"
+    info = json.loads(record.read_text())
+    assert info["stream"] == {"seed": 0, "batch_size": 500, "row": 2} and "stream" not in exported[1].extra
+    for stream, line in (({"seed": 0, "row": 2}, "must hold exactly seed, batch_size and row"),
+                         ({"seed": 0, "batch_size": 500, "row": 500}, "row 500 lies outside a batch of 500"),
+                         ({"seed": 0, "batch_size": 500, "row": "2"}, "non-negative integer row")):  # fmt: skip
+        record.write_text(json.dumps(info | {"stream": stream}))
+        with pytest.raises(AttributionError, match=line):
+            load_queries(tmp_path / "q")
     with pytest.raises(AttributionError, match="rows must be distinct"):
         BatchStream(0, 6, (1, 1))
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from common.diffusion.losses import LossConfig, dataset_losses
-from common.diffusion.passes import PassConfig, loss_pass
+from common.diffusion.keyed_losses import LossConfig, dataset_losses
+from common.diffusion.loss_passes import PassConfig, loss_pass
 from common.errors import AttributionError
 from tests.conftest import ROOT, free_port
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.data import Query
-from common.diffusion.losses import LossConfig
+from common.diffusion.keyed_losses import LossConfig
 from common.methods.unlearning import Unlearning, UnlearningConfig
 from common.training.train import TrainConfig, train
 from common.unlearning.fisher import FisherConfig

@@ -1,12 +1,13 @@
 """Scores, the pretrained-loss cache, run folders and ranking files."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from common.diffusion.losses import LossConfig
+from common.diffusion.keyed_losses import LossConfig
 from common.errors import AttributionError
 from common.methods.base import run_method
 from common.methods.unlearning import Unlearning, UnlearningConfig, base_losses, loss_deviation
@@ -90,7 +91,8 @@ def test_run_method_writes_outputs_and_resumes(model, data, query, tmp_path, cap
     assert len(ranking["top_k"]) == 4 and (folder / "top10.png").stat().st_size > 0
     assert ranking["stats"]["query_loss_rise"] > 0 and ranking["model_fingerprint"] == model.fingerprint()
     config = json.loads((folder / "config.json").read_text())
-    assert config["settings"]["unlearn"]["step_size"] == 1e-3 and "batch_size" not in config["settings"]["unlearn"]
+    assert config["settings"]["unlearn"]["step_size"] == 1e-3 and "batch_size" not in config["settings"]["loss"]
+    assert config["settings"]["unlearn"]["batch_size"] == method.cfg.unlearn.batch_size  # it picks the query draws
     cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert cache == ["base_losses", "fisher.safetensors", "scoring", "unlearned"]
     assert not [*(tmp_path / "cache" / "unlearned").iterdir(), *(tmp_path / "cache" / "scoring").iterdir()]
@@ -98,6 +100,10 @@ def test_run_method_writes_outputs_and_resumes(model, data, query, tmp_path, cap
     assert "already attributed" in capsys.readouterr().out
     with pytest.raises(AttributionError, match="different config"):
         run_method(_unlearning(model, data, tmp_path / "cache", 2e-3), [query], tmp_path / "out")
+    other_draws = _unlearning(model, data, tmp_path / "cache")
+    other_draws.cfg = replace(other_draws.cfg, unlearn=replace(other_draws.cfg.unlearn, batch_size=2))
+    with pytest.raises(AttributionError, match="unlearn.batch_size"):  # other draws: not skipped as attributed
+        run_method(other_draws, [query], tmp_path / "out")
     changed = type(query)(query.id, query.image.flip(-1), query.text, query.prompt)
     with pytest.raises(AttributionError, match="query.fingerprint"):  # same id, other content: not skipped
         run_method(method, [changed], tmp_path / "out")

@@ -28,8 +28,8 @@ def accelerator_for(mode: str):
 
 def passes(folder: str, mode: str) -> None:
     """A loss pass and a Fisher on the micro model, one process, two, or killed by a real signal midway."""
-    from common.diffusion.losses import LossConfig
-    from common.diffusion.passes import PassConfig, loss_pass
+    from common.diffusion.keyed_losses import LossConfig
+    from common.diffusion.loss_passes import PassConfig, loss_pass
     from common.unlearning.fisher import FisherConfig, estimate_fisher
 
     model, data = worker_model_and_data()

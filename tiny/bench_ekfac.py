@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common.diffusion.loss import per_sample_loss, unet_denoiser
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.diffusion.selection import select_parameters
 from common.errors import AttributionError, cli
 from common.unlearning.ekfac import fit_ekfac, kronecker_modules

@@ -16,7 +16,6 @@ and the random baseline's spread over seeds (``OUT/noise_floor.json``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import asdict
 from functools import partial
@@ -28,8 +27,10 @@ from common.errors import cli, require
 from common.evaluation.counterfactual import ClipSimilarity, EvalConfig, OffTarget, counterfactual_metrics
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
+from common.files import write_json
+from common.fingerprints import settings_digest
 from common.methods import methods
-from common.outputs import prepare_run_dir, write_json
+from common.outputs import prepare_run_dir
 from common.queries import load_queries
 from common.training.train import TrainConfig
 from tiny.pipeline import load_model, load_run
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CLIP similarity off: {clip.reason}")
     recipe_info = {"train": asdict(recipe), "model": asdict(model_cfg), "data": run.data.fingerprint}
     recipe_info["noise"] = keyed_random.NOISE
-    recipe_id = hashlib.sha256(json.dumps(recipe_info, sort_keys=True).encode()).hexdigest()[:12]
+    recipe_id = settings_digest(recipe_info)
     # One folder, one recipe and ΔL/regeneration setting: metrics of another mode are never reused.
     identity = {"recipe": recipe_info, "loss_stride": cfg.loss_stride, "seed": cfg.seed}
     identity |= {"clip": [cfg.clip_model, cfg.clip_weights]}

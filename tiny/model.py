@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from common.errors import AttributionError, require
-from common.model import DiffusionModel, load_state, read_model_json, read_safetensors, set_token_embedding
+from common.files import read_safetensors
+from common.model import DiffusionModel, load_state, read_model_json, set_token_embedding
 
 # open_clip's BPE vocabulary (shipped inside the package, nothing downloaded).
 VOCAB_SIZE = 49408

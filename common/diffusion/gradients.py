@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch.func import functional_call, grad, vmap
 
-from common.diffusion.loss import add_noise, per_sample_loss
+from common.diffusion.ddpm_loss import add_noise, per_sample_loss
 from common.errors import require
 from common.model import DiffusionModel
 

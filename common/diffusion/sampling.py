@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import Query
-from common.diffusion.loss import unet_denoiser
+from common.diffusion.ddpm_loss import unet_denoiser
 from common.errors import require
 from common.model import DiffusionModel
 
@@ -104,7 +104,7 @@ def sample(
         extra = {"eta": 0.0}
     elif sampler == "ddpm":
         scheduler = DDPMScheduler.from_config(train_scheduler.config)
-        extra = {"generator": [keyed_random.generator(seed, keyed_random.SAMPLE, int(k)) for k in keys]}
+        extra = {"generator": [keyed_random.generator(seed, keyed_random.Purpose.SAMPLE, int(k)) for k in keys]}
     else:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
     if stream is not None:
@@ -142,9 +142,9 @@ SAMPLER_DEFAULTS = {"seed": 0, "sampler": "ddpm", "num_steps": 1000, "guidance_s
 
 
 def query_stream(query: Query) -> BatchStream | None:
-    """The batch noise stream a query was sampled in (``extra["stream"]``: seed, batch_size, row), if any."""
-    stream = query.extra.get("stream")
-    return BatchStream(stream["seed"], stream["batch_size"], (stream["row"],)) if stream else None
+    """The batch noise stream a query was sampled in, as one row to replay, if it has one."""
+    stream = query.stream
+    return BatchStream(stream.seed, stream.batch_size, (stream.row,)) if stream is not None else None
 
 
 def resample(model: DiffusionModel, query: Query, trajectory: list | None = None) -> torch.Tensor:

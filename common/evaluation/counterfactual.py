@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.data import Query
-from common.diffusion.losses import LossConfig
+from common.diffusion.keyed_losses import LossConfig
 from common.diffusion.sampling import resample
 from common.errors import AttributionError, require
 from common.methods.unlearning import query_losses

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import require
+from common.fingerprints import digest
 from common.outputs import read_ranking
 
 
 def exclusion_key(indices: Iterable[int]) -> str:
     """A short hash of a set of training indices (order and repeats do not matter)."""
     canon = ",".join(str(i) for i in sorted({int(i) for i in indices}))
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+    return digest(canon)
 
 
 def top_k_exclusion(

@@ -11,7 +11,6 @@ metric is recomputed rather than reused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -23,10 +22,12 @@ from common.data import ArrayTrainingSet, Query
 from common.errors import require
 from common.evaluation.exclusion import exclusion_key, top_k_exclusion
 from common.evaluation.tables import build_tables
+from common.files import write_json
+from common.fingerprints import digest
 from common.methods import get_method, methods
 from common.methods.base import run_method
 from common.model import DiffusionModel
-from common.outputs import prepare_run_dir, write_json
+from common.outputs import prepare_run_dir
 
 
 @dataclass
@@ -136,11 +137,8 @@ def ranking_sources(
 
 def ranking_id(path: Path) -> str:
     """Identifies a ranking's content (its config and scores), so a re-attributed query is noticed."""
-    h = hashlib.sha256()
-    for name in ("config.json", "scores.npy"):
-        file = path.with_name(name)
-        h.update(file.read_bytes() if file.exists() else b"")
-    return h.hexdigest()[:16]
+    files = (path.with_name(name) for name in ("config.json", "scores.npy"))
+    return digest(*(file.read_bytes() if file.exists() else b"" for file in files))
 
 
 def leave_k_out(

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from common.data import fingerprint_tensors
+from common.config import no_effect
 from common.errors import AttributionError, first_line, require, require_file
+from common.fingerprints import fingerprint_tensors
 from common.methods.clip_image import clip_image_encoder, load_open_clip
 from common.methods.dino import dino_encoder
 from common.methods.features import Encoder, FeatureMethod
@@ -49,7 +50,7 @@ class AbcConfig:
         default="",
         metadata={"help": "backbone weights (empty: facebook/dino-vitb16 for dino, open_clip tag openai for clip)"},
     )
-    batch_size: int = field(default=64, metadata={"help": "images embedded per batch (does not change results)"})
+    batch_size: int = no_effect(64, "images embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
         require(self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")

@@ -12,18 +12,20 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from common import keyed_random
-from common.data import ArrayTrainingSet, Query, as_numpy_uint8, fingerprint_tensors
+from common.config import identity_settings
+from common.data import ArrayTrainingSet, Query, as_numpy_uint8
 from common.errors import require
+from common.fingerprints import fingerprint_tensors
 from common.model import DiffusionModel
 from common.outputs import build_ranking, prepare_run_dir, write_ranking
 from common.plots import plot_top_images
+from common.processes import barrier, is_main
 
 
 class Method(abc.ABC):
@@ -63,8 +65,9 @@ class Method(abc.ABC):
         self.flips = bool(model.flips)
 
     def identity(self) -> dict:
-        """The settings that change scores: the config without batch sizes (they only change speed)."""
-        return without_batch_sizes(asdict(self.cfg))
+        """The settings that change scores: the config without the fields marked as not changing results
+        (:func:`common.config.no_effect`: batch sizes, chunks, memory)."""
+        return identity_settings(self.cfg)
 
     def artifact_identity(self) -> dict:
         """What a prepared artifact depends on: model, training set, orientations and settings."""
@@ -105,21 +108,12 @@ class Method(abc.ABC):
             yield query, scores, {"seconds_query": round(time.time() - t0, 3)} | stats
 
 
-def without_batch_sizes(settings: dict) -> dict:
-    """``settings`` (nested) without the fields named ``*batch_size``."""
-    return {
-        k: without_batch_sizes(v) if isinstance(v, dict) else v
-        for k, v in settings.items()
-        if not k.endswith("batch_size")
-    }
-
-
 def query_fingerprint(query: Query) -> str:
     """Identifies a query's content (model input, text condition and the batch noise stream it was sampled
     in, which JourneyTRAK replays), so a changed query is not skipped."""
     content = fingerprint_tensors(query.image.float(), query.text.float())
-    stream = query.extra.get("stream")
-    return content if stream is None else f"{content}-stream{stream['seed']}.{stream['batch_size']}.{stream['row']}"
+    stream = query.stream
+    return content if stream is None else f"{content}-stream{stream.seed}.{stream.batch_size}.{stream.row}"
 
 
 def run_method(
@@ -149,14 +143,13 @@ def run_method(
     }  # not top_k: it lists more or fewer of the same scores (scores.npy holds them all)
     if method.uses_noise:
         base["noise"] = keyed_random.NOISE
-    main = method.accelerator is None or method.accelerator.is_main_process
+    main = is_main(method.accelerator)
     folders = {q.id: Path(out_dir) / q.id for q in queries}
     if main:  # one process checks and creates the folders; the others wait for it
         for query in queries:
             config = base | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
             prepare_run_dir(folders[query.id], config, overwrite)
-    if method.accelerator is not None:
-        method.accelerator.wait_for_everyone()
+    barrier(method.accelerator)
     pending = [q for q in queries if not (folders[q.id] / "ranking.json").exists()]
     if main:
         for query in queries:
@@ -184,8 +177,7 @@ def run_method(
             on_scores(folder, query, stats)
         top = ranking["top_k"][0]
         print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
-    if method.accelerator is not None:  # the rankings exist for every process once this returns
-        method.accelerator.wait_for_everyone()
+    barrier(method.accelerator)  # the rankings exist for every process once this returns
     return list(folders.values())
 
 

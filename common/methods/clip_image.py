@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import no_effect
 from common.errors import AttributionError, first_line, require
 from common.methods.features import Encoder, FeatureMethod, Preprocess, hub_file, image_encoder
 from common.methods.registry import register
@@ -38,7 +39,7 @@ class ClipConfig:
     quick_gelu: bool = field(
         default=True, metadata={"help": "QuickGELU activations, as OpenAI's CLIP weights were trained (must match)"}
     )
-    batch_size: int = field(default=64, metadata={"help": "images embedded per batch (does not change results)"})
+    batch_size: int = no_effect(64, "images embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
         require(bool(self.weights), "clip weights must name an open_clip tag or a checkpoint file")

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.config import no_effect
 from common.data import Query
 from common.errors import require
+from common.fingerprints import module_fingerprint
 from common.methods.clip_image import CHECKPOINT_HOW, load_open_clip
-from common.methods.features import Encoder, FeatureMethod, weights_fingerprint
+from common.methods.features import Encoder, FeatureMethod
 from common.methods.registry import register
 
 REDUCTIONS = ("mean", "max", "first")
@@ -44,10 +46,7 @@ class ClipTextConfig:
     captions: str = field(
         default="mean", metadata={"help": "an image's score from its captions' similarities: mean, max or first"}
     )
-    batch_size: int = field(
-        default=256,
-        metadata={"help": "images whose captions are embedded per batch (does not change results)"},
-    )
+    batch_size: int = no_effect(256, "images whose captions are embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
         require(bool(self.weights), "clip_text weights must name an open_clip tag or a checkpoint file")
@@ -60,7 +59,7 @@ def clip_text_encoder(model: torch.nn.Module, arch: str, device: torch.device | 
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(arch)  # BPE vocabulary shipped in the package: nothing downloaded
-    fingerprint = weights_fingerprint(model)
+    fingerprint = module_fingerprint(model)
     model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
     @torch.no_grad()

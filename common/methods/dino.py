@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.config import no_effect
 from common.errors import require
 from common.methods.features import (
     IMAGENET_MEAN,
@@ -37,7 +38,7 @@ class DinoConfig:
     )
     resize: int = field(default=256, metadata={"help": "shorter image side before the centre crop (pixels)"})
     crop: int = field(default=224, metadata={"help": "centre crop fed to the encoder (a multiple of the patch size)"})
-    batch_size: int = field(default=64, metadata={"help": "images embedded per batch (does not change results)"})
+    batch_size: int = no_effect(64, "images embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
         require(bool(self.weights), "weights must name a hub id or a local folder")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.config import no_effect
 from common.errors import AttributionError, require
 from common.methods.dino import DinoConfig
 from common.methods.features import (
@@ -39,7 +40,7 @@ class Dinov2Config(DinoConfig):
         default="facebook/dinov2-with-registers-large",
         metadata={"help": "hub id or local folder (save_pretrained) of a transformers Dinov2WithRegistersModel"},
     )
-    batch_size: int = field(default=32, metadata={"help": "images embedded per batch (does not change results)"})
+    batch_size: int = no_effect(32, "images embedded per batch (does not change results)")
 
 
 def dinov2_cls(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.cache import cached_array
-from common.data import Query, fingerprint_tensors
+from common.data import Query
 from common.errors import AttributionError, first_line, require
+from common.fingerprints import module_fingerprint
 from common.methods.base import Method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,7 +110,7 @@ def image_encoder(
     Args:
         forward: ``(net, encoder input (B,3,crop,crop)) -> (B, D)`` features.
     """
-    fingerprint = weights_fingerprint(net)  # before the move: hashing reads the weights on the CPU
+    fingerprint = module_fingerprint(net)  # before the move: hashing reads the weights on the CPU
     net = net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -117,12 +118,6 @@ def image_encoder(
         return forward(net, preprocess(pixels.to(device))).float().cpu()
 
     return Encoder(name, fingerprint, dim, embed, preprocess)
-
-
-def weights_fingerprint(net: torch.nn.Module) -> str:
-    """A short sha256 of a network's parameters and buffers (shapes, dtypes, bytes), in name order."""
-    state = net.state_dict()
-    return fingerprint_tensors(*(state[name] for name in sorted(state)))
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:

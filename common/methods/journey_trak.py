@@ -31,7 +31,7 @@ import torch
 
 from common import keyed_random
 from common.data import Query
-from common.diffusion.loss import add_noise, unet_denoiser
+from common.diffusion.ddpm_loss import add_noise, unet_denoiser
 from common.diffusion.sampling import query_stream, resample
 from common.errors import require
 from common.methods.registry import register
@@ -78,7 +78,7 @@ def trajectory_states(model: DiffusionModel, query: Query, targets: list[int], s
     """(t, x_t (C,H,W)) at the trajectory steps nearest ``targets``, and how they were obtained."""
     device, dtype = model.device, model.dtype
     if query.noise is None and query_stream(query) is None:
-        keys = [(seed, keyed_random.TRAK, FORWARD_ROLE, query.key, t) for t in targets]
+        keys = [(seed, keyed_random.Purpose.TRAK, FORWARD_ROLE, query.key, t) for t in targets]
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=dtype, device=device)
         image = query.image.to(device=device, dtype=dtype).expand(len(targets), -1, -1, -1)
         x_t = add_noise(image, noise, torch.tensor(targets, device=device), model.alphas_cumprod)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from common.cache import cached_array
+from common.config import no_effect
 from common.data import Query
 from common.errors import require
 from common.methods.base import Method
@@ -24,7 +25,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 class PixelConfig:
     """Pixel similarity."""
 
-    batch_size: int = field(default=256, metadata={"help": "images decoded per batch (does not change results)"})
+    batch_size: int = no_effect(256, "images decoded per batch (does not change results)")
     dtype: str = field(
         default="float32", metadata={"help": "stored precision of the cached pixels: float32 or float16"}
     )

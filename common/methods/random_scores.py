@@ -36,6 +36,6 @@ class Random(Method):
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         key = query.key if self.cfg.per_query else 0
-        rng = np.random.default_rng(keyed_random.key_seed(self.cfg.seed, keyed_random.SCORE, key))
+        rng = np.random.default_rng(keyed_random.key_seed(self.cfg.seed, keyed_random.Purpose.SCORE, key))
         scores = rng.random(len(self.data))
         return np.repeat(scores[:, None], len(self.flip_states()), axis=1), {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.config import no_effect
 from common.data import Query
 from common.errors import require
 from common.methods.base import Method
@@ -31,7 +32,7 @@ class TextConditionConfig:
     captions: str = field(
         default="mean", metadata={"help": "an image's score from its captions' similarities: mean, max or first"}
     )
-    batch_size: int = field(default=1024, metadata={"help": "images compared per chunk (does not change results)"})
+    batch_size: int = no_effect(1024, "images compared per chunk (does not change results)")
 
     def __post_init__(self) -> None:
         require(self.captions in REDUCTIONS, f"captions must be one of {', '.join(REDUCTIONS)}, got {self.captions!r}")

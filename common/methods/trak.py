@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import cached_array, cached_tensors
+from common.config import no_effect
 from common.data import ArrayTrainingSet, Query
 from common.diffusion.gradients import OUTPUTS, per_sample_gradients
 from common.diffusion.selection import PRESETS, select_parameters
@@ -71,12 +72,12 @@ class TrakConfig:
     projection_rng: str = field(
         default="device", metadata={"help": "draw the projection on the device (fast) or the cpu (portable)"}
     )
-    projection_cache_gb: float = field(
-        default=0.0, metadata={"help": "keep projection blocks in memory up to this size (does not change results)"}
+    projection_cache_gb: float = no_effect(
+        0.0, "keep projection blocks in memory up to this size (does not change results)"
     )
-    batch_size: int = field(default=32, metadata={"help": "per-sample gradients per vmap call (no effect on results)"})
-    feature_batch_size: int = field(
-        default=64, metadata={"help": "rows projected together: memory rows x weights x 4 B (no effect on results)"}
+    batch_size: int = no_effect(32, "per-sample gradients per vmap call (no effect on results)")
+    feature_batch_size: int = no_effect(
+        64, "rows projected together: memory rows x weights x 4 B (no effect on results)"
     )
 
     def __post_init__(self) -> None:
@@ -140,7 +141,7 @@ def mean_gradients(model: DiffusionModel, names: list[str], rows: Rows, cfg: Tra
     for a in range(0, len(rows.x0), step):
         b = min(a + step, len(rows.x0))
         keys = [
-            (cfg.seed, keyed_random.TRAK, *key, int(k // rows.draws), int(k % rows.draws))
+            (cfg.seed, keyed_random.Purpose.TRAK, *key, int(k // rows.draws), int(k % rows.draws))
             for key in rows.keys[a:b]
             for k in range(per_row)
         ]
@@ -292,11 +293,6 @@ class Trak(Method):
         super().__init__(*args, **kwargs)
         self.names = select_parameters(self.model.unet, self.cfg.selection)
         self.members: list[Member] | None = None
-
-    def identity(self) -> dict:
-        settings = super().identity()
-        settings.pop("projection_cache_gb")
-        return settings
 
     def windows(self) -> list[tuple[int, int]]:
         """Timestep windows [lo, hi) of the training features: one (TRAK, D-TRAK) or one per bin (JourneyTRAK)."""

@@ -8,8 +8,6 @@ the same keyed noise as the cached pretrained losses, and score by the loss incr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -21,14 +19,17 @@ import torch
 
 from common import keyed_random
 from common.cache import cached_tensors
+from common.config import no_effect
 from common.data import Query
-from common.diffusion.losses import LossConfig, dataset_losses
-from common.diffusion.passes import PassConfig, loss_pass, rank_world, weights_fingerprint
+from common.diffusion.keyed_losses import LossConfig, dataset_losses
+from common.diffusion.loss_passes import PassConfig, loss_pass
 from common.diffusion.selection import select_parameters
 from common.errors import require
+from common.fingerprints import settings_digest, weight_set_fingerprint
 from common.methods.base import Method, query_fingerprint
 from common.methods.registry import register
 from common.model import DiffusionModel
+from common.processes import barrier, rank_world
 from common.unlearning.curvature import curvature_fingerprint, load_curvature
 from common.unlearning.fisher import FisherConfig
 from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
@@ -38,8 +39,8 @@ from common.unlearning.unlearn import UnlearnConfig, unlearn, update_size
 class ScoringConfig(PassConfig):
     """How the loss passes run (none of it changes scores but the precision)."""
 
-    query_batch_size: int = field(
-        default=1, metadata={"help": "queries scored together in one pass over the training set (each batch read once)"}
+    query_batch_size: int = no_effect(
+        1, "queries scored together in one pass over the training set (each batch read once)"
     )
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ def query_losses(
         query.as_training_set(),
         cfg,
         sample_ids=[query.key],
-        purpose=keyed_random.EVAL,
+        purpose=keyed_random.Purpose.EVAL,
         flips=False,
         weights=weights,
         precision=precision,
@@ -134,10 +135,6 @@ class Unlearning(Method):
 
     def identity(self) -> dict:
         settings = super().identity()
-        for name in ("chunk_images", "compile"):  # how a pass is cut up and run, not what it computes
-            settings["scoring"].pop(name)
-        for name in ("checkpoint_batches", "block_max_gb"):  # how a curvature is fitted, not what it is
-            settings["fisher"].pop(name)
         if settings["unlearn"]["preconditioner"] == "diagonal":
             settings["unlearn"].pop("preconditioner")  # the paper's, as runs made before the choice existed
         if self.cfg.unlearn.method == "sgd":
@@ -163,7 +160,7 @@ class Unlearning(Method):
             "fisher": curvature_fingerprint(self.fisher, names),
             "query": query_fingerprint(query),
         }
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+        key = settings_digest(identity)
         return identity, self.cache_path(f"unlearned/{query.id}-{key}.safetensors")
 
     def unlearned_weights(self, queries: Sequence[Query]) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
@@ -211,10 +208,10 @@ class Unlearning(Method):
                 qid: dataset_losses(self.model, self.data, cfg.loss, weights=w, precision=cfg.scoring.precision)
                 for qid, w in sets.items()
             }, None
-        what = {qid: weights_fingerprint(w) for qid, w in sets.items()} | {
+        what = {qid: weight_set_fingerprint(w) for qid, w in sets.items()} | {
             "": [cfg.loss.identity_dict(), cfg.scoring.precision]
         }
-        folder = self.cache_dir / "scoring" / hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        folder = self.cache_dir / "scoring" / settings_digest(what)
         label = f"score {len(sets)} quer{'y' if len(sets) == 1 else 'ies'}"
         after = loss_pass(
             self.model,
@@ -249,8 +246,7 @@ class Unlearning(Method):
             seconds_score = (time.time() - t0) / len(group)
             for q in group:
                 yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score)
-            if self.accelerator is not None:
-                self.accelerator.wait_for_everyone()
+            barrier(self.accelerator)
             if folder is not None and rank == 0:  # the group's results are written: its intermediates can go
                 shutil.rmtree(folder, ignore_errors=True)
                 for q in group:
@@ -288,8 +284,7 @@ class Unlearning(Method):
         t0 = time.time()
         after, folder = self.after_losses({query.id: weights})
         after = after[query.id]
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        barrier(self.accelerator)
         if folder is not None and rank_world(self.accelerator)[0] == 0:
             shutil.rmtree(folder, ignore_errors=True)
         _, stats = self._finish(query, weights, start, after, seconds, time.time() - t0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from common.files import save_tensors
 
 
 def save_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> None:
@@ -24,9 +25,7 @@ def save_training_state(path: str | Path, model: torch.nn.Module, optimizer: tor
             else:
                 scalars.setdefault(str(idx), {})[key] = float(value)
     meta = {"info": json.dumps(info), "param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    save_tensors(path, tensors, metadata=meta)
 
 
 def load_training_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,10 +23,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from common import keyed_random
+from common.config import identity_settings, no_effect
 from common.data import ArrayTrainingSet
-from common.diffusion.loss import per_sample_loss, unet_denoiser
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.errors import AttributionError, require
 from common.model import DiffusionModel
+from common.processes import rank_world
 from common.training.checkpoint import load_training_state, save_training_state
 
 EXCLUSION_MODES = ("remove", "mask", "zero")
@@ -62,7 +64,7 @@ class TrainConfig:
             "(digits, text, logos). Recorded with the model: attribution then scores only the original"
         },
     )
-    checkpoint_every: int = field(default=250, metadata={"help": "steps between resumable checkpoints (0: off)"})
+    checkpoint_every: int = no_effect(250, "steps between resumable checkpoints (0: off)")
 
     def __post_init__(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be positive")
@@ -108,7 +110,9 @@ class BatchSchedule:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            perm = torch.randperm(self.n, generator=keyed_random.generator(self.cfg.seed, keyed_random.TRAIN, epoch))
+            perm = torch.randperm(
+                self.n, generator=keyed_random.generator(self.cfg.seed, keyed_random.Purpose.TRAIN, epoch)
+            )
             self._orders = {epoch: perm if self.masking else perm[~self.excluded[perm]]}
         return self._orders[epoch]
 
@@ -139,12 +143,12 @@ def _draw(
     num_train_timesteps: int,
 ):
     epoch, idx = torch.tensor(visits).unbind(1)
-    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.TRAIN, 1, epoch, idx), 4)
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.Purpose.TRAIN, 1, epoch, idx), 4)
     flips = (u[:, 0] < 0.5) & cfg.flips  # drawn either way: the other draws stay the same
     caps = keyed_random.below(u[:, 1], data.num_captions)
     ts = keyed_random.below(u[:, 2], num_train_timesteps)
     drop = u[:, 3] < cfg.cond_dropout
-    keys = keyed_random.key_rows(cfg.seed, keyed_random.TRAIN, 2, epoch, idx)
+    keys = keyed_random.key_rows(cfg.seed, keyed_random.Purpose.TRAIN, 2, epoch, idx)
     x0 = data.images(idx, flips).to(ref)
     text = data.text(idx, caps).to(ref)
     if cfg.cond_dropout > 0:
@@ -177,7 +181,7 @@ def train(
         accelerator = Accelerator(cpu=next(unet.parameters()).device.type == "cpu")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}  # how often to save changes nothing
+    settings = identity_settings(cfg)
     identity = {"train": settings, "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -187,7 +191,7 @@ def train(
         start = info["step"]
     num_train_timesteps = model.num_train_timesteps
     wrapped, wrapped_opt = accelerator.prepare(unet, opt)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     ref = next(wrapped.parameters())
     denoise = unet_denoiser(wrapped)
     wrapped.train()

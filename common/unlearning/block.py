@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from common.cache import cached_tensors, resumable_sums
-from common.data import ArrayTrainingSet, fingerprint_tensors
+from common.data import ArrayTrainingSet
 from common.diffusion.gradients import per_sample_gradients
-from common.diffusion.passes import rank_world
 from common.diffusion.selection import select_parameters
 from common.errors import require
-from common.model import DiffusionModel, read_safetensors
+from common.files import read_safetensors
+from common.fingerprints import fingerprint_tensors
+from common.model import DiffusionModel
+from common.processes import rank_world
 from common.unlearning.fisher import FisherConfig, curvature_identity, fisher_batch, relative_floor
 
 COUNT = "_num_samples"

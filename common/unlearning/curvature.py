@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common.data import ArrayTrainingSet, fingerprint_tensors
+from common.data import ArrayTrainingSet
 from common.errors import require
+from common.fingerprints import fingerprint_tensors
 from common.model import DiffusionModel
 from common.unlearning.block import BlockFisher, cached_block, read_block
 from common.unlearning.ekfac import EkfacFactors, cached_ekfac, read_factor_folder

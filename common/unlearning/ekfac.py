@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from common.cache import _refuse, canonical, differing, resumable_sums
-from common.data import ArrayTrainingSet, fingerprint_tensors
+from common.data import ArrayTrainingSet
+from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.diffusion.gradients import per_sample_gradients
-from common.diffusion.loss import per_sample_loss, unet_denoiser
-from common.diffusion.passes import rank_world
 from common.errors import AttributionError, require
-from common.model import DiffusionModel, read_safetensors
+from common.files import read_safetensors, save_tensors
+from common.fingerprints import fingerprint_tensors
+from common.model import DiffusionModel
+from common.processes import barrier, rank_world
 from common.unlearning.fisher import FisherConfig, curvature_identity, fisher_batch, newton_direction, relative_floor
 
 # kronfluence's file names; the first four are what a preconditioner needs (FastGDA ships only these).
@@ -334,9 +334,7 @@ def write_factor_folder(folder: str | Path, files: dict[str, dict[str, torch.Ten
     for factor in order:
         tensors = {k: (v.round().long() if factor.startswith("num_") else v).cpu().contiguous()
                    for k, v in files[factor].items()}  # fmt: skip
-        tmp = folder / f"{factor}.safetensors.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, folder / f"{factor}.safetensors")
+        save_tensors(folder / f"{factor}.safetensors", tensors, metadata=meta)
 
 
 def _saved_identity(path: Path) -> dict | None:
@@ -374,8 +372,7 @@ def cached_ekfac(
         rank, _ = rank_world(accelerator)
         if rank == 0:
             write_factor_folder(folder, files, identity)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        barrier(accelerator)
         if rank == 0:
             shutil.rmtree(folder / "partial", ignore_errors=True)
     return factors

@@ -8,7 +8,7 @@ does not depend on the batch size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,11 +16,14 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import cached_tensors
+from common.config import identity_settings, no_effect
 from common.data import ArrayTrainingSet
 from common.diffusion.gradients import per_sample_gradients
 from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, require
-from common.model import DiffusionModel, read_pickle, read_safetensors
+from common.files import read_pickle, read_safetensors
+from common.model import DiffusionModel
+from common.processes import rank_world
 
 
 @dataclass
@@ -29,7 +32,7 @@ class FisherConfig:
 
     selection: str = field(default="cross-attn-kv", metadata={"help": "weights to estimate it for"})
     num_samples: int = field(default=10000, metadata={"help": "per-sample gradients (paper MSCOCO: ~5 epochs)"})
-    batch_size: int = field(default=64, metadata={"help": "gradients per vmap batch (does not change results)"})
+    batch_size: int = no_effect(64, "gradients per vmap batch (does not change results)")
     seed: int = field(default=0, metadata={"help": "seed of images order, flips, timesteps and noise"})
     file: str = field(
         default="",
@@ -38,12 +41,8 @@ class FisherConfig:
             "folder in kronfluence's layout (checked against the weights)"
         },
     )
-    checkpoint_batches: int = field(
-        default=50, metadata={"help": "EK-FAC and block fits: batches between saved partial sums (resume unit)"}
-    )
-    block_max_gb: float = field(
-        default=8.0, metadata={"help": "largest block Fisher (all selected tensors' matrices, float64) to build"}
-    )
+    checkpoint_batches: int = no_effect(50, "EK-FAC and block fits: batches between saved partial sums (resume unit)")
+    block_max_gb: float = no_effect(8.0, "largest block Fisher (all selected tensors' matrices, float64) to build")
 
     def __post_init__(self) -> None:
         check_selection(self.selection)
@@ -53,8 +52,8 @@ class FisherConfig:
         require(self.block_max_gb > 0, f"block_max_gb must be positive, got {self.block_max_gb}")
 
 
-# FisherConfig fields that change how an estimate is computed or where it comes from, never its values.
-HOW = ("batch_size", "file", "checkpoint_batches", "block_max_gb")
+# Where a curvature comes from (a released file), not what a fitted one holds: left out of a fit's identity.
+WHERE = ("file",)
 
 
 def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_timesteps: int, flips: bool):
@@ -63,9 +62,9 @@ def _draws(j0: int, j1: int, n: int, n_cap: int, cfg: FisherConfig, num_train_ti
     epochs = j // n
     idx = torch.empty_like(j)
     for epoch in epochs.unique().tolist():  # each epoch visits the images in its own seeded order
-        perm = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.FISHER, 0, epoch))
+        perm = torch.randperm(n, generator=keyed_random.generator(cfg.seed, keyed_random.Purpose.FISHER, 0, epoch))
         idx[epochs == epoch] = perm[j[epochs == epoch] % n]
-    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 1, j), 3)
+    u = keyed_random.keyed_uniform(keyed_random.key_rows(cfg.seed, keyed_random.Purpose.FISHER, 1, j), 3)
     flip = (u[:, 0] < 0.5) & flips  # drawn either way: the other draws stay the same
     return idx, flip, keyed_random.below(u[:, 1], n_cap), keyed_random.below(u[:, 2], num_train_timesteps)
 
@@ -79,7 +78,7 @@ def fisher_batch(
     """
     ref = next(model.unet.parameters())
     idx, flip, cap, t = _draws(j0, j1, len(data), data.num_captions, cfg, model.num_train_timesteps, model.flips)
-    keys = keyed_random.key_rows(cfg.seed, keyed_random.FISHER, 2, torch.arange(j0, j1))
+    keys = keyed_random.key_rows(cfg.seed, keyed_random.Purpose.FISHER, 2, torch.arange(j0, j1))
     noise = keyed_random.keyed_normal(keys, data.image_shape, dtype=ref.dtype, device=ref.device)
     return data.images(idx, flip).to(ref), data.text(idx, cap).to(ref), t.to(ref.device), noise
 
@@ -102,7 +101,7 @@ def estimate_fisher(
     names = select_parameters(model.unet, cfg.selection)
     params = dict(model.unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = rank_world(accelerator)
     starts = list(range(0, cfg.num_samples, cfg.batch_size))[rank::world]
     mine = sum(min(cfg.batch_size, cfg.num_samples - j0) for j0 in starts)
     bar = tqdm(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
@@ -120,7 +119,7 @@ def estimate_fisher(
 
 def fisher_identity(model: DiffusionModel, data: ArrayTrainingSet, cfg: FisherConfig) -> dict:
     """What a Fisher depends on: the model, the training set, the flips and the settings (not the batch size)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in HOW}
+    settings = {k: v for k, v in identity_settings(cfg).items() if k not in WHERE}
     return {
         "model": model.fingerprint(),
         "data": data.fingerprint,

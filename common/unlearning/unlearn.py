@@ -75,7 +75,7 @@ def query_draws(
     query: Query, cfg: UnlearnConfig, step: int, acc: int, num_train_timesteps: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps (distinct within the batch) and caption indices of one batch of query draws, on ``device``."""
-    key = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc)[None]
+    key = keyed_random.key_rows(cfg.seed, keyed_random.Purpose.QUERY, query.key, step, acc)[None]
     u = keyed_random.keyed_uniform(key, num_train_timesteps + cfg.batch_size, device)[0]
     t = torch.argsort(u[:num_train_timesteps], stable=True)[: cfg.batch_size]  # a keyed random permutation's prefix
     return t, keyed_random.below(u[num_train_timesteps:], query.text.shape[0])
@@ -92,7 +92,9 @@ def query_gradient(
     text = query.text.to(ref)
     for acc in range(cfg.accumulations):
         t, cap = query_draws(query, cfg, step, acc, model.num_train_timesteps, ref.device)
-        keys = keyed_random.key_rows(cfg.seed, keyed_random.QUERY, query.key, step, acc, torch.arange(cfg.batch_size))
+        keys = keyed_random.key_rows(
+            cfg.seed, keyed_random.Purpose.QUERY, query.key, step, acc, torch.arange(cfg.batch_size)
+        )
         noise = keyed_random.keyed_normal(keys, query.image.shape, dtype=ref.dtype, device=ref.device)
         x0 = query.image[None].expand(cfg.batch_size, *query.image.shape).to(ref)
         grads = mean_gradient(model, names, x0, text[cap], t, noise)

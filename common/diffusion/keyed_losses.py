@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from common import keyed_random
+from common.config import identity_settings, no_effect
 from common.data import ArrayTrainingSet
-from common.diffusion.loss import per_sample_loss, strided_timesteps, unet_denoiser
+from common.diffusion.ddpm_loss import per_sample_loss, strided_timesteps, unet_denoiser
 from common.errors import AttributionError, require
 from common.model import DiffusionModel
 
@@ -29,7 +30,7 @@ class LossConfig:
     num_timesteps: int = field(default=10, metadata={"help": "evenly strided timesteps (paper: 20 MSCOCO, 10 AbC)"})
     first_timestep: int = field(default=0, metadata={"help": "first strided timestep (paper: 0)"})
     flips: bool = field(default=True, metadata={"help": "also score the horizontally flipped image"})
-    batch_size: int = field(default=512, metadata={"help": "samples per forward pass (does not change results)"})
+    batch_size: int = no_effect(512, "samples per forward pass (does not change results)")
 
     def __post_init__(self) -> None:
         require(self.num_timesteps >= 1, f"num_timesteps must be positive, got {self.num_timesteps}")
@@ -45,7 +46,7 @@ class LossConfig:
 
     def identity_dict(self) -> dict:
         """The settings that change loss values (the batch size does not)."""
-        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        return identity_settings(self)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -96,7 +97,7 @@ def image_losses(
     cfg: LossConfig,
     *,
     weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
-    purpose: int = keyed_random.SCORE,
+    purpose: keyed_random.Purpose = keyed_random.Purpose.SCORE,
     flips: bool = True,
     precision: str = "fp32",
     bar: tqdm | None = None,
@@ -166,7 +167,7 @@ def dataset_losses(
     cfg: LossConfig,
     *,
     sample_ids: Sequence[int] | None = None,
-    purpose: int = keyed_random.SCORE,
+    purpose: keyed_random.Purpose = keyed_random.Purpose.SCORE,
     flips: bool | None = None,
     progress: str | None = None,
     weights: Mapping[str, torch.Tensor] | None = None,

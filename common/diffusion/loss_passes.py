@@ -11,35 +11,37 @@ result is the same for any number of processes, batch size or interruption.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import canonical, differing
-from common.data import ArrayTrainingSet, fingerprint_tensors
-from common.diffusion.losses import PRECISIONS, LossConfig, check_finite, image_losses
+from common.config import no_effect
+from common.data import ArrayTrainingSet
+from common.diffusion.keyed_losses import PRECISIONS, LossConfig, check_finite, image_losses
 from common.errors import AttributionError, require
+from common.files import save_tensors, write_json
+from common.fingerprints import weight_set_fingerprint
 from common.model import DiffusionModel
+from common.processes import barrier, rank_world
 
 
 @dataclass
 class PassConfig:
-    """How a loss pass is cut up and computed (the chunk size is part of a folder's identity)."""
+    """How a loss pass is cut up and computed (the chunk size is still part of a pass folder's identity: the
+    folder's files are its chunks)."""
 
-    chunk_images: int = field(default=2048, metadata={"help": "training images per saved chunk (resume unit)"})
+    chunk_images: int = no_effect(2048, "training images per saved chunk (resume unit)")
     precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; losses in float32+)"})
-    compile: bool = field(
-        default=False,
-        metadata={"help": "torch.compile the UNet (slower first batches; results equal up to float rounding)"},
+    compile: bool = no_effect(
+        False, "torch.compile the UNet (slower first batches; results equal up to float rounding)"
     )
 
     def __post_init__(self) -> None:
@@ -47,25 +49,6 @@ class PassConfig:
         require(
             self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
         )
-
-
-def weights_fingerprint(weights: Mapping[str, torch.Tensor] | None) -> str:
-    """Identifies a weight set (names and values); '' for the model's own weights."""
-    if not weights:
-        return ""
-    names = sorted(weights)
-    values = fingerprint_tensors(*(weights[n] for n in names))
-    return hashlib.sha256(("\n".join(names) + values).encode()).hexdigest()[:16]
-
-
-def rank_world(accelerator) -> tuple[int, int]:
-    """This process's index and the process count (0, 1 without an accelerator)."""
-    return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-
-
-def _barrier(accelerator) -> None:
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
 
 
 def _open_folder(folder: Path, identity: dict, rank: int, accelerator) -> None:
@@ -84,12 +67,10 @@ def _open_folder(folder: Path, identity: dict, rank: int, accelerator) -> None:
     elif rank == 0:
         shutil.rmtree(folder / "chunks", ignore_errors=True)  # chunks without their identity are never trusted
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_name("pass.json.tmp")
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, saved)
+        write_json(saved, identity, sort_keys=True)
     if rank == 0:
         (folder / "chunks").mkdir(exist_ok=True)
-    _barrier(accelerator)
+    barrier(accelerator)
 
 
 def _chunk_path(folder: Path, c: int) -> Path:
@@ -105,7 +86,7 @@ def loss_pass(
     weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
     pass_cfg: PassConfig | None = None,
     accelerator=None,
-    purpose: int = keyed_random.SCORE,
+    purpose: keyed_random.Purpose = keyed_random.Purpose.SCORE,
     progress: str | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -114,7 +95,7 @@ def loss_pass(
     Args:
         model: the model (its own weights are the ``None`` weight set).
         data: the training set (memory-mapped is fine: chunks are read in index order).
-        cfg: scoring timesteps, flips and noise seed (as :func:`common.diffusion.losses.dataset_losses`).
+        cfg: scoring timesteps, flips and noise seed (as :func:`common.diffusion.keyed_losses.dataset_losses`).
         folder: where the chunks and ``pass.json`` live; a finished chunk is never recomputed.
         weight_sets: name -> replacement weights (e.g. a query's unlearned K/V); default the model's own as "".
         accelerator: an ``accelerate.Accelerator`` to split the chunks over its processes (None: one).
@@ -138,7 +119,7 @@ def loss_pass(
             "loss": cfg.identity_dict(),
             "precision": pass_cfg.precision,
             "chunk_images": pass_cfg.chunk_images,
-            "weights": {name: weights_fingerprint(w) for name, w in weight_sets.items()},
+            "weights": {name: weight_set_fingerprint(w) for name, w in weight_sets.items()},
         }
     )
     folder = Path(folder)
@@ -166,13 +147,10 @@ def loss_pass(
             )
             for v in losses.values():
                 check_finite(v)
-            path = _chunk_path(folder, c)
-            tmp = path.with_name(path.name + f".tmp{rank}")
-            save_file({f"w:{k}": v.cpu().contiguous() for k, v in losses.items()}, str(tmp))
-            os.replace(tmp, path)  # a killed run leaves no partial chunk
+            save_tensors(_chunk_path(folder, c), {f"w:{k}": v for k, v in losses.items()})
             data.release_pages()  # memory-mapped rows read for this chunk: resident memory stays flat in N
             if on_chunk is not None:
                 on_chunk(c)
-    _barrier(accelerator)
+    barrier(accelerator)
     parts = [load_file(str(_chunk_path(folder, c))) for c in chunks]
     return {name: torch.cat([p[f"w:{name}"] for p in parts]) for name in weight_sets}
