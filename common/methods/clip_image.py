@@ -42,7 +42,7 @@ class ClipConfig:
     batch_size: int = no_effect(64, "images embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
-        require(bool(self.weights), "clip weights must name an open_clip tag or a checkpoint file")
+        require(bool(self.weights), "weights must name an open_clip tag or a checkpoint file")
         require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
 
 

@@ -24,7 +24,7 @@ from common.config import no_effect
 from common.data import Query
 from common.errors import require
 from common.fingerprints import module_fingerprint
-from common.methods.clip_image import CHECKPOINT_HOW, load_open_clip
+from common.methods.clip_image import ClipConfig, load_open_clip
 from common.methods.features import Encoder, FeatureMethod
 from common.methods.registry import register
 
@@ -32,26 +32,17 @@ REDUCTIONS = ("mean", "max", "first")
 
 
 @dataclass
-class ClipTextConfig:
-    """CLIP text-embedding similarity between the query prompt and the training captions."""
+class ClipTextConfig(ClipConfig):
+    """CLIP text-embedding similarity between the query prompt and the training captions (the same weights)."""
 
-    weights: str = field(
-        default="openai",
-        metadata={"help": f"open_clip pretrained tag of the architecture (from the hub cache) or {CHECKPOINT_HOW}"},
-    )
-    arch: str = field(default="ViT-B-32", metadata={"help": "open_clip architecture"})
-    quick_gelu: bool = field(
-        default=True, metadata={"help": "QuickGELU activations, as OpenAI's CLIP weights were trained (must match)"}
-    )
+    batch_size: int = no_effect(256, "images whose captions are embedded per batch (does not change results)")
     captions: str = field(
         default="mean", metadata={"help": "an image's score from its captions' similarities: mean, max or first"}
     )
-    batch_size: int = no_effect(256, "images whose captions are embedded per batch (does not change results)")
 
     def __post_init__(self) -> None:
-        require(bool(self.weights), "clip_text weights must name an open_clip tag or a checkpoint file")
+        super().__post_init__()
         require(self.captions in REDUCTIONS, f"captions must be one of {', '.join(REDUCTIONS)}, got {self.captions!r}")
-        require(self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}")
 
 
 def clip_text_encoder(model: torch.nn.Module, arch: str, device: torch.device | str) -> Encoder:

@@ -51,16 +51,23 @@ def vit_cls(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 0]
 
 
+def vit_encoder(net, what: str, forward, resize: int, crop: int, device: torch.device | str) -> Encoder:
+    """A loaded transformers ViT-family network as an encoder of pixels: its CLS token of the ImageNet-normalised
+    ``crop`` (a multiple of the patch size) of the image resized to ``resize``."""
+    patch = int(net.config.patch_size)
+    require(crop % patch == 0, f"{what} crop {crop} must be a multiple of the patch size {patch}")
+    prep = Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD)
+    name = f"transformers {type(net).__name__} CLS /{patch}"
+    return image_encoder(name, net, forward, int(net.config.hidden_size), prep, device)
+
+
 def dino_encoder(weights: str, resize: int, crop: int, device: torch.device | str, flag: str) -> Encoder:
     """DINO ViT-B/16 (or any ``ViTModel`` checkpoint) as an encoder of pixels."""
     from transformers import ViTModel
 
     # DINO checkpoints carry no pooler (it is ViT's classification head): build without one.
     net = load_transformers(ViTModel, weights, "DINO", flag, optional=("pooler.",), add_pooling_layer=False)
-    patch = int(net.config.patch_size)
-    require(crop % patch == 0, f"DINO crop {crop} must be a multiple of the patch size {patch}")
-    prep = Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD)
-    return image_encoder(f"transformers ViTModel CLS /{patch}", net, vit_cls, int(net.config.hidden_size), prep, device)
+    return vit_encoder(net, "DINO", vit_cls, resize, crop, device)
 
 
 @register

@@ -18,17 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from common.config import no_effect
-from common.errors import AttributionError, require
-from common.methods.dino import DinoConfig
-from common.methods.features import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Encoder,
-    FeatureMethod,
-    Preprocess,
-    image_encoder,
-    load_transformers,
-)
+from common.errors import AttributionError
+from common.methods.dino import DinoConfig, vit_encoder
+from common.methods.features import Encoder, FeatureMethod, load_transformers
 from common.methods.registry import register
 
 
@@ -60,11 +52,7 @@ def dinov2_encoder(weights: str, resize: int, crop: int, device: torch.device | 
         ) from None
     # mask_token only serves masked-image pre-training; checkpoints may leave it out.
     net = load_transformers(Dinov2WithRegistersModel, weights, "DINOv2", flag, optional=("embeddings.mask_token",))
-    patch = int(net.config.patch_size)
-    require(crop % patch == 0, f"DINOv2 crop {crop} must be a multiple of the patch size {patch}")
-    prep = Preprocess(resize, crop, IMAGENET_MEAN, IMAGENET_STD)
-    name = f"transformers Dinov2WithRegistersModel CLS /{patch}"
-    return image_encoder(name, net, dinov2_cls, int(net.config.hidden_size), prep, device)
+    return vit_encoder(net, "DINOv2", dinov2_cls, resize, crop, device)
 
 
 @register
