@@ -166,7 +166,7 @@ def load_preset(
         presets = read_presets(first.config)
         if first.preset not in presets:
             raise AttributionError(f"no preset {first.preset!r} in {first.config}; it has {', '.join(presets)}")
-        known = {a.dest for a in parser._actions}
+        known = set(vars(first))  # every flag's destination holds its default after parsing
         if stages is None:
             stages = sorted({d.split(".")[0] for d in known if "." in d})
         all_stages = known_stages()

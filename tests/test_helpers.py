@@ -81,3 +81,29 @@ def test_noise_purposes_keep_their_numbers():
         "ENCODE": 9, "FINETUNE": 10,
     }  # fmt: skip
     assert key_seed(0, Purpose.SCORE, 5) == key_seed(0, 1, 5) and json.dumps(Purpose.EVAL) == "6"
+
+
+def test_a_preset_sets_defaults_flags_override_it_and_unknown_settings_are_refused(tmp_path):
+    import argparse
+
+    from common.config import add_attribution_arguments, load_preset
+
+    path = tmp_path / "presets.yaml"
+    path.write_text(
+        "default:\n  unlearn: {step_size: 0.5}\n  loss: {num_timesteps: 3}\n"
+        "typo:\n  unlearn: {stepsize: 1}\nwrong_stage:\n  nonsense: {a: 1}\n"
+    )
+
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_attribution_arguments(parser)
+        return load_preset(parser, argv=["--out", str(tmp_path), "--config", str(path), *argv])
+
+    args = parse("--loss.num_timesteps", "4")
+    assert getattr(args, "unlearn.step_size") == 0.5 and getattr(args, "loss.num_timesteps") == 4
+    with pytest.raises(AttributionError, match="unknown setting unlearn.stepsize"):
+        parse("--preset", "typo")
+    with pytest.raises(AttributionError, match="unknown stage 'nonsense'"):
+        parse("--preset", "wrong_stage")
+    with pytest.raises(AttributionError, match="no preset 'missing'"):
+        parse("--preset", "missing")
