@@ -110,6 +110,7 @@ def _offline_methods():
     from common.diffusion.keyed_losses import LossConfig
     from common.methods.d_trak import DTrakConfig
     from common.methods.journey_trak import JourneyTrakConfig
+    from common.methods.text_condition import TextConditionConfig
     from common.methods.trak import TrakConfig
     from common.methods.unlearning import UnlearningConfig
     from common.unlearning.fisher import FisherConfig
@@ -125,15 +126,27 @@ def _offline_methods():
         "trak": TrakConfig(**small),
         "d-trak": DTrakConfig(**small),
         "journey-trak": JourneyTrakConfig(**small, query_steps=2, query_draws=2),
+        "text-condition": TextConditionConfig(),
     }
 
 
-@pytest.mark.parametrize("name", ["unlearning", "random", "pixel", "trak", "d-trak", "journey-trak"])
+# Methods whose features come from downloaded networks (tested in test_methods_features.py on random-init ones).
+NEEDS_WEIGHTS = {"abc", "clip", "clip-text", "dino", "dinov2"}
+SAME_FOR_BOTH_ORIENTATIONS = {"random", "text-condition"}  # they do not look at the image's pixels
+
+
+def test_every_registered_method_is_in_the_offline_test_or_needs_downloaded_weights():
+    from common.methods import methods
+
+    assert set(_offline_methods()) == set(methods()) - NEEDS_WEIGHTS  # a new method: add it to _offline_methods
+
+
+@pytest.mark.parametrize("name", ["unlearning", "random", "pixel", "trak", "d-trak", "journey-trak", "text-condition"])
 def test_every_offline_method_scores_both_orientations_and_keeps_the_max(model, data, query, name):
     cfg = _offline_methods()[name]
     method = get_method(name)(cfg, model, data)
     per_flip, stats = method.score_flips(query)
     assert per_flip.shape == (len(data), 2) and np.isfinite(per_flip).all()
-    assert not np.array_equal(per_flip[:, 0], per_flip[:, 1]) or name == "random"
+    assert not np.array_equal(per_flip[:, 0], per_flip[:, 1]) or name in SAME_FOR_BOTH_ORIENTATIONS
     scores, _ = method.score(query)
     np.testing.assert_array_equal(scores, per_flip.max(1))
