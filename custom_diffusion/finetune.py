@@ -136,6 +136,26 @@ def regularisation_indices(num_images: int, cfg: FinetuneConfig) -> torch.Tensor
     return order[: cfg.num_regularisation].sort().values
 
 
+def _new_token(model: DiffusionModel, cfg: FinetuneConfig) -> tuple[torch.nn.Parameter, int]:
+    """Add ``cfg.token`` to the model's vocabulary, its embedding started from ``cfg.init_word``'s: the embedding
+    as a parameter to learn, and its row."""
+    embedding = torch.nn.Parameter(init_embedding(model, cfg.init_word).float())
+    model.add_token(cfg.token, embedding.detach())
+    model.token = cfg.token
+    return embedding, model.token_row(cfg.token)
+
+
+def _trainable(model: DiffusionModel, weights: list[torch.nn.Parameter], embedding: torch.nn.Parameter,
+               cfg: FinetuneConfig) -> torch.optim.Optimizer:  # fmt: skip
+    """Freeze everything but ``weights`` and the new token's embedding; their optimizer (no decay on the token)."""
+    model.unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)  # only the new token's row learns, through the hook's parameter
+    for w in weights:
+        w.requires_grad_(True)
+    groups = [{"params": weights}, {"params": [embedding], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def finetune(
     model: DiffusionModel,
     exemplars: ArrayTrainingSet,
@@ -160,22 +180,11 @@ def finetune(
     for text in prompts:
         require(cfg.token in text, f"the prompt {text!r} does not contain the new token {cfg.token!r}")
     regular = cfg.prior_weight > 0 and pretraining is not None and len(pretraining) > 0
-    embedding = torch.nn.Parameter(init_embedding(model, cfg.init_word).float())
-    model.add_token(cfg.token, embedding.detach())
-    model.token = cfg.token
-    row = model.token_row(cfg.token)
+    embedding, row = _new_token(model, cfg)
     unet = model.unet
     params = dict(unet.named_parameters())
     names = select_parameters(unet, cfg.selection)
-    unet.requires_grad_(False)
-    model.text_encoder.requires_grad_(False)  # only the new token's row learns, through the hook's parameter
-    for n in names:
-        params[n].requires_grad_(True)
-    opt = torch.optim.AdamW(
-        [{"params": [params[n] for n in names]}, {"params": [embedding], "weight_decay": 0.0}],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-    )
+    opt = _trainable(model, [params[n] for n in names], embedding, cfg)
     ids = model.token_ids(prompts).to(model.device)
     pool = regularisation_indices(len(pretraining), cfg) if regular else None
     denoise, schedule = unet_denoiser(unet), model.alphas_cumprod

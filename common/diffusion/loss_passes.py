@@ -77,6 +77,31 @@ def _chunk_path(folder: Path, c: int) -> Path:
     return folder / "chunks" / f"{c:06d}.safetensors"
 
 
+def pass_identity(
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: LossConfig,
+    pass_cfg: PassConfig,
+    weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None],
+    flips: bool,
+    purpose: keyed_random.Purpose,
+) -> dict:
+    """What a pass folder's losses depend on, and how it is cut into chunks (its files)."""
+    return canonical(
+        {
+            "model": model.fingerprint(),
+            "data": data.fingerprint,
+            "flips": flips,
+            "noise": keyed_random.NOISE,
+            "purpose": purpose,
+            "loss": cfg.identity_dict(),
+            "precision": pass_cfg.precision,
+            "chunk_images": pass_cfg.chunk_images,
+            "weights": {name: weight_set_fingerprint(w) for name, w in weight_sets.items()},
+        }
+    )
+
+
 def loss_pass(
     model: DiffusionModel,
     data: ArrayTrainingSet,
@@ -109,22 +134,9 @@ def loss_pass(
     weight_sets = {"": None} if weight_sets is None else dict(weight_sets)
     require(bool(weight_sets), "no weight sets to score")
     flips = bool(cfg.flips and model.flips)
-    identity = canonical(
-        {
-            "model": model.fingerprint(),
-            "data": data.fingerprint,
-            "flips": flips,
-            "noise": keyed_random.NOISE,
-            "purpose": purpose,
-            "loss": cfg.identity_dict(),
-            "precision": pass_cfg.precision,
-            "chunk_images": pass_cfg.chunk_images,
-            "weights": {name: weight_set_fingerprint(w) for name, w in weight_sets.items()},
-        }
-    )
     folder = Path(folder)
     rank, world = rank_world(accelerator)
-    _open_folder(folder, identity, rank, accelerator)
+    _open_folder(folder, pass_identity(model, data, cfg, pass_cfg, weight_sets, flips, purpose), rank, accelerator)
     n, chunk = len(data), pass_cfg.chunk_images
     chunks = list(range((n + chunk - 1) // chunk))
     todo = [c for c in chunks[rank::world] if not _chunk_path(folder, c).exists()]
@@ -132,19 +144,9 @@ def loss_pass(
     with tqdm(total=rows, desc=progress, disable=progress is None or rank != 0, unit="loss", leave=False) as bar:
         for c in todo:
             positions = torch.arange(c * chunk, min(n, (c + 1) * chunk))
-            losses = image_losses(
-                model,
-                data,
-                positions,
-                positions,
-                cfg,
-                weight_sets=weight_sets,
-                purpose=purpose,
-                flips=flips,
-                precision=pass_cfg.precision,
-                bar=bar,
-                compile=pass_cfg.compile,
-            )
+            how = {"precision": pass_cfg.precision, "bar": bar, "compile": pass_cfg.compile}
+            losses = image_losses(model, data, positions, positions, cfg, weight_sets=weight_sets, purpose=purpose,
+                                  flips=flips, **how)  # fmt: skip
             for v in losses.values():
                 check_finite(v)
             save_tensors(_chunk_path(folder, c), {f"w:{k}": v for k, v in losses.items()})

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import Query
-from common.diffusion.ddpm_loss import unet_denoiser
+from common.diffusion.ddpm_loss import Denoiser, unet_denoiser
 from common.errors import require
 from common.model import DiffusionModel
 
@@ -62,6 +62,36 @@ class BatchStream:
 
 
 @torch.no_grad()
+def sampling_scheduler(model: DiffusionModel, sampler: str, seed: int, keys: Sequence[int]) -> tuple[object, dict]:
+    """The sampler's scheduler, on the model's training betas, and the extra arguments of its step: DDIM with
+    eta = 0, or DDPM with one keyed generator per image (its step noise)."""
+    if sampler == "ddim":
+        config = model.scheduler.config
+        return DDIMScheduler.from_config(config, set_alpha_to_one=True, timestep_spacing="trailing"), {"eta": 0.0}
+    if sampler == "ddpm":
+        generators = [keyed_random.generator(seed, keyed_random.Purpose.SAMPLE, int(k)) for k in keys]
+        return DDPMScheduler.from_config(model.scheduler.config), {"generator": generators}
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+
+
+def guided_eps(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    text: torch.Tensor,
+    null_text: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The noise prediction (B,C,H,W) with classifier-free guidance ε_u + w (ε_c − ε_u), w = ``guidance_scale``:
+    conditional and unconditional in one batch, as the sampler runs it (w = 1: conditional only, ``null_text``
+    unused)."""
+    if guidance_scale == 1.0:
+        return denoise(x, t, text)
+    both = denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null_text.expand_as(text)]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def sample(
     model: DiffusionModel,
     text: torch.Tensor,
@@ -94,19 +124,9 @@ def sample(
         Samples (B,C,H,W) as the sampler leaves them: with the schedulers' default ``clip_sample`` the
         last step returns the clipped x0 prediction; nothing else clamps them (latents have their own range).
     """
-    train_scheduler = model.scheduler
     denoise = unet_denoiser(model.unet)
     null_text = model.null_text().to(text) if guidance_scale != 1.0 else None
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(
-            train_scheduler.config, set_alpha_to_one=True, timestep_spacing="trailing"
-        )
-        extra = {"eta": 0.0}
-    elif sampler == "ddpm":
-        scheduler = DDPMScheduler.from_config(train_scheduler.config)
-        extra = {"generator": [keyed_random.generator(seed, keyed_random.Purpose.SAMPLE, int(k)) for k in keys]}
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    scheduler, extra = sampling_scheduler(model, sampler, seed, keys)
     if stream is not None:
         require(sampler == "ddpm", f"a batch noise stream replays DDPM sampling, not {sampler}")
         generator, initial = stream.start(model.input_shape)
@@ -122,12 +142,7 @@ def sample(
         tt = t.expand(len(x)).to(x.device)
         if trajectory is not None:
             trajectory.append((int(t), x.detach().clone()))
-        if guidance_scale == 1.0:
-            eps = denoise(x, tt, text)
-        else:
-            both = denoise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, null_text.expand_as(text)]))
-            cond, uncond = both.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
+        eps = guided_eps(denoise, x, tt, text, null_text, guidance_scale)
         if stream is None:
             x = scheduler.step(eps, t, x, **extra).prev_sample
         else:  # the step on the whole float32 batch, so the generator draws what the pipeline drew; other rows zeros

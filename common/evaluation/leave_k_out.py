@@ -141,6 +141,36 @@ def ranking_id(path: Path) -> str:
     return digest(*(file.read_bytes() if file.exists() else b"" for file in files))
 
 
+def _jobs(original: DiffusionModel, num_train: int, train_fingerprint: str, queries: Sequence[Query],
+          sources: Sequence[RankingSource], ks: Sequence[int]) -> list[tuple]:  # fmt: skip
+    """Every (source, query, K, excluded indices, ranking id), each ranking checked before any retraining."""
+    for k in ks:
+        require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
+    fingerprint = original.fingerprint()
+    jobs = []
+    for k in ks:
+        for source in sources:
+            for query in queries:
+                path = source.ranking(query)
+                excluded = top_k_exclusion(path, k, num_train, train_fingerprint, fingerprint)
+                jobs.append((source, query, k, excluded, ranking_id(path)))
+    return jobs
+
+
+def _reusable(path: Path, key: str, rid: str, expect: dict | None) -> bool:
+    """Whether the metric file at ``path`` was measured on this removal set and ranking, with ``expect``'s fields."""
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text())
+    if old.get("excluded") != key or old.get("ranking") != rid:
+        print(f"{path}: its ranking changed since it was measured; measuring again")
+        return False
+    if all(old.get(field) == value for field, value in (expect or {}).items()):
+        return True
+    print(f"{path}: measured without {expect}; measuring again")
+    return False
+
+
 def leave_k_out(
     original: DiffusionModel,
     num_train: int,
@@ -180,16 +210,7 @@ def leave_k_out(
         prepare_run_dir(out, identity, overwrite)
     if barrier is not None:
         barrier()
-    for k in ks:
-        require(1 <= k <= num_train, f"K = {k} must lie in [1, {num_train}] (the training-set size)")
-    fingerprint = original.fingerprint()
-    jobs = []  # (source, query, k, excluded, ranking id): all checked before any retraining
-    for k in ks:
-        for source in sources:
-            for query in queries:
-                path = source.ranking(query)
-                excluded = top_k_exclusion(path, k, num_train, train_fingerprint, fingerprint)
-                jobs.append((source, query, k, excluded, ranking_id(path)))
+    jobs = _jobs(original, num_train, train_fingerprint, queries, sources, ks)
     models = out / "models"
     files = []
     for i, (source, query, k, excluded, rid) in enumerate(jobs):
@@ -197,14 +218,8 @@ def leave_k_out(
         path = out / "metrics" / source.method / query.id / f"{name}.json"
         files.append(path)
         key = exclusion_key(excluded)
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("excluded") == key and old.get("ranking") == rid:
-                if all(old.get(field) == value for field, value in (expect or {}).items()):
-                    continue
-                print(f"{path}: measured without {expect}; measuring again")
-            else:
-                print(f"{path}: its ranking changed since it was measured; measuring again")
+        if _reusable(path, key, rid, expect):
+            continue
         label = f"{source.method} {query.id} K={k}" + (f" seed {source.seed}" if source.seed is not None else "")
         if main:
             print(f"[{i + 1}/{len(jobs)}] {label}")

@@ -116,6 +116,60 @@ def query_fingerprint(query: Query) -> str:
     return content if stream is None else f"{content}-stream{stream.seed}.{stream.batch_size}.{stream.row}"
 
 
+def run_config(method: Method) -> dict:
+    """What every query's run folder records in ``config.json`` (with the query's own id and fingerprint): all its
+    scores depend on (not ``top_k``: it lists more or fewer of the same scores, which ``scores.npy`` holds in full)."""
+    config = {
+        "method": method.name,
+        "settings": method.identity(),
+        "model": method.model.fingerprint(),
+        "data": method.data.fingerprint,
+        "flips": method.flips,
+    }
+    if method.uses_noise:
+        config["noise"] = keyed_random.NOISE
+    return config
+
+
+def _open_run_folders(method: Method, queries: Sequence[Query], out_dir: str | Path, config: dict, overwrite: bool):
+    """Each query's run folder, created (or accepted under the same ``config``) by one process; the others wait."""
+    folders = {q.id: Path(out_dir) / q.id for q in queries}
+    if is_main(method.accelerator):
+        for query in queries:
+            query_config = config | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
+            prepare_run_dir(folders[query.id], query_config, overwrite)
+            if (folders[query.id] / "ranking.json").exists():
+                print(f"{query.id}: already attributed with {method.name}, skipping")
+    barrier(method.accelerator)
+    return folders
+
+
+def _prepare(method: Method) -> None:
+    """Prepare the method; a method that does not split its work is prepared by one process first, so the others
+    read its caches instead of computing them again."""
+    t0 = time.time()
+    main = is_main(method.accelerator)
+    if method.accelerator is not None and not method.shares_passes:
+        if main:
+            method.prepare()
+        barrier(method.accelerator)
+    method.prepare()
+    if main:
+        print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
+
+
+def _write_outputs(method: Method, query: Query, folder: Path, scores, stats: dict, config: dict, top_k: int,
+                   plot: bool) -> None:  # fmt: skip
+    """``scores.npy``, ``ranking.json`` and (with ``plot``) ``top10.png`` of one attributed query."""
+    info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
+    ranking = build_ranking(info, method.name, scores, method.data, top_k, stats, config["model"])
+    write_ranking(folder, ranking, scores)
+    if plot:
+        plot_ranking(folder / "top10.png", method, query, ranking)
+    top = ranking["top_k"][0]
+    print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
+
+
 def run_method(
     method: Method,
     queries: Sequence[Query],
@@ -133,50 +187,17 @@ def run_method(
     Returns:
         The query folders, in query order.
     """
-    fingerprint = method.model.fingerprint()
-    base = {
-        "method": method.name,
-        "settings": method.identity(),
-        "model": fingerprint,
-        "data": method.data.fingerprint,
-        "flips": method.flips,
-    }  # not top_k: it lists more or fewer of the same scores (scores.npy holds them all)
-    if method.uses_noise:
-        base["noise"] = keyed_random.NOISE
-    main = is_main(method.accelerator)
-    folders = {q.id: Path(out_dir) / q.id for q in queries}
-    if main:  # one process checks and creates the folders; the others wait for it
-        for query in queries:
-            config = base | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
-            prepare_run_dir(folders[query.id], config, overwrite)
-    barrier(method.accelerator)
+    config = run_config(method)
+    folders = _open_run_folders(method, queries, out_dir, config, overwrite)
     pending = [q for q in queries if not (folders[q.id] / "ranking.json").exists()]
-    if main:
-        for query in queries:
-            if (folders[query.id] / "ranking.json").exists():
-                print(f"{query.id}: already attributed with {method.name}, skipping")
     if pending:
-        t0 = time.time()
-        if method.accelerator is not None and not method.shares_passes:
-            if main:  # a method that does not split its work: one process fills the caches, the others read them
-                method.prepare()
-            method.accelerator.wait_for_everyone()
-        method.prepare()
-        if main:
-            print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
+        _prepare(method)
     for query, scores, stats in method.score_many(pending):
-        if not main:  # every process scored (the passes are shared); one writes
+        if not is_main(method.accelerator):  # every process scored (the passes are shared); one writes
             continue
-        folder = folders[query.id]
-        info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
-        ranking = build_ranking(info, method.name, scores, method.data, top_k, stats, fingerprint)
-        write_ranking(folder, ranking, scores)
-        if plot:
-            plot_ranking(folder / "top10.png", method, query, ranking)
+        _write_outputs(method, query, folders[query.id], scores, stats, config, top_k, plot)
         if on_scores is not None:
-            on_scores(folder, query, stats)
-        top = ranking["top_k"][0]
-        print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
+            on_scores(folders[query.id], query, stats)
     barrier(method.accelerator)  # the rankings exist for every process once this returns
     return list(folders.values())
 

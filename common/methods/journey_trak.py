@@ -32,7 +32,7 @@ import torch
 from common import keyed_random
 from common.data import Query
 from common.diffusion.ddpm_loss import add_noise, unet_denoiser
-from common.diffusion.sampling import query_stream, resample
+from common.diffusion.sampling import guided_eps, query_stream, resample
 from common.errors import require
 from common.methods.registry import register
 from common.methods.trak import Rows, Trak, TrakConfig, window_timesteps
@@ -59,12 +59,9 @@ class JourneyTrakConfig(TrakConfig):
 @torch.no_grad()
 def predicted_x0(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: float):
     """The sampler's x̂0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t) (B,C,H,W), ε̂ guided as in sampling."""
-    denoise = unet_denoiser(model.unet)
     text = text.expand(len(x_t), -1, -1)
-    eps = denoise(x_t, t, text)
-    if guidance != 1.0:
-        uncond = denoise(x_t, t, model.null_text().to(text).expand_as(text))
-        eps = uncond + guidance * (eps - uncond)
+    null_text = model.null_text().to(text) if guidance != 1.0 else None
+    eps = guided_eps(unet_denoiser(model.unet), x_t, t, text, null_text, guidance)
     a = model.alphas_cumprod.to(x_t)[t].view(-1, 1, 1, 1)
     x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
     config = model.scheduler.config

@@ -157,6 +157,55 @@ def _draw(
     return x0, text, ts.to(ref.device), noise
 
 
+def _resume(checkpoint: str | Path | None, unet: torch.nn.Module, opt: torch.optim.Optimizer, identity: dict) -> int:
+    """The step to go on from: a checkpoint of this run's restores the weights and the optimizer; another run's is
+    refused; without one, 0."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return 0
+    info = load_training_state(checkpoint, unet, opt)
+    if info.get("identity") != identity:
+        raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
+    return info["step"]
+
+
+def _step_loss(
+    wrapped: torch.nn.Module,
+    model: DiffusionModel,
+    data: ArrayTrainingSet,
+    cfg: TrainConfig,
+    schedule: BatchSchedule,
+    step: int,
+    rank_and_world: tuple[int, int],
+    null_text: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """This process's share of one step's loss, scaled so that averaging the gradients over processes gives the
+    step's; None when the exclusions leave the step no visit (the step is skipped).
+
+    Excluded visits (mask and zero modes) are dropped before the forward pass: they never touch a gradient, and
+    every retained visit keeps the flip, timestep and noise it has in the full run.
+    """
+    rank, world = rank_and_world
+    batch = schedule.batch(step)
+    visits = [v for v, k in zip(batch, schedule.keep(batch).tolist()) if k]
+    if not visits:
+        return None
+    shard = visits[rank::world]
+    if not shard:  # fewer retained visits than processes: this one still joins the gradient average
+        return sum(p.sum() for p in wrapped.parameters()) * 0.0
+    x0, text, t, noise = _draw(data, shard, cfg, next(wrapped.parameters()), null_text, model.num_train_timesteps)
+    scale = loss_scale(cfg.exclusion_mode, len(batch), len(visits), len(shard), world)
+    return per_sample_loss(unet_denoiser(wrapped), x0, text, t, noise, model.alphas_cumprod).mean() * scale
+
+
+def _save_checkpoint(checkpoint, cfg: TrainConfig, done: int, accelerator, wrapped, opt, identity: dict) -> None:
+    """After ``done`` steps: the weights and optimizer state, every ``checkpoint_every`` steps and at the end."""
+    if checkpoint is None or not cfg.checkpoint_every or (done % cfg.checkpoint_every and done != cfg.steps):
+        return
+    if accelerator.is_main_process:
+        save_training_state(checkpoint, accelerator.unwrap_model(wrapped), opt, {"step": done, "identity": identity})
+    accelerator.wait_for_everyone()
+
+
 def train(
     model: DiffusionModel,
     data: ArrayTrainingSet,
@@ -175,25 +224,16 @@ def train(
     Returns:
         A summary: final loss (mean of the last 50 steps), seconds, steps per second.
     """
-    unet, alphas_cumprod = model.unet, model.alphas_cumprod
+    unet = model.unet
     null_text = model.null_text() if cfg.cond_dropout > 0 else None
     if accelerator is None:
         accelerator = Accelerator(cpu=next(unet.parameters()).device.type == "cpu")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
-    settings = identity_settings(cfg)
-    identity = {"train": settings, "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
-    start = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        info = load_training_state(checkpoint, unet, opt)
-        if info.get("identity") != identity:
-            raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
-        start = info["step"]
-    num_train_timesteps = model.num_train_timesteps
+    identity = {"train": identity_settings(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
+    start = _resume(checkpoint, unet, opt, identity)
     wrapped, wrapped_opt = accelerator.prepare(unet, opt)
     rank, world = rank_world(accelerator)
-    ref = next(wrapped.parameters())
-    denoise = unet_denoiser(wrapped)
     wrapped.train()
     recent: list[float] = []
     t0 = time.time()
@@ -202,19 +242,9 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        # Excluded visits (mask and zero modes) are dropped before the forward pass: they never touch a gradient,
-        # and every retained visit keeps the flip, timestep and noise it has in the full run.
-        batch = schedule.batch(step)
-        visits = [v for v, k in zip(batch, schedule.keep(batch).tolist()) if k]
-        if not visits:
+        loss = _step_loss(wrapped, model, data, cfg, schedule, step, (rank, world), null_text)
+        if loss is None:
             continue
-        shard = visits[rank::world]
-        if shard:
-            x0, text, t, noise = _draw(data, shard, cfg, ref, null_text, num_train_timesteps)
-            scale = loss_scale(cfg.exclusion_mode, len(batch), len(visits), len(shard), world)
-            loss = per_sample_loss(denoise, x0, text, t, noise, alphas_cumprod).mean() * scale
-        else:  # fewer retained visits than processes: this one still joins the gradient average
-            loss = sum(p.sum() for p in wrapped.parameters()) * 0.0
         wrapped_opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
@@ -227,12 +257,7 @@ def train(
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if step % 500 == 0:
             data.release_pages()  # memory-mapped rows read so far
-        done = step + 1
-        if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            if main:
-                state = {"step": done, "identity": identity}
-                save_training_state(checkpoint, accelerator.unwrap_model(wrapped), opt, state)
-            accelerator.wait_for_everyone()
+        _save_checkpoint(checkpoint, cfg, step + 1, accelerator, wrapped, opt, identity)
     unet.eval()
     seconds = time.time() - t0
     return {
