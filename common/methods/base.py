@@ -92,19 +92,26 @@ class Method(abc.ABC):
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         """Scores (N, F) float64, one column per orientation of :meth:`flip_states`, and JSON-able stats."""
 
-    def score(self, query: Query) -> tuple[np.ndarray, dict]:
-        """One score per training image (N,): the max over orientations."""
-        scores, stats = self.score_flips(query)
+    def flip_max(self, scores: np.ndarray) -> np.ndarray:
+        """One score per training image (N,) from per-orientation scores (N, F): the max over orientations, the
+        paper's flip-max (F = 1 for models trained without flips). The only place scores are reduced; a method that
+        returns another shape is refused with one line."""
         scores = np.asarray(scores, dtype=np.float64)
         want = (len(self.data), len(self.flip_states()))
         require(scores.shape == want, f"{self.name} returned scores of shape {scores.shape}, expected {want}")
-        return scores.max(axis=1), stats
+        return scores.max(axis=1)
+
+    def score(self, query: Query) -> tuple[np.ndarray, dict]:
+        """One score per training image (N,) of one query, and its stats."""
+        scores, stats = self.score_flips(query)
+        return self.flip_max(scores), stats
 
     def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
-        """(query, scores (N,), stats) for each query in order; methods that share work across queries override it."""
+        """(query, per-orientation scores (N, F), stats) for each query in order; methods that share work across
+        queries override it (the driver takes the flip-max)."""
         for query in queries:
             t0 = time.time()
-            scores, stats = self.score(query)
+            scores, stats = self.score_flips(query)
             yield query, scores, {"seconds_query": round(time.time() - t0, 3)} | stats
 
 
@@ -192,7 +199,8 @@ def run_method(
     pending = [q for q in queries if not (folders[q.id] / "ranking.json").exists()]
     if pending:
         _prepare(method)
-    for query, scores, stats in method.score_many(pending):
+    for query, per_orientation, stats in method.score_many(pending):
+        scores = method.flip_max(per_orientation)
         if not is_main(method.accelerator):  # every process scored (the passes are shared); one writes
             continue
         _write_outputs(method, query, folders[query.id], scores, stats, config, top_k, plot)

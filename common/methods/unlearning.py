@@ -254,7 +254,7 @@ class Unlearning(Method):
                     path.unlink(missing_ok=True)
 
     def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score) -> tuple[np.ndarray, dict]:
-        """Scores (N,) max over the flips, and the query's stats; keeps the per-timestep rises for analyses."""
+        """Per-orientation scores (N, F) and the query's stats; keeps the per-timestep rises for analyses."""
         precision = self.cfg.scoring.precision
         scores = loss_deviation(self.base, after)
         self.last_deltas = (after - self.base).float().numpy()
@@ -272,7 +272,7 @@ class Unlearning(Method):
             "seconds_unlearn": round(seconds_unlearn, 2),
             "seconds_score": round(seconds_score, 2),
         }
-        return scores.max(axis=1), stats
+        return scores, stats
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
@@ -287,5 +287,4 @@ class Unlearning(Method):
         barrier(self.accelerator)
         if folder is not None and rank_world(self.accelerator)[0] == 0:
             shutil.rmtree(folder, ignore_errors=True)
-        _, stats = self._finish(query, weights, start, after, seconds, time.time() - t0)
-        return loss_deviation(self.base, after), stats
+        return self._finish(query, weights, start, after, seconds, time.time() - t0)
