@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Every registered method on the tiny benchmark, measured the same way (tiny/README.md, "Methods compared"):
+# Every registered method on the tiny benchmark, measured the same way (tiny/README.md, "Methods compared";
+# settings and reading: docs/results/tiny_methods_compared.md):
 # self-attribution of 20 training images, agreement of the top-10 with 8 generated queries' prompts,
 # preparation time and time per query; one table in OUT/compare/comparison.md.
 #
 #   bash tiny/scripts/compare.sh [OUT_DIR]        (default: results/quickstart; reuses its data and model)
 #
 # Environment: METHODS (default: every offline method, then the feature methods; unlearning-ekfac and
-# unlearning-block are unlearning with that preconditioner, tiny/README.md "Curvature"), ENSEMBLE (TRAK's models,
+# unlearning-block are unlearning with that preconditioner, docs/results/tiny_curvature.md), ENSEMBLE (TRAK's models,
 # default 3: the model plus 2 trained with other seeds), CLIP_WEIGHTS / DINO_WEIGHTS / DINOV2_WEIGHTS /
 # ABC_MAPPER (hub ids or local paths; without them those rows say what is missing), DEVICE (cpu), PRESET.
 set -euo pipefail

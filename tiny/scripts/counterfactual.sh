@@ -18,7 +18,7 @@
 # CLIP_WEIGHTS (open_clip tag or path; empty: no CLIP column), EXCLUSION_MODE (the preset's: zero),
 # OFF_TARGET (the off-target control: each removal's ΔL also on the next OFF_TARGET queries, measured on the
 # models already retrained; default 4, or all other queries when there are fewer; 0: off),
-# NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). tiny/README.md's tables came from
+# NOISE_FLOOR_K (5), NOISE_FLOOR_MODES (empty: none; e.g. "remove mask"). docs/results/tiny_leave_k_out.md's tables came from
 #   (every method, after table2.sh, on Table 2's generated queries)
 #   QUERIES=results/counterfactual/table2/generated_queries METHODS="pixel random trak d-trak journey-trak" \
 #     VARIANTS="newton_kv newton_all" KS=20 bash tiny/scripts/counterfactual.sh

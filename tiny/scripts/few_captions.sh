@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Self-attribution when captions are few (tiny/README.md, "Few distinct captions"): the same 500 images as
+# Self-attribution when captions are few (docs/results/tiny_few_captions.md): the same 500 images as
 # the leave-K-out set, captioned only by colour and shape ("a red circle": 24 distinct captions), a model
 # trained on them with the leave-K-out recipe, and unlearning with each weight selection at the step size
 # table2.sh chose for it. Updating only the text's K/V acts through the caption, so images that share a

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run-to-run stability on the tiny benchmark (tiny/README.md, "Run-to-run stability"): each method twice,
+# Run-to-run stability on the tiny benchmark (docs/results/tiny_stability.md): each method twice,
 # the two runs differing only in their seeds, compared by top-10 and top-100 overlap and Spearman
 # (tiny.agreement); for unlearning, how stability, quality and cost change with the query draws
 # (1k -> 10k -> 50k), the scoring timesteps (10 -> 20 -> 50) and averaging scores over seeds.

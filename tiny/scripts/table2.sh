@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's Table 2 at tiny scale (tiny/README.md, "Table 2 at tiny scale"): unlearning with the Newton
+# The paper's Table 2 at tiny scale (docs/results/tiny_table2.md): unlearning with the Newton
 # step on cross-attention K/V, all cross-attention, all attention and all weights, and with plain SGD
 # (1 and 10 steps), each at the best step size of a small sweep. The sweep ranks 4 training images by
 # self-attribution; the report measures 10 other training images and 8 generated queries (tiny.evaluate).
@@ -32,7 +32,7 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
 : "${GRID_newton_attn:=2.5e-05 0.0001 0.0004}"
 : "${GRID_newton_all:=2.5e-06 1e-05 4e-05}"
 # EK-FAC and block: on the quickstart model their step at α = 1e-3 moved K/V ~10x as far as the diagonal's
-# (tiny/README.md, "Curvature"), so the grid reaches 16x lower.
+# (docs/results/tiny_curvature.md), so the grid reaches 16x lower.
 : "${GRID_ekfac_kv:=1.25e-05 5e-05 0.0002 0.0008}"
 : "${GRID_block_kv:=1.25e-05 5e-05 0.0002 0.0008}"
 : "${GRID_sgd_1:=25 100 400 1600}"
