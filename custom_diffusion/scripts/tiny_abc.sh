@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU twin of AbC (custom_diffusion/README.md, "The CPU twin"): concepts the tiny model never saw
+# The CPU twin of AbC (custom_diffusion/README.md, "The CPU twin"; measured: docs/results/tiny_abc_twin.md): concepts the tiny model never saw
 # (custom_diffusion/configs/tiny_concepts.yaml: 8 objects, 8 styles, 3 seeds each) taught by Custom Diffusion
 # fine-tuning, 5 generated queries per customized model, ranked over the concept's exemplars plus the pretraining
 # images by every offline method; Recall@10 and mAP per concept kind, clustered by concept. Unlearning is tuned on
@@ -35,7 +35,7 @@
 #                    chooses each variant's step size by the image-only score
 #   TUNE_ONLY=1      stop after the tuning grid; PRESET (of tiny/configs/tiny.yaml: default); DEVICE (cpu)
 #   SHARDS           processes side by side for fine-tuning and attribution (default 1), each taking every SHARDS-th
-#                    concept with nproc/SHARDS threads; tiny models gain from it (custom_diffusion/README.md).
+#                    concept with nproc/SHARDS threads; tiny models gain from it (docs/results/tiny_abc_twin.md).
 #                    D-TRAK on all weights holds a 9 GB projection per process.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
