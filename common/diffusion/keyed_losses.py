@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import keyed_random
-from common.config import identity_settings, no_effect
+from common.config import no_effect
 from common.data import ArrayTrainingSet
 from common.diffusion.ddpm_loss import per_sample_loss, strided_timesteps, unet_denoiser
 from common.errors import AttributionError, require
@@ -43,10 +43,6 @@ class LossConfig:
             return strided_timesteps(self.num_timesteps, num_train_timesteps, self.first_timestep)
         except ValueError as err:
             raise AttributionError(f"{err} (the model has {num_train_timesteps} diffusion steps)") from None
-
-    def identity_dict(self) -> dict:
-        """The settings that change loss values (the batch size does not)."""
-        return identity_settings(self)
 
 
 PRECISIONS = ("fp32", "bf16")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import canonical, differing
-from common.config import no_effect
+from common.config import identity_settings, no_effect
 from common.data import ArrayTrainingSet
 from common.diffusion.keyed_losses import PRECISIONS, LossConfig, check_finite, image_losses
 from common.errors import AttributionError, require
@@ -94,7 +94,7 @@ def pass_identity(
             "flips": flips,
             "noise": keyed_random.NOISE,
             "purpose": purpose,
-            "loss": cfg.identity_dict(),
+            "loss": identity_settings(cfg),
             "precision": pass_cfg.precision,
             "chunk_images": pass_cfg.chunk_images,
             "weights": {name: weight_set_fingerprint(w) for name, w in weight_sets.items()},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from common import keyed_random
 from common.cache import cached_tensors
-from common.config import no_effect
+from common.config import identity_settings, no_effect
 from common.data import Query
 from common.diffusion.keyed_losses import LossConfig, dataset_losses
 from common.diffusion.loss_passes import PassConfig, loss_pass
@@ -156,7 +156,7 @@ class Unlearning(Method):
             "model": self.model.fingerprint(),
             "num_train": len(self.data),
             "noise": keyed_random.NOISE,
-            "unlearn": asdict(self.cfg.unlearn),
+            "unlearn": identity_settings(self.cfg.unlearn),
             "fisher": curvature_fingerprint(self.fisher, names),
             "query": query_fingerprint(query),
         }
@@ -209,7 +209,7 @@ class Unlearning(Method):
                 for qid, w in sets.items()
             }, None
         what = {qid: weight_set_fingerprint(w) for qid, w in sets.items()} | {
-            "": [cfg.loss.identity_dict(), cfg.scoring.precision]
+            "": [identity_settings(cfg.loss), cfg.scoring.precision]
         }
         folder = self.cache_dir / "scoring" / settings_digest(what)
         label = f"score {len(sets)} quer{'y' if len(sets) == 1 else 'ies'}"
