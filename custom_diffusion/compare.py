@@ -1,6 +1,6 @@
 """Every method's AbC retrieval side by side, and the object-vs-style scatter of the paper's Figure 6.
 
-    python -m custom_diffusion.compare OUT        (after custom_diffusion.attribute with each --method)
+    python -m custom_diffusion.compare OUT        (after common.driver custom_diffusion attribute with each --method)
 
 Reads ``OUT/<method>/retrieval.json`` for every method that has one and writes ``OUT/retrieval.md``
 (Recall@10 and mAP per concept kind and overall, one row per method; then each method's AP minus each other's on
@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from common.errors import cli, require, require_file
+from common.evaluation.retrieval import average_precision, recall_at_k
 from common.evaluation.tables import mean_se
 
 KINDS = ("object", "style")
+RECALL_KS = (5, 10, 100)
 # The levels a retrieval row may name, coarsest first: statistics average within the coarsest that varies.
 CLUSTERS = ("concept", "seed")
 
@@ -49,7 +54,10 @@ def clustered(rows: list[dict], value) -> tuple[float, float, int]:
 def gather(out: Path) -> dict[str, dict[str, dict]]:
     """method -> query id -> retrieval row, for every ``OUT/<method>/retrieval.json``."""
     found = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/retrieval.json"))}
-    require(bool(found), f"no <method>/retrieval.json in {out}: run custom_diffusion.attribute first")
+    require(
+        bool(found),
+        f"no <method>/retrieval.json in {out}: run python -m common.driver custom_diffusion attribute first",
+    )
     return found
 
 
@@ -65,6 +73,26 @@ def group_stats(rows: dict[str, dict], field: str, values) -> dict[str, tuple[in
             *ap, n = clustered(members, lambda r: r["ap"])
             out[name] = (len(members), tuple(recall), tuple(ap), n)
     return out
+
+
+def retrieval_row(scores: np.ndarray, num_relevant: int, **fields) -> dict:
+    """Recall@K and AP of the relevant items, which are the first ``num_relevant`` rows (exemplars first)."""
+    relevant = list(range(num_relevant))
+    row = {f"recall@{k}": recall_at_k(scores, relevant, k) for k in RECALL_KS}
+    return row | {"ap": average_precision(scores, relevant)} | fields
+
+
+def retrieval_table(rows: dict[str, dict], title: str, groups: list[tuple[str, Sequence[str]]]) -> str:
+    """Mean ± SE of Recall@10 and mAP per value of each (field, values) in ``groups``, then over all queries;
+    clustered as :func:`clustered` (by concept, within a concept by seed)."""
+    lines = [f"| {title} | queries | clusters | Recall@10 | mAP |", "|---|---|---|---|---|"]
+    stats = {}
+    for field, values in groups:
+        stats |= {k: v for k, v in group_stats(rows, field, values).items() if k != "all"}
+    stats["all"] = group_stats(rows, groups[0][0], [])["all"]
+    for name, (n, recall, ap, clusters) in stats.items():
+        lines.append(f"| {name} | {n} | {clusters} | {recall[0]:.3f} ± {recall[1]:.3f} | {ap[0]:.3f} ± {ap[1]:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(rows: dict[str, dict]) -> dict[str, tuple[int, tuple, tuple, int]]:
@@ -160,7 +188,9 @@ def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="the output folder of custom_diffusion.attribute")
+    parser.add_argument(
+        "out", help="the output folder of the attribute stage (common.driver custom_diffusion attribute)"
+    )
     parser.add_argument(
         "--shows",
         default=None,

@@ -7,7 +7,7 @@
 
 As AbC uses SD v1.4's Fisher for all its models (Custom Diffusion changes only K/V, and little), the
 curvature is fitted on the base model and the ranked LAION images with the Fisher stage's settings
-(``--fisher.*``: selection, samples, seed), resumable, and passed to ``custom_diffusion.attribute`` as
+(``--fisher.*``: selection, samples, seed), resumable, and passed to ``python -m common.driver abc attribute`` as
 ``--fisher.file`` with the same ``--unlearn.preconditioner``: a diagonal Fisher file (the released
 ``sd_fisher.pt`` is one), an EK-FAC factor folder in kronfluence's layout, or a block Fisher file.
 """

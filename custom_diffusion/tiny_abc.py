@@ -9,7 +9,7 @@ renders its exemplars (``OUT/concepts/<name>/``: images and metadata.jsonl), fin
 on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files and finetune.json)
 and generates its queries (``OUT/queries/<name>/<name>-q000/``...); ``OUT/concepts.png`` shows them side
 by side. ``attribute`` ranks each query's training set, the concept's exemplars (first, under the
-training prompt) then the pretraining set, with one registered method, as custom_diffusion.attribute
+training prompt) then the pretraining set, with one registered method, as the abc benchmark's attribute stage
 does for Stable Diffusion: the unlearning method's curvature (``--unlearn.preconditioner``) is the base model's
 on the ranked pretraining images (fitted once per weight selection, ``OUT/cache/base-pool<N>-<selection>/``), as
 AbC uses SD v1.4's, or with ``--curvature custom`` each customized model's own on its ranked set. Runs that differ
@@ -42,8 +42,7 @@ from common.files import read_json, write_json
 from common.fingerprints import settings_digest
 from common.methods.base import run_method
 from common.queries import generate_queries, load_queries
-from custom_diffusion.attribute import retrieval_row, retrieval_table
-from custom_diffusion.compare import KINDS
+from custom_diffusion.compare import KINDS, retrieval_row, retrieval_table
 from custom_diffusion.finetune import FinetuneConfig, finetune, regularisation_indices
 from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
 from tiny import shapes

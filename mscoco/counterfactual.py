@@ -4,7 +4,7 @@
         [--queries release:0-9] [--rankings LABEL=FOLDER ...] --config mscoco/configs/mscoco.yaml --preset paper
     accelerate launch -m mscoco.counterfactual ...     (each retraining spread over every GPU)
 
-Rankings come from ``ATTR/<method>/<query id>/`` (``mscoco.attribute --out ATTR``; missing ones are made
+Rankings come from ``ATTR/<method>/<query id>/`` (``python -m common.driver mscoco attribute --out ATTR``; missing ones are made
 here with the preset's settings, which for unlearning means a full scoring pass per query group), and
 ``--rankings LABEL=FOLDER`` adds rankings made elsewhere as row LABEL (Table 2's variants). For each
 (method, query, K) the top-K images (both flips) are removed and the UNet is retrained from scratch
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet", default=None, help="the ranked UNet (default DATA/model.bin)")
     parser.add_argument("--components", default=DEFAULT_COMPONENTS, help="hub id or folder with SD2's vae/, ...")
     parser.add_argument("--queries", default="release", help="release, release:0-9,15 or a folder of query folders")
-    parser.add_argument("--attribution", default=None, help="mscoco.attribute output (default OUT/attribution)")
+    parser.add_argument("--attribution", default=None, help="the attribute stage's output (default OUT/attribution)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--methods", nargs="*", default=["unlearning", "random"], choices=sorted(methods()), help="registered methods"

@@ -4,7 +4,7 @@
 
 For each size N, arrays in the released layout (text embeddings in float16, 788 KB per image) are
 written to a scratch folder with a UNet (``--widths``) and a Fisher file over all its weights; then
-``mscoco.attribute`` scores one released query with unlearning (the Fisher imported, pretrained losses
+``python -m common.driver mscoco attribute`` scores one released query with unlearning (the Fisher imported, pretrained losses
 and the scoring pass over all N images) in a child process whose memory is read from ``/proc`` every
 20 ms: ``RssAnon`` (its own memory: model, tensors, buffers) and ``RssFile`` (pages of the memory-mapped
 arrays mapped in so far; clean file pages, which the kernel drops under memory pressure), and their sum.
@@ -107,7 +107,17 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         folder = scratch / f"n{n}"
         write_arrays(folder, n, widths=widths)
-        command = [sys.executable, "-m", "mscoco.attribute", "--data", str(folder), "--queries", "release:0"]
+        command = [
+            sys.executable,
+            "-m",
+            "common.driver",
+            "mscoco",
+            "attribute",
+            "--data",
+            str(folder),
+            "--queries",
+            "release:0",
+        ]
         command += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--no-plot"]
         command += ["--fisher.file", str(folder / release.FISHER), "--out", str(folder / "out")]
         command += [

@@ -41,7 +41,7 @@ fi
 done_stage generate
 
 stage "attribute (Fisher, pretrained losses, unlearning, scoring)"
-python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
+python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 done_stage attribute
 

@@ -63,7 +63,7 @@ def tiny_runs(tmp: Path) -> dict[str, dict]:
     for method in TINY_METHODS:
         flags = ["--model", str(model), "--data", str(data), "--queries", str(queries), "--out", str(out)]
         flags += ["--config", TINY_CONFIG, "--preset", "micro", "--device", "cpu", *method_flags(method, other)]
-        run("tiny.attribute", *flags)
+        run("common.driver", "tiny", "attribute", *flags)
         results[f"tiny/{method[0]}"] = collect(out / method[0])
     return results
 
@@ -81,7 +81,7 @@ def mscoco_runs(tmp: Path) -> dict[str, dict]:
         flags = ["--data", str(data), "--components", str(components), "--queries", "release:0-2", "--out", str(out)]
         flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--no-plot"]
         flags += ["--fisher.file", str(data / release.FISHER)] if method[0] == "unlearning" else []
-        run("mscoco.attribute", *flags, *method_flags(method, other))
+        run("common.driver", "mscoco", "attribute", *flags, *method_flags(method, other))
         results[f"mscoco/{method[0]}"] = collect(out / method[0])
     return results
 
@@ -113,7 +113,7 @@ def abc_runs(tmp: Path) -> dict[str, dict]:
         flags = ["--data", str(data), "--tasks", str(data / "tasks.json"), "--sd", str(tmp / "sd"), "--out", str(out)]
         flags += ["--config", str(CONFIG), "--preset", "micro", "--device", "cpu", "--laion-count", "4", "--no-plot"]
         flags += ["--fisher.file", str(tmp / "sd_fisher.pt")] if method[0] == "unlearning" else []
-        run("custom_diffusion.attribute", *flags, *method_flags(method, tmp / "sd_other"))
+        run("common.driver", "abc", "attribute", *flags, *method_flags(method, tmp / "sd_other"))
         results[f"abc/{method[0]}"] = collect(out / method[0])
     return results
 

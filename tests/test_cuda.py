@@ -77,9 +77,9 @@ def test_losses_and_fisher_on_the_device_match_the_cpu():
 def test_attribute_script_on_the_device_ranks_as_on_the_cpu(tmp_path):
     flags = attribute_flags(tmp_path)
     flags[flags.index("--device") + 1] = DEVICE
-    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "dev"), "--no-plot")
+    run_module("common.driver", "mscoco", "attribute", *flags, "--out", str(tmp_path / "dev"), "--no-plot")
     flags[flags.index("--device") + 1] = "cpu"
-    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "cpu"), "--no-plot")
+    run_module("common.driver", "mscoco", "attribute", *flags, "--out", str(tmp_path / "cpu"), "--no-plot")
     for q in ("sample000", "sample001", "sample002"):
         cpu = np.load(tmp_path / "cpu" / "unlearning" / q / "scores.npy")
         dev = np.load(tmp_path / "dev" / "unlearning" / q / "scores.npy")

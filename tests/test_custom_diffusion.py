@@ -424,7 +424,7 @@ def test_a_task_ranks_its_exemplars_first_then_laion_with_the_new_token(tmp_path
 
 
 def abc_runner(tmp_path):
-    """``custom_diffusion.attribute`` on the tiny AbC folder with the micro preset (extra flags appended)."""
+    """The abc benchmark's attribute stage on the tiny AbC folder with the micro preset (extra flags appended)."""
     import subprocess
     import sys
 
@@ -435,7 +435,7 @@ def abc_runner(tmp_path):
     flags += ["--device", "cpu", "--laion-count", "4", "--no-plot"]
 
     def run(*extra, check=True):
-        command = [sys.executable, "-m", "custom_diffusion.attribute", *flags, *extra]
+        command = [sys.executable, "-m", "common.driver", "abc", "attribute", *flags, *extra]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         assert not check or proc.returncode == 0, proc.stderr[-3000:]
         return proc
@@ -462,7 +462,9 @@ def test_attribute_script_scores_retrieval_per_query_resumes_and_refuses_a_bad_t
     """In process (the subprocess form runs in the slow test below)."""
     import json
 
-    from custom_diffusion.attribute import main
+    from common.driver import command
+
+    main = command("abc", "attribute")
 
     write_abc(tmp_path)
     data = tmp_path / "abc"
@@ -498,7 +500,9 @@ def test_trak_ensembles_another_stable_diffusion_or_another_fine_tuning_of_one_c
     import torch
     from diffusers import UNet2DConditionModel
 
-    from custom_diffusion.attribute import main
+    from common.driver import command
+
+    main = command("abc", "attribute")
 
     write_abc(tmp_path)
     data = tmp_path / "abc"
@@ -615,8 +619,7 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
 def test_compare_clusters_by_concept_then_seed_and_reports_the_queries_that_show_their_concept(tmp_path):
     import json
 
-    from custom_diffusion.attribute import retrieval_table
-    from custom_diffusion.compare import main
+    from custom_diffusion.compare import main, retrieval_table
 
     def rows(aps):
         where = [("c1", 0), ("c1", 1), ("c2", 0), ("c2", 1)]
@@ -1128,8 +1131,10 @@ def test_the_stable_tiny_preset_is_the_default_at_50_scoring_timesteps():
 
 def test_fit_curvature_fits_the_base_models_factors_once_for_every_customized_model(tmp_path, capsys):
     """EK-FAC of SD's K/V on the LAION subset, then attribution with them (in process)."""
+    from common.driver import command
     from common.unlearning.ekfac import read_factor_folder
-    from custom_diffusion.attribute import main as attribute
+
+    attribute = command("abc", "attribute")
     from custom_diffusion.fit_curvature import main
     from custom_diffusion.model import StableDiffusionModel
 

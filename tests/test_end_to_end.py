@@ -61,7 +61,18 @@ def micro_run(tmp_path_factory):
     run(
         "tiny.generate", "--model", str(out / "model"), "--out", str(out / "queries"), "--num", "2", "--num-steps", "20"
     )
-    attribute = ("tiny.attribute", *shared_args(out), "--out", str(out / "attr"), "--device", "cpu", "--top-k", "10")
+    attribute = (
+        "common.driver",
+        "tiny",
+        "attribute",
+        *shared_args(out),
+        "--out",
+        str(out / "attr"),
+        "--device",
+        "cpu",
+        "--top-k",
+        "10",
+    )
     run(*attribute)
     return out, attribute
 

@@ -369,7 +369,9 @@ def attribute_flags(tmp_path):
 
 def test_trak_with_an_ensemble_loads_the_other_unet_through_the_attribute_script(tmp_path, capsys):
     """The paper's TRAK recipe (an ensemble of independently trained models) on the release: each member by path."""
-    from mscoco.attribute import main
+    from common.driver import command
+
+    main = command("mscoco", "attribute")
 
     flags = [*attribute_flags(tmp_path)[:-2], "--out", str(tmp_path / "out"), "--no-plot", "--method", "trak"]
     flags += ["--queries", "release:1", "--trak.selection", "cross-attn-kv", "--trak.num_timesteps", "1"]
@@ -389,17 +391,17 @@ def test_trak_with_an_ensemble_loads_the_other_unet_through_the_attribute_script
 @pytest.mark.slow  # 50 s: the library path it drives runs by default in the unlearning test above
 def test_attribute_script_scores_the_release_resumes_and_refuses_a_partial_fisher(tmp_path):
     flags = attribute_flags(tmp_path)
-    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    run_module("common.driver", "mscoco", "attribute", *flags, "--out", str(tmp_path / "one"))
     for q in ("sample000", "sample001", "sample002"):
         scores = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
         assert scores.shape == (6,) and np.isfinite(scores).all() and np.ptp(scores) > 0, q
     assert (tmp_path / "one" / "unlearning" / "sample000" / "top10.png").exists()
-    again = run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"))
+    again = run_module("common.driver", "mscoco", "attribute", *flags, "--out", str(tmp_path / "one"))
     assert again.stdout.count("already attributed") == 3
     fisher = torch.load(tmp_path / "data" / release.FISHER)
     torch.save({n: v for n, v in fisher.items() if "attn2.to_v" not in n}, tmp_path / "partial.pt")
     partial = [*flags[:-1], str(tmp_path / "partial.pt"), "--out", str(tmp_path / "three")]
-    proc = run_module("mscoco.attribute", *partial, check=False)
+    proc = run_module("common.driver", "mscoco", "attribute", *partial, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "lacks" in proc.stderr.strip().splitlines()[-1] and "attn2.to_v" in proc.stderr
 
@@ -408,9 +410,19 @@ def test_attribute_script_scores_the_release_resumes_and_refuses_a_partial_fishe
 def test_attribute_script_gives_the_same_scores_on_two_processes(tmp_path):
     """The whole script under torchrun (the pass-level test in test_passes.py runs by default)."""
     flags = attribute_flags(tmp_path)
-    run_module("mscoco.attribute", *flags, "--out", str(tmp_path / "one"), "--no-plot")
+    run_module("common.driver", "mscoco", "attribute", *flags, "--out", str(tmp_path / "one"), "--no-plot")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
-    run_module("-m", "mscoco.attribute", *flags, "--out", str(tmp_path / "two"), "--no-plot", launcher=torchrun)
+    run_module(
+        "-m",
+        "common.driver",
+        "mscoco",
+        "attribute",
+        *flags,
+        "--out",
+        str(tmp_path / "two"),
+        "--no-plot",
+        launcher=torchrun,
+    )
     for q in ("sample000", "sample001", "sample002"):
         one = np.load(tmp_path / "one" / "unlearning" / q / "scores.npy")
         two = np.load(tmp_path / "two" / "unlearning" / q / "scores.npy")
@@ -690,8 +702,10 @@ def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeyp
 
 def test_prepare_only_fits_ekfac_factors_that_a_later_run_imports(tmp_path, capsys):
     """AbU+ on the release layout: factors fitted by --prepare-only (no query scored), then imported by path."""
+    from common.driver import command
     from common.unlearning.ekfac import REQUIRED
-    from mscoco.attribute import main
+
+    main = command("mscoco", "attribute")
 
     flags = attribute_flags(tmp_path)[:-2]  # without the released diagonal Fisher
     ekfac = ["--method", "unlearning", "--unlearn.preconditioner", "ekfac", "--fisher.num_samples", "16", "--no-plot"]

@@ -3,10 +3,10 @@
     python -m tiny.counterfactual --model M --data D --queries Q --out OUT \
         --eval.ks 10 20 80 --methods unlearning pixel random
 
-Rankings of every method come from ``--attribution`` (the layout of :mod:`tiny.attribute`:
+Rankings of every method come from ``--attribution`` (the layout of the attribute stage, ``python -m common.driver tiny attribute``:
 ``<attribution>/<method>/<query id>/``; missing ones are made here with the preset's settings);
 the random baseline uses ``eval.random_seeds`` query-independent rankings; ``--rankings LABEL=FOLDER``
-adds rankings made elsewhere (e.g. an unlearning variant by ``tiny.attribute``) as row LABEL. The library's driver
+adds rankings made elsewhere (e.g. an unlearning variant by the attribute stage) as row LABEL. The library's driver
 (:mod:`common.evaluation.leave_k_out`) retrains from scratch without each top-K with the original
 recipe and seed (cached by the excluded set; interrupted trainings resume), measures ΔL and the
 regeneration, and writes ``OUT/metrics/...``, ``OUT/table.md``, ``table.csv``, ``delta_loss.png``

@@ -25,7 +25,7 @@ from common.fingerprints import fingerprint_tensors
 from common.model import DiffusionModel
 from common.outputs import build_ranking, prepare_run_dir, write_ranking
 from common.plots import plot_top_images
-from common.processes import barrier, is_main
+from common.processes import barrier, is_main, rank_world
 
 
 class Method(abc.ABC):
@@ -156,7 +156,7 @@ def _prepare(method: Method) -> None:
     read its caches instead of computing them again."""
     t0 = time.time()
     main = is_main(method.accelerator)
-    if method.accelerator is not None and not method.shares_passes:
+    if rank_world(method.accelerator)[1] > 1 and not method.shares_passes:
         if main:
             method.prepare()
         barrier(method.accelerator)

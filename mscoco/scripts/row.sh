@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One row of the paper's MSCOCO leave-K-out tables (mscoco/README.md, "Leave-K-out"): rank the training
-# set for each query with a method (mscoco.attribute), then remove each query's top-K, retrain with the
+# set for each query with a method (common.driver mscoco attribute), then remove each query's top-K, retrain with the
 # paper's recipe and measure ΔL, regeneration MSE and CLIP similarity (mscoco.counterfactual). Every row
 # writes into OUT/leave_k_out, whose table.md and paper.md (ours beside the paper's) gather all rows so far.
 #
@@ -31,9 +31,9 @@ EVAL=(-m mscoco.counterfactual "${COMMON[@]}" --out "$OUT/leave_k_out" --attribu
 if [ "$METHOD" = random ]; then  # query-independent random sets, one per seed, made by the evaluation
   "${LAUNCH[@]}" "${EVAL[@]}" --methods random "$@"
 elif [ "$ROW" = "$METHOD" ]; then
-  "${LAUNCH[@]}" -m mscoco.attribute "${COMMON[@]}" --out "$OUT/rankings" --method "$METHOD" --no-plot "$@"
+  "${LAUNCH[@]}" -m common.driver mscoco attribute "${COMMON[@]}" --out "$OUT/rankings" --method "$METHOD" --no-plot "$@"
   "${LAUNCH[@]}" "${EVAL[@]}" --methods "$METHOD" "$@"
 else
-  "${LAUNCH[@]}" -m mscoco.attribute "${COMMON[@]}" --out "$OUT/rankings/$ROW" --method "$METHOD" --no-plot "$@"
+  "${LAUNCH[@]}" -m common.driver mscoco attribute "${COMMON[@]}" --out "$OUT/rankings/$ROW" --method "$METHOD" --no-plot "$@"
   "${LAUNCH[@]}" "${EVAL[@]}" --methods --rankings "$ROW=$OUT/rankings/$ROW/$METHOD" "$@"
 fi

@@ -59,14 +59,14 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
 QUERIES=${QUERIES:-$OUT/queries}
 [ -d "$QUERIES" ] || python -m tiny.generate --model "$OUT/model" --out "$QUERIES" --num "$NUM_QUERIES" \
   --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
-python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" --out "$OUT/attribution" \
+python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 NUM_QUERIES_FOUND=$(find "$QUERIES" -mindepth 1 -maxdepth 1 -type d | wc -l)
 OFF_TARGET=${OFF_TARGET:-$((NUM_QUERIES_FOUND - 1 < 4 ? NUM_QUERIES_FOUND - 1 : 4))}
 RANKINGS=()
 for V in ${VARIANTS:-}; do  # a Table 2 variant: attributed with every unlearning setting table2.sh used
   # shellcheck disable=SC2046
-  python -m tiny.attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
+  python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
     --out "$OUT/attribution_$V" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" $(variant_flags "$V")
   RANKINGS+=("$V=$OUT/attribution_$V/unlearning")
 done

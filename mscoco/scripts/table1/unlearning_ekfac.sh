@@ -2,7 +2,7 @@
 # The follow-up's AbU+ row (FastGDA, NeurIPS 2025; PAPER.md §6): one Newton step, alpha = 0.01, with EK-FAC
 # curvature (preset paper_ekfac). EKFAC: a factor folder in kronfluence's layout, FastGDA's released
 # coco/ekfac_fisher (Hub dataset sywang/FastGDA) or one fitted here:
-#   accelerate launch -m mscoco.attribute --data DATA --out OUT/rankings/unlearning-ekfac --method unlearning \
+#   accelerate launch -m common.driver mscoco attribute --data DATA --out OUT/rankings/unlearning-ekfac --method unlearning \
 #     --config mscoco/configs/mscoco.yaml --preset paper_ekfac --prepare-only
 # (then EKFAC=OUT/rankings/unlearning-ekfac/cache/unlearning/ekfac; 2 x 100,000 forward-backward passes, no
 # per-sample vmap: by the training cost of PAPER.md §3, about 10 A100-minutes, not yet measured on a GPU).

@@ -1,0 +1,99 @@
+"""What a benchmark gives the library (the benchmark contract), and finding a benchmark by its name.
+
+A benchmark is one file in its own package, ``<package>/benchmark.py``, holding a subclass of :class:`Benchmark`,
+and one line in ``pyproject.toml``'s ``[project.entry-points."attribute_by_unlearning.benchmarks"]`` naming it (so a
+benchmark in another installed package is found the same way). The driver (:mod:`common.driver`) does the rest: flags,
+presets, the accelerator, building the method, the run folders and their outputs, for every registered method.
+
+What a benchmark gives:
+- ``add_arguments(parser)``: the flags saying where its model, training set and queries are;
+- ``attributions(args, device, method, cfg)``: one :class:`Attribution` per model it attributes (most benchmarks have
+  one; Custom Diffusion has one per customized model): the model ready for gradients, its training set, its queries,
+  and ``load_model``, which loads another model of the same benchmark by folder or hub id (TRAK's ensemble);
+- ``attributed(attribution, folders)`` and ``finish(out, is_main)``: optional, what it measures from the finished
+  rankings (Custom Diffusion: the exemplars' retrieval);
+- ``presets``: its YAML presets file.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+from common.data import Query
+from common.errors import AttributionError, require
+from common.model import DiffusionModel
+
+ENTRY_POINTS = "attribute_by_unlearning.benchmarks"
+
+
+@dataclass
+class Attribution:
+    """One model and what is attributed against it.
+
+    Args:
+        model: the model, ready for per-sample gradients on the run's device.
+        data: its training set (the images ranked).
+        queries: the generated images to attribute.
+        load_model: another model of the same benchmark from a folder or hub id, ready for gradients (TRAK's
+            ensemble members).
+        cache: the subfolder of ``OUT/cache/<method>/`` of this model's caches ("" when the benchmark has one model).
+        info: per query id, what the benchmark's own measures need from it (e.g. how many exemplars it has).
+    """
+
+    model: DiffusionModel
+    data: Any
+    queries: list[Query]
+    load_model: Callable[[str], DiffusionModel]
+    cache: str = ""
+    info: dict[str, dict] = field(default_factory=dict)
+
+
+class Benchmark(abc.ABC):
+    """A benchmark: where its model, training set and queries come from, and what it measures from the rankings."""
+
+    name: ClassVar[str]
+    presets: ClassVar[str]  # its YAML presets file, relative to the repository root (the help of --config names it)
+
+    @abc.abstractmethod
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the flags that say where the model, its training set and the queries are."""
+
+    @abc.abstractmethod
+    def attributions(self, args: argparse.Namespace, device, method: type, cfg: Any) -> Iterator[Attribution]:
+        """One :class:`Attribution` per model for ``method`` (its class) with settings ``cfg``, each loaded when it is
+        reached (one model on the device at a time). Refuse bad input with :func:`~common.errors.require` before
+        loading anything."""
+
+    def attributed(self, attribution: Attribution, folders: list[Path]) -> None:  # noqa: B027 (optional)
+        """Called with each model's query folders once they hold their rankings (every process)."""
+
+    def finish(self, out: Path, is_main: bool) -> None:  # noqa: B027 (optional)
+        """Called once after every model, with the method's output folder ``OUT/<method>``."""
+
+
+def registered() -> dict[str, str]:
+    """Benchmark name -> ``module:Class``, as the installed packages declare them."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The benchmark registered as ``name``, or named by ``package.module:Class``; an unknown one lists the choices."""
+    known = registered()
+    spec = known.get(name, name if ":" in name else None)
+    if spec is None:
+        choices = ", ".join(sorted(known)) or "none (is the package installed? pip install -e .)"
+        raise AttributionError(f"unknown benchmark {name!r}: choose from {choices}, or give package.module:Class")
+    module, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise AttributionError(f"benchmark {name!r}: cannot load {spec} ({err})") from err
+    require(isinstance(cls, type) and issubclass(cls, Benchmark), f"{spec} is not a Benchmark subclass")
+    return cls()
