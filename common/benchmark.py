@@ -12,7 +12,10 @@ What a benchmark gives:
   and ``load_model``, which loads another model of the same benchmark by folder or hub id (TRAK's ensemble);
 - ``attributed(attribution, folders)`` and ``finish(out, is_main)``: optional, what it measures from the finished
   rankings (Custom Diffusion: the exemplars' retrieval);
-- ``presets``: its YAML presets file.
+- ``retraining(args, device, accelerator, recipe)``: for leave-K-out, a :class:`Retraining`: the attribution above,
+  the retraining recipe's identity and ``retrain(excluded, folder)``, which trains the model from scratch without the
+  excluded images (optional: a benchmark without it refuses leave-K-out in one line);
+- ``presets``: its YAML presets file, and ``stage_presets``: the preset each stage takes by default.
 """
 
 from __future__ import annotations
@@ -55,11 +58,34 @@ class Attribution:
     info: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class Retraining:
+    """What leave-K-out needs from a benchmark.
+
+    Args:
+        attribution: the ranked model, its training set and the queries (:class:`Attribution`).
+        recipe: the identity of the retraining recipe (settings, architecture, training-set fingerprint, noise): its
+            digest names the folder of the retrained models, so models of another recipe are never mixed in.
+        retrain: ``(excluded indices, model folder) -> model`` trained from scratch without them with the recipe and
+            its seed, ready for gradients; it reuses a finished model in the folder and resumes an interrupted one.
+        reference_retrained: θ0 of ΔL and of the regeneration is ``retrain([])`` (the same recipe on every image,
+            so only the removal differs), not the ranked model (a released model of another training run).
+        identity: what else the metrics depend on (e.g. which model is θ0, the decoder).
+    """
+
+    attribution: Attribution
+    recipe: dict
+    retrain: Callable[[list[int], Path], DiffusionModel]
+    reference_retrained: bool = False
+    identity: dict = field(default_factory=dict)
+
+
 class Benchmark(abc.ABC):
     """A benchmark: where its model, training set and queries come from, and what it measures from the rankings."""
 
     name: ClassVar[str]
     presets: ClassVar[str]  # its YAML presets file, relative to the repository root (the help of --config names it)
+    stage_presets: ClassVar[dict[str, str]] = {}  # stage -> its default preset ("default" for the others)
 
     @abc.abstractmethod
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -76,6 +102,18 @@ class Benchmark(abc.ABC):
 
     def finish(self, out: Path, is_main: bool) -> None:  # noqa: B027 (optional)
         """Called once after every model, with the method's output folder ``OUT/<method>``."""
+
+    def add_retraining_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
+        """Add the flags leave-K-out takes beyond :meth:`add_arguments` (e.g. which model is θ0)."""
+
+    def retraining(self, args: argparse.Namespace, device, accelerator, recipe: Any) -> Retraining:
+        """What leave-K-out needs (:class:`Retraining`), ``recipe`` being the ``TrainConfig`` of the flags; checked
+        before any ranking or retraining."""
+        raise AttributionError(f"the {self.name} benchmark cannot retrain its model: it has no leave-K-out")
+
+    def leave_k_out_tables(self, out: Path, table: str) -> str:
+        """What leave-K-out prints at its end: by default the table of this output folder."""
+        return table
 
 
 def registered() -> dict[str, str]:

@@ -4,21 +4,41 @@ memory-mapped training set and the 110 released queries), or another UNet of the
     python -m common.driver mscoco attribute --data DATA --out OUT [--queries release:0-9] [--method unlearning] \\
         [--config mscoco/configs/mscoco.yaml --preset paper] [--fisher.file DATA/fisher_info.pt]
     accelerate launch -m common.driver mscoco attribute ...     (the passes split over every process)
+    accelerate launch -m common.driver mscoco leave-k-out --data DATA --attribution ATTR --out OUT \
+        --methods unlearning pixel random [--queries release:0-9] [--rankings LABEL=FOLDER ...] \
+        --config mscoco/configs/mscoco.yaml [--preset paper]       (each retraining spread over every GPU)
+
+Leave-K-out removes the top-K images (both flips of an image) and retrains the UNet from scratch with the ``train``
+recipe of the preset (``paper`` by default) and its seed. Then, against θ0: ΔL over t = 0, 5, ..., 995 with the same
+noise, and the query regenerated from its noise (the released queries replay the authors' batch-500 generator)
+compared by MSE and CLIP ViT-B/32 similarity of the decoded images; ``OUT/paper.md`` puts ours beside the paper's.
+θ0 is, by default, the same recipe trained on every image (``--reference retrained``), so ΔL measures the removal
+alone; ``--reference released`` compares against the released UNet, as a reading of the paper allows, adding the
+difference between their training run and ours to every row. One retraining is about 16 A100-hours at the paper's
+recipe (PAPER.md); see mscoco/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
 
-from common.benchmark import Attribution, Benchmark
+from common import keyed_random
+from common.benchmark import Attribution, Benchmark, Retraining
+from common.fingerprints import fingerprint_tensors
+from common.training.train import TrainConfig
 from mscoco.model import DEFAULT_COMPONENTS
+from mscoco.paper import gather_tables
 from mscoco.pipeline import load_model, load_query_spec, load_run
+from mscoco.train import architecture, train_mscoco, unet_arguments
 
 
 class Mscoco(Benchmark):
     name = "mscoco"
     presets = "mscoco/configs/mscoco.yaml"
+    stage_presets = {"leave-k-out": "paper"}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", required=True, help="the release folder (mscoco/download.sh)")
@@ -42,3 +62,32 @@ class Mscoco(Benchmark):
         # TRAK's ensemble members (--trak.ensemble): other UNets of the same recipe, by folder or hub id
         members = lambda unet: load_model(args.data, unet, args.components, device)
         yield Attribution(run.model, run.data, queries, members)
+
+    def add_retraining_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--reference", default="retrained", choices=["retrained", "released"], help="θ0 of ΔL and regeneration"
+        )
+        parser.add_argument(
+            "--unet-config", default=None, help="JSON of UNet arguments for retraining (default: the ranked UNet's)"
+        )
+
+    def retraining(self, args: argparse.Namespace, device, accelerator, recipe: TrainConfig) -> Retraining:
+        (attribution,) = self.attributions(args, device, None, None)
+        unet = attribution.model.unet
+        unet_config = architecture(args.unet_config) if args.unet_config else unet_arguments(unet)
+        train = asdict(recipe)
+        train.pop("checkpoint_every")  # how often a training saves changes no model
+        identity = {"train": train, "unet": unet_config, "data": attribution.data.fingerprint}
+        identity["noise"] = keyed_random.NOISE
+        released = args.reference == "released"
+        metrics = {"reference": attribution.model.fingerprint() if released else "retrained"}
+        metrics["decoder"] = fingerprint_tensors(*attribution.model.vae.state_dict().values())  # MSE, CLIP see pixels
+
+        def retrain(excluded: list[int], folder: Path):
+            model = train_mscoco(args.data, folder, recipe, excluded, unet_config, args.components, accelerator)
+            return model.prepare_for_gradients(accelerator.device)
+
+        return Retraining(attribution, identity, retrain, reference_retrained=not released, identity=metrics)
+
+    def leave_k_out_tables(self, out: Path, table: str) -> str:
+        return gather_tables(out)  # every row measured in OUT so far, and ours beside the paper's

@@ -3,9 +3,9 @@
     python -m mscoco.memory --sizes 2000 8000 [--widths 16,32,32,32] [--out memory.json]
 
 For each size N, arrays in the released layout (text embeddings in float16, 788 KB per image) are
-written to a scratch folder with a UNet (``--widths``) and a Fisher file over all its weights; then
-``python -m common.driver mscoco attribute`` scores one released query with unlearning (the Fisher imported, pretrained losses
-and the scoring pass over all N images) in a child process whose memory is read from ``/proc`` every
+written to a scratch folder with a UNet (``--widths``) and a Fisher file over all its weights; then the attribute
+stage (``python -m common.driver mscoco attribute``) scores one released query with unlearning (the Fisher imported,
+pretrained losses and the scoring pass over all N images) in a child process whose memory is read from ``/proc`` every
 20 ms: ``RssAnon`` (its own memory: model, tensors, buffers) and ``RssFile`` (pages of the memory-mapped
 arrays mapped in so far; clean file pages, which the kernel drops under memory pressure), and their sum.
 Activations depend on the batch, not on N, so the UNet's width does not change the comparison.

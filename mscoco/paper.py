@@ -1,6 +1,6 @@
 """Our leave-K-out table beside the paper's (``configs/paper_results.yaml``): ``OUT/paper.md``.
 
-python -m mscoco.paper OUT      (OUT: mscoco.counterfactual's output folder; rebuilds its tables)
+python -m mscoco.paper OUT      (OUT: the mscoco leave-k-out stage's output folder; rebuilds its tables)
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def gather_tables(out: str | Path) -> str:
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="mscoco.counterfactual's output folder")
+    parser.add_argument("out", help="the mscoco leave-k-out stage's output folder")
     print(gather_tables(parser.parse_args(argv).out))
 
 

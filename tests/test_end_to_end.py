@@ -133,8 +133,10 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
 
 
 def counterfactual_error(args, capsys) -> str:
-    """The last line ``tiny.counterfactual`` prints when it refuses ``args`` with status 2 (run in process)."""
-    from tiny.counterfactual import main
+    """The last line the tiny leave-k-out stage prints when it refuses ``args`` with status 2 (run in process)."""
+    from common.driver import command
+
+    main = command("tiny", "leave-k-out")
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -172,9 +174,9 @@ def test_counterfactual_bad_input_is_one_line_before_any_work(micro_run, case, t
 def test_counterfactual_folder_refuses_another_exclusion_mode(micro_run, tmp_path):
     out, _ = micro_run
     args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--eval.random_seeds", "1"]
-    run("tiny.counterfactual", *args)
+    run("common.driver", "tiny", "leave-k-out", *args)
     before = sorted(p.name for p in (tmp_path / "cf").rglob("*.json"))
-    proc = run("tiny.counterfactual", *args, "--train.exclusion_mode", "remove", check=False)
+    proc = run("common.driver", "tiny", "leave-k-out", *args, "--train.exclusion_mode", "remove", check=False)
     assert proc.returncode == 2 and "made under a different config" in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (tmp_path / "cf").rglob("*.json")) == before
 
@@ -183,7 +185,7 @@ def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run
     out, _ = micro_run
     args = [*shared_args(out), "--out", str(tmp_path / "cf"), "--methods", "random", "--eval.random_seeds", "1"]
     args += ["--eval.ks", "4", "--rankings", f"kv={out / 'attr' / 'unlearning'}"]
-    run("tiny.counterfactual", *args)
+    run("common.driver", "tiny", "leave-k-out", *args)
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cf" / "metrics" / "kv").glob("*/*.json"))]
     assert [r["query"] for r in records] == ["q000", "q001"] and all(r["k"] == 4 for r in records)
     for record in records:  # the excluded set is that ranking's top 4
@@ -192,7 +194,7 @@ def test_counterfactual_takes_rankings_made_elsewhere_as_their_own_row(micro_run
     assert "| kv |" in (tmp_path / "cf" / "table.md").read_text()
     # The off-target control asked for afterwards: measured on the models already trained, none trained anew.
     models = sorted(p.name for p in (tmp_path / "cf" / "models").rglob("*") if p.is_dir())
-    run("tiny.counterfactual", *args, "--eval.off_target", "1")
+    run("common.driver", "tiny", "leave-k-out", *args, "--eval.off_target", "1")
     assert sorted(p.name for p in (tmp_path / "cf" / "models").rglob("*") if p.is_dir()) == models
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cf" / "metrics").glob("*/*/*.json"))]
     assert records and all(r["off_target"] == 1 and r["off_target_delta_loss"] != 0.0 for r in records)

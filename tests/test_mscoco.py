@@ -649,9 +649,10 @@ def test_counterfactual_on_two_processes_measures_what_one_does(tmp_path):
     flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--queries", str(tmp_path / "q")]
     flags += ["--config", "mscoco/configs/mscoco.yaml", "--preset", "micro", "--device", "cpu", "--methods", "random"]
     flags += ["--eval.random_seeds", "1"]
-    run_module("mscoco.counterfactual", *flags, "--out", str(tmp_path / "one"))
+    run_module("common.driver", "mscoco", "leave-k-out", *flags, "--out", str(tmp_path / "one"))
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
-    run_module("-m", "mscoco.counterfactual", *flags, "--out", str(tmp_path / "two"), launcher=torchrun)
+    two = ["-m", "common.driver", "mscoco", "leave-k-out", *flags, "--out", str(tmp_path / "two")]
+    run_module(*two, launcher=torchrun)
     for q in ("coco000", "coco001", "coco002"):  # jobs 0 and 2 measured by process 0, job 1 by process 1
         one = json.loads((tmp_path / "one" / "metrics" / "random" / q / "k2_s0.json").read_text())
         two = json.loads((tmp_path / "two" / "metrics" / "random" / q / "k2_s0.json").read_text())

@@ -2,17 +2,28 @@
 query folders (``tiny.generate``).
 
     python -m common.driver tiny attribute --model M --data D --queries Q --out OUT [--method NAME]
+    python -m common.driver tiny leave-k-out --model M --data D --queries Q --out OUT \
+        --eval.ks 10 20 80 --methods unlearning pixel random
+
+Leave-K-out retrains with the model's own recipe (its ``model.json``) and seed; only the exclusion mode
+(``--train.exclusion_mode``) may differ. θ0 is the model itself, trained by that recipe on every image.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
-from common.benchmark import Attribution, Benchmark
+from common import keyed_random
+from common.benchmark import Attribution, Benchmark, Retraining
+from common.errors import require
 from common.queries import load_queries
+from common.training.train import TrainConfig
 from tiny.pipeline import load_model, load_run
+from tiny.train import recipe_of, train_tiny
 
 
 class Tiny(Benchmark):
@@ -29,3 +40,22 @@ class Tiny(Benchmark):
         run = load_run(args.model, args.data, device)
         queries = load_queries(args.queries, args.query_ids)
         yield Attribution(run.model, run.data, queries, partial(load_model, device=device))
+
+    def retraining(self, args: argparse.Namespace, device, accelerator, recipe: TrainConfig) -> Retraining:
+        require(accelerator.num_processes == 1, "tiny models retrain on one process: run without accelerate launch")
+        run = load_run(args.model, args.data, device)
+        model_cfg, original, info = recipe_of(args.model)
+        original.exclusion_mode = recipe.exclusion_mode  # the one setting that may differ from the model's recipe
+        require(not info["recipe"]["exclude"], f"{args.model} was itself trained with exclusions")
+        fingerprint = run.data.fingerprint
+        require(info["recipe"]["data"] == fingerprint, f"{args.model} was trained on another dataset than {args.data}")
+        queries = load_queries(args.queries, args.query_ids)
+        recipe_identity = {"train": asdict(original), "model": asdict(model_cfg), "data": fingerprint}
+        recipe_identity["noise"] = keyed_random.NOISE
+
+        def retrain(excluded: list[int], folder: Path):
+            model = train_tiny(args.data, str(folder), model_cfg, original, excluded, str(device))
+            return model.prepare_for_gradients()
+
+        attribution = Attribution(run.model, run.data, queries, partial(load_model, device=device))
+        return Retraining(attribution, recipe_identity, retrain)

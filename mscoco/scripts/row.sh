@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One row of the paper's MSCOCO leave-K-out tables (mscoco/README.md, "Leave-K-out"): rank the training
 # set for each query with a method (common.driver mscoco attribute), then remove each query's top-K, retrain with the
-# paper's recipe and measure ΔL, regeneration MSE and CLIP similarity (mscoco.counterfactual). Every row
+# paper's recipe and measure ΔL, regeneration MSE and CLIP similarity (common.driver mscoco leave-k-out). Every row
 # writes into OUT/leave_k_out, whose table.md and paper.md (ours beside the paper's) gather all rows so far.
 #
 #   bash mscoco/scripts/row.sh ROW METHOD [flags for both steps]       (the table1/ and table2/ scripts call it)
@@ -26,7 +26,7 @@ read -ra LAUNCH <<< "${LAUNCH:-accelerate launch}"
 COMMON=(--data "$DATA" --components "${COMPONENTS:-stabilityai/stable-diffusion-2}" --queries "${QUERIES:-release}"
   --config mscoco/configs/mscoco.yaml --preset "${PRESET:-paper}")
 read -ra EVAL_ONLY <<< "${EVAL_FLAGS:-}"
-EVAL=(-m mscoco.counterfactual "${COMMON[@]}" --out "$OUT/leave_k_out" --attribution "$OUT/rankings" --eval.ks "${KS[@]}"
+EVAL=(-m common.driver mscoco leave-k-out "${COMMON[@]}" --out "$OUT/leave_k_out" --attribution "$OUT/rankings" --eval.ks "${KS[@]}"
   "${EVAL_ONLY[@]}")
 if [ "$METHOD" = random ]; then  # query-independent random sets, one per seed, made by the evaluation
   "${LAUNCH[@]}" "${EVAL[@]}" --methods random "$@"

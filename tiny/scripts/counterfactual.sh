@@ -71,13 +71,13 @@ for V in ${VARIANTS:-}; do  # a Table 2 variant: attributed with every unlearnin
   RANKINGS+=("$V=$OUT/attribution_$V/unlearning")
 done
 # shellcheck disable=SC2086
-python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
+python -m common.driver tiny leave-k-out --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
   --attribution "$OUT/attribution" --out "$OUT/leave_k_out" --config "$CONFIG" --preset "$PRESET" \
   --device "$DEVICE" --methods ${METHODS:-unlearning pixel random} ${KS:+--eval.ks $KS} \
   ${RANKINGS[@]:+--rankings "${RANKINGS[@]}"} ${CLIP_WEIGHTS:+--eval.clip_weights "$CLIP_WEIGHTS"} \
   ${EXCLUSION_MODE:+--train.exclusion_mode "$EXCLUSION_MODE"} --eval.off_target "$OFF_TARGET"
 for MODE in ${NOISE_FLOOR_MODES:-}; do
-  python -m tiny.counterfactual --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
+  python -m common.driver tiny leave-k-out --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
     --out "$OUT/noise_floor_$MODE" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods random \
     --eval.ks "${NOISE_FLOOR_K:-5}" --train.exclusion_mode "$MODE"
 done
