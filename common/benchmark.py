@@ -15,6 +15,8 @@ What a benchmark gives:
 - ``retraining(args, device, accelerator, recipe)``: for leave-K-out, a :class:`Retraining`: the attribution above,
   the retraining recipe's identity and ``retrain(excluded, folder)``, which trains the model from scratch without the
   excluded images (optional: a benchmark without it refuses leave-K-out in one line);
+- ``add_generation_arguments(parser)`` and ``generation(args, device, prompts)``: for the generate stage, the model
+  that makes new queries and how it samples (:class:`Generation`);
 - ``presets``: its YAML presets file, and ``stage_presets``: the preset each stage takes by default.
 """
 
@@ -80,12 +82,28 @@ class Retraining:
     identity: dict = field(default_factory=dict)
 
 
+@dataclass
+class Generation:
+    """What the generate stage needs from a benchmark: the model and how it samples new queries.
+
+    Args:
+        model: the model that generates (ready on the run's device).
+        prompts: (prompt, attributes) per query, in query order.
+        prefix: query ids are ``<prefix>000``, ``<prefix>001``, ...
+    """
+
+    model: DiffusionModel
+    prompts: list[tuple[str, dict]]
+    prefix: str = "q"
+
+
 class Benchmark(abc.ABC):
     """A benchmark: where its model, training set and queries come from, and what it measures from the rankings."""
 
     name: ClassVar[str]
     presets: ClassVar[str]  # its YAML presets file, relative to the repository root (the help of --config names it)
     stage_presets: ClassVar[dict[str, str]] = {}  # stage -> its default preset ("default" for the others)
+    guidance_scale: ClassVar[float] = 1.0  # the generate stage's default classifier-free guidance (1: none)
 
     @abc.abstractmethod
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -110,6 +128,15 @@ class Benchmark(abc.ABC):
         """What leave-K-out needs (:class:`Retraining`), ``recipe`` being the ``TrainConfig`` of the flags; checked
         before any ranking or retraining."""
         raise AttributionError(f"the {self.name} benchmark cannot retrain its model: it has no leave-K-out")
+
+    def add_generation_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
+        """Add the flags of the generate stage beyond ``--out``, ``--prompts``, ``--seed``, ``--num-steps``,
+        ``--guidance-scale`` and ``--device`` (which model generates, where prompts come from without a file)."""
+
+    def generation(self, args: argparse.Namespace, device, prompts: list[str] | None) -> Generation | None:
+        """What the generate stage samples, ``prompts`` being those of ``--prompts`` (None without the flag); None
+        when the benchmark wrote the queries itself (e.g. MSCOCO's released ones)."""
+        raise AttributionError(f"the {self.name} benchmark has no generate stage")
 
     def leave_k_out_tables(self, out: Path, table: str) -> str:
         """What leave-K-out prints at its end: by default the table of this output folder."""

@@ -4,6 +4,8 @@ memory-mapped training set and the 110 released queries), or another UNet of the
     python -m common.driver mscoco attribute --data DATA --out OUT [--queries release:0-9] [--method unlearning] \\
         [--config mscoco/configs/mscoco.yaml --preset paper] [--fisher.file DATA/fisher_info.pt]
     accelerate launch -m common.driver mscoco attribute ...     (the passes split over every process)
+    python -m common.driver mscoco generate --data DATA --prompts prompts.txt --out QUERIES [--components SD2]
+    python -m common.driver mscoco generate --data DATA --release 0-9 --out QUERIES   (the released ones, as folders)
     accelerate launch -m common.driver mscoco leave-k-out --data DATA --attribution ATTR --out OUT \
         --methods unlearning pixel random [--queries release:0-9] [--rankings LABEL=FOLDER ...] \
         --config mscoco/configs/mscoco.yaml [--preset paper]       (each retraining spread over every GPU)
@@ -26,12 +28,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common import keyed_random
-from common.benchmark import Attribution, Benchmark, Retraining
+from common.benchmark import Attribution, Benchmark, Generation, Retraining
+from common.errors import require
 from common.fingerprints import fingerprint_tensors
 from common.training.train import TrainConfig
 from mscoco.model import DEFAULT_COMPONENTS
 from mscoco.paper import gather_tables
-from mscoco.pipeline import load_model, load_query_spec, load_run
+from mscoco.pipeline import load_model, load_query_spec, load_run, parse_ids
+from mscoco.release import export_release_queries
 from mscoco.train import architecture, train_mscoco, unet_arguments
 
 
@@ -39,6 +43,7 @@ class Mscoco(Benchmark):
     name = "mscoco"
     presets = "mscoco/configs/mscoco.yaml"
     stage_presets = {"leave-k-out": "paper"}
+    guidance_scale = 7.5  # the authors' queries: DDPM over the 1,000 training steps, guidance 7.5 against ""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", required=True, help="the release folder (mscoco/download.sh)")
@@ -91,3 +96,23 @@ class Mscoco(Benchmark):
 
     def leave_k_out_tables(self, out: Path, table: str) -> str:
         return gather_tables(out)  # every row measured in OUT so far, and ours beside the paper's
+
+    def add_generation_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data", required=True, help="the release folder (for model.bin)")
+        parser.add_argument(
+            "--unet", default=None, help="UNet weights, diffusers folder or hub id (default DATA/model.bin)"
+        )
+        parser.add_argument("--components", default=DEFAULT_COMPONENTS, help="hub id or folder with SD2's components")
+        parser.add_argument("--release", help="write released queries as folders instead of --prompts: all, or 0-9,15")
+
+    def generation(self, args: argparse.Namespace, device, prompts: list[str] | None) -> Generation | None:
+        require(
+            (prompts is None) != (args.release is None), "give --prompts (new queries) or --release (released ones)"
+        )
+        if args.release:  # the image, the latent, the text embedding and the row of the batch it is regenerated from
+            ids = None if args.release == "all" else parse_ids(args.release)
+            folders = export_release_queries(args.data, args.out, ids)
+            print(f"wrote {len(folders)} released queries to {args.out}")
+            return None
+        model = load_model(args.data, args.unet, args.components, device)
+        return Generation(model, [(p, {}) for p in prompts], prefix="coco")

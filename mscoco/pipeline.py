@@ -42,7 +42,7 @@ def parse_ids(spec: str) -> list[int]:
 
 
 def load_query_spec(spec: str, data_dir: str | Path) -> list[Query]:
-    """``release`` (all 110), ``release:0-9,15`` (some of them) or a folder of query folders (mscoco.generate)."""
+    """``release`` (all 110), ``release:0-9,15`` (some of them) or a folder of query folders (the generate stage)."""
     if spec == "release" or spec.startswith("release:"):
         _, _, ids = spec.partition(":")
         return release.load_release_queries(data_dir, parse_ids(ids) if ids else None)

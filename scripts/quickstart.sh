@@ -34,7 +34,7 @@ done_stage train
 
 stage "generate queries"
 if [ ! -d "$OUT/queries" ]; then
-  python -m tiny.generate --model "$OUT/model" --out "$OUT/queries" --num "$NUM_QUERIES" --guidance-scale 3
+  python -m common.driver tiny generate --model "$OUT/model" --out "$OUT/queries" --num "$NUM_QUERIES" --guidance-scale 3
 else
   echo "reusing $OUT/queries"
 fi

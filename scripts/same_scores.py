@@ -58,7 +58,19 @@ def tiny_runs(tmp: Path) -> dict[str, dict]:
     for folder, seed in ((model, "0"), (other, "1")):
         run("tiny.train", "--data", str(data), "--out", str(folder), "--config", TINY_CONFIG, "--preset", "micro",
             "--device", "cpu", "--train.seed", seed)  # fmt: skip
-    run("tiny.generate", "--model", str(model), "--out", str(queries), "--num", "2", "--num-steps", "20")
+    run(
+        "common.driver",
+        "tiny",
+        "generate",
+        "--model",
+        str(model),
+        "--out",
+        str(queries),
+        "--num",
+        "2",
+        "--num-steps",
+        "20",
+    )
     out, results = tmp / "attr", {}
     for method in TINY_METHODS:
         flags = ["--model", str(model), "--data", str(data), "--queries", str(queries), "--out", str(out)]

@@ -67,7 +67,7 @@ def test_the_three_benchmarks_are_registered():
     "argv, message",
     [
         (["nope", "attribute"], "unknown benchmark 'nope': choose from abc, mscoco, tiny"),
-        (["tiny", "nope"], "unknown stage 'nope': choose from attribute"),
+        (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, leave-k-out"),
         (["common.config:load_preset", "attribute"], "common.config:load_preset is not a Benchmark subclass"),
         (["tests.nowhere:Mine", "attribute"], "benchmark 'tests.nowhere:Mine': cannot load tests.nowhere:Mine"),
     ],

@@ -59,7 +59,17 @@ def micro_run(tmp_path_factory):
         "cpu",
     )
     run(
-        "tiny.generate", "--model", str(out / "model"), "--out", str(out / "queries"), "--num", "2", "--num-steps", "20"
+        "common.driver",
+        "tiny",
+        "generate",
+        "--model",
+        str(out / "model"),
+        "--out",
+        str(out / "queries"),
+        "--num",
+        "2",
+        "--num-steps",
+        "20",
     )
     attribute = (
         "common.driver",

@@ -192,8 +192,10 @@ def test_released_queries_regenerate_from_the_batch_stream_they_were_sampled_in(
     query.extra["num_steps"] = 5
     expected = sample(model, query.text, None, [0], num_steps=5, guidance_scale=7.5, stream=BatchStream(0, 500, (2,)))
     assert torch.equal(regenerate(model, query), expected[0])
+    from common.driver import command
     from common.queries import load_queries
-    from mscoco.generate import main as generate
+
+    generate = command("mscoco", "generate")
 
     generate(["--data", str(tmp_path / "data"), "--release", "1-2", "--out", str(tmp_path / "q")])
     exported = load_queries(tmp_path / "q")  # the released queries as folders, image included
@@ -493,8 +495,8 @@ def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
     write_model_files(tmp_path / "data", tmp_path / "sd2")
     (tmp_path / "prompts.txt").write_text("a cat on a mat\n\na dog\n")
     flags = ["--data", str(tmp_path / "data"), "--components", str(tmp_path / "sd2"), "--device", "cpu"]
-    run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "q"),
-               "--num-steps", "4")  # fmt: skip
+    generate = ("common.driver", "mscoco", "generate", *flags)
+    run_module(*generate, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "q"), "--num-steps", "4")
     from common.queries import load_queries
 
     queries = load_queries(tmp_path / "q")
@@ -502,7 +504,17 @@ def test_generate_script_writes_queries_that_attribute_reads(tmp_path):
     assert queries[0].image.shape == (4, 16, 16) and queries[0].text.shape == (1, 77, 1024)
     assert queries[0].noise.shape == (4, 16, 16) and (tmp_path / "q" / "coco000" / "image.png").exists()
     assert json.loads((tmp_path / "q" / "coco000" / "query.json").read_text())["guidance_scale"] == 7.5
-    proc = run_module("mscoco.generate", *flags, "--prompts", str(tmp_path / "none.txt"), "--out", "x", check=False)
+    proc = run_module(
+        "common.driver",
+        "mscoco",
+        "generate",
+        *flags,
+        "--prompts",
+        str(tmp_path / "none.txt"),
+        "--out",
+        "x",
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().endswith("missing prompts file: " + str(tmp_path / "none.txt"))
 
 
@@ -585,7 +597,7 @@ def test_row_scripts_are_valid_bash_and_name_every_table_row():
 
 
 def write_generated_queries(root, components, n: int = 2):
-    """Query folders as mscoco.generate writes them, sampled in 4 steps (regeneration replays those)."""
+    """Query folders as the mscoco generate stage writes them, sampled in 4 steps (regeneration replays those)."""
     from common.data import Query, query_key
     from common.diffusion.sampling import sample
     from common.queries import save_query

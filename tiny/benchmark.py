@@ -1,6 +1,7 @@
 """The tiny benchmark for the driver (:mod:`common.driver`): a tiny model, the image folder it was trained on, and
-query folders (``tiny.generate``).
+query folders (its generate stage).
 
+    python -m common.driver tiny generate --model M --out Q [--num 8 | --prompts prompts.txt]
     python -m common.driver tiny attribute --model M --data D --queries Q --out OUT [--method NAME]
     python -m common.driver tiny leave-k-out --model M --data D --queries Q --out OUT \
         --eval.ks 10 20 80 --methods unlearning pixel random
@@ -18,11 +19,12 @@ from functools import partial
 from pathlib import Path
 
 from common import keyed_random
-from common.benchmark import Attribution, Benchmark, Retraining
+from common.benchmark import Attribution, Benchmark, Generation, Retraining
 from common.errors import require
 from common.queries import load_queries
 from common.training.train import TrainConfig
-from tiny.pipeline import load_model, load_run
+from tiny.model import TinyTextToImage
+from tiny.pipeline import load_model, load_run, set_threads, shape_prompts
 from tiny.train import recipe_of, train_tiny
 
 
@@ -59,3 +61,13 @@ class Tiny(Benchmark):
 
         attribution = Attribution(run.model, run.data, queries, partial(load_model, device=device))
         return Retraining(attribution, recipe_identity, retrain)
+
+    def add_generation_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="folder of a trained tiny model")
+        parser.add_argument("--num", type=int, default=8, help="queries drawn from the shapes grammar (no --prompts)")
+
+    def generation(self, args: argparse.Namespace, device, prompts: list[str] | None) -> Generation:
+        set_threads()
+        model = TinyTextToImage.load(args.model).to(device)  # sampling needs no gradients: the default attention
+        drawn = shape_prompts(args.num, args.seed) if prompts is None else [(p, {}) for p in prompts]
+        return Generation(model, drawn)

@@ -57,7 +57,7 @@ done
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
 python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 QUERIES=${QUERIES:-$OUT/queries}
-[ -d "$QUERIES" ] || python -m tiny.generate --model "$OUT/model" --out "$QUERIES" --num "$NUM_QUERIES" \
+[ -d "$QUERIES" ] || python -m common.driver tiny generate --model "$OUT/model" --out "$QUERIES" --num "$NUM_QUERIES" \
   --guidance-scale 3 --num-steps "${SAMPLE_STEPS:-250}"
 python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
