@@ -61,9 +61,17 @@ from common.processes import barrier, is_main, rank_world
 from common.training.train import TrainConfig
 
 
+def accelerator_and_device(name: str, **kwargs):
+    """An ``accelerate.Accelerator`` and the device to load models on: one process honours ``--device`` as given
+    (e.g. cuda:1); under ``accelerate launch`` each process takes its own."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=name == "cpu", **kwargs)
+    return accelerator, accelerator.device if accelerator.num_processes > 1 else resolve_device(name)
+
+
 def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     """The ``attribute`` stage (see the module docstring)."""
-    from accelerate import Accelerator
 
     parser = argparse.ArgumentParser(
         prog=f"python -m common.driver {benchmark.name} attribute", description="Attribute queries with a method."
@@ -73,9 +81,7 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     add_attribution_arguments(parser, f"YAML file of presets ({benchmark.presets})")
     args = load_preset(parser, argv=argv)
     cls, cfg = method_from_args(args)
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    # One process honours --device as given (e.g. cuda:1); under accelerate launch each process takes its own.
-    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+    accelerator, device = accelerator_and_device(args.device)
     out = Path(args.out)
     for attribution in benchmark.attributions(args, device, cls, cfg):
         cache = out / "cache" / cls.name / attribution.cache
@@ -149,7 +155,6 @@ def leave_k_out_stage(benchmark: Benchmark, argv: list[str]) -> None:
     """The ``leave-k-out`` stage (see the module docstring)."""
     from datetime import timedelta
 
-    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     args = load_preset(leave_k_out_parser(benchmark), argv=argv)
@@ -158,8 +163,7 @@ def leave_k_out_stage(benchmark: Benchmark, argv: list[str]) -> None:
     # Process i measures every world-th model while the others start the next retraining: a long wait in a
     # collective is normal here (the default NCCL timeout is 10 minutes).
     wait = InitProcessGroupKwargs(timeout=timedelta(hours=12))
-    accelerator = Accelerator(cpu=args.device == "cpu", kwargs_handlers=[wait])
-    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+    accelerator, device = accelerator_and_device(args.device, kwargs_handlers=[wait])
     retraining = benchmark.retraining(args, device, accelerator, recipe)
     attribution = retraining.attribution
     model, data, queries = attribution.model, attribution.data, attribution.queries
