@@ -17,6 +17,12 @@ What a benchmark gives:
   excluded images (optional: a benchmark without it refuses leave-K-out in one line);
 - ``add_generation_arguments(parser)`` and ``generation(args, device, prompts)``: for the generate stage, the model
   that makes new queries and how it samples (:class:`Generation`);
+- ``add_evaluation_arguments(parser)`` and ``evaluate(args, device, method, cfg)``: optional, the benchmark's own
+  measure of one method that is not leave-K-out (tiny: self-attribution and the top-10's agreement with the prompt);
+- ``add_compare_arguments(parser)`` and ``compare(args)``: optional, every method measured in an output folder side by
+  side (a table it writes there and returns);
+- ``unavailable``: stage -> why it has no such stage (a benchmark has a stage when it overrides the stage's hook;
+  without it the driver refuses in one line, before reading any flag, completed by this reason);
 - ``presets``: its YAML presets file, and ``stage_presets``: the preset each stage takes by default.
 """
 
@@ -36,6 +42,8 @@ from common.errors import AttributionError, require
 from common.model import DiffusionModel
 
 ENTRY_POINTS = "attribute_by_unlearning.benchmarks"
+# stage -> the hook a benchmark overrides to have it; a stage without one (attribute) every benchmark has
+STAGE_HOOKS = {"generate": "generation", "evaluate": "evaluate", "leave-k-out": "retraining", "compare": "compare"}
 
 
 @dataclass
@@ -104,6 +112,17 @@ class Benchmark(abc.ABC):
     presets: ClassVar[str]  # its YAML presets file, relative to the repository root (the help of --config names it)
     stage_presets: ClassVar[dict[str, str]] = {}  # stage -> its default preset ("default" for the others)
     guidance_scale: ClassVar[float] = 1.0  # the generate stage's default classifier-free guidance (1: none)
+    unavailable: ClassVar[dict[str, str]] = {}  # stage -> why this benchmark has none (completes the one-line refusal)
+
+    def refuse(self, stage: str) -> AttributionError:
+        """The one-line error of a stage this benchmark does not have."""
+        why = self.unavailable.get(stage)
+        return AttributionError(f"the {self.name} benchmark has no {stage} stage" + (f": {why}" if why else ""))
+
+    def offers(self, stage: str) -> bool:
+        """Whether this benchmark has ``stage``: it overrides the stage's hook (every benchmark can attribute)."""
+        hook = STAGE_HOOKS.get(stage)
+        return hook is None or getattr(type(self), hook) is not getattr(Benchmark, hook)
 
     @abc.abstractmethod
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -127,7 +146,7 @@ class Benchmark(abc.ABC):
     def retraining(self, args: argparse.Namespace, device, accelerator, recipe: Any) -> Retraining:
         """What leave-K-out needs (:class:`Retraining`), ``recipe`` being the ``TrainConfig`` of the flags; checked
         before any ranking or retraining."""
-        raise AttributionError(f"the {self.name} benchmark cannot retrain its model: it has no leave-K-out")
+        raise self.refuse("leave-k-out")
 
     def add_generation_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
         """Add the flags of the generate stage beyond ``--out``, ``--prompts``, ``--seed``, ``--num-steps``,
@@ -136,7 +155,22 @@ class Benchmark(abc.ABC):
     def generation(self, args: argparse.Namespace, device, prompts: list[str] | None) -> Generation | None:
         """What the generate stage samples, ``prompts`` being those of ``--prompts`` (None without the flag); None
         when the benchmark wrote the queries itself (e.g. MSCOCO's released ones)."""
-        raise AttributionError(f"the {self.name} benchmark has no generate stage")
+        raise self.refuse("generate")
+
+    def add_evaluation_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
+        """Add the flags of the evaluate stage beyond ``--out``, ``--config``, ``--preset``, ``--device``,
+        ``--overwrite`` and the methods'."""
+
+    def evaluate(self, args: argparse.Namespace, device, method: type, cfg: Any) -> str:
+        """Measure ``method`` with settings ``cfg``: write the report under ``args.out`` and return it as Markdown."""
+        raise self.refuse("evaluate")
+
+    def add_compare_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
+        """Add the flags of the compare stage beyond ``--out``."""
+
+    def compare(self, args: argparse.Namespace) -> str:
+        """Every method measured under ``args.out`` side by side: written there and returned as Markdown."""
+        raise self.refuse("compare")
 
     def leave_k_out_tables(self, out: Path, table: str) -> str:
         """What leave-K-out prints at its end: by default the table of this output folder."""

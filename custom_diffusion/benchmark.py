@@ -26,6 +26,7 @@ import torch
 from common.benchmark import Attribution, Benchmark
 from common.errors import require
 from common.files import write_json
+from custom_diffusion import compare
 from custom_diffusion.compare import KINDS, retrieval_row, retrieval_table
 from custom_diffusion.model import CUSTOM_WEIGHTS, SD_V14, StableDiffusionModel
 from custom_diffusion.release import LAION_COUNT, load_laion, task_query, training_set
@@ -45,6 +46,12 @@ def ensemble_member(source: str, model_dir: Path, sd: str, device) -> StableDiff
 class Abc(Benchmark):
     name = "abc"
     presets = "custom_diffusion/configs/abc.yaml"
+    unavailable = {
+        "evaluate": "its attribute stage measures the exemplars' retrieval (OUT/<method>/retrieval.json); compare puts "
+        "the methods side by side",
+        "leave-k-out": "its gold standard is the exemplars each customized model was taught, not retraining",
+        "generate": "its queries are the release's synthesized images",
+    }
 
     def __init__(self) -> None:
         self.rows: dict[str, dict] = {}  # query id -> retrieval row, of this run
@@ -109,3 +116,9 @@ class Abc(Benchmark):
         table = retrieval_table(rows, out.name, [("test_case", TEST_CASES), ("kind", KINDS)])
         (out / "retrieval.md").write_text(table)
         print(table)
+
+    def add_compare_arguments(self, parser: argparse.ArgumentParser) -> None:
+        compare.add_compare_arguments(parser)
+
+    def compare(self, args: argparse.Namespace) -> str:
+        return compare.compare(args)

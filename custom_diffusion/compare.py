@@ -1,6 +1,6 @@
 """Every method's AbC retrieval side by side, and the object-vs-style scatter of the paper's Figure 6.
 
-    python -m custom_diffusion.compare OUT        (after common.driver custom_diffusion attribute with each --method)
+    python -m common.driver abc compare --out OUT        (after python -m common.driver abc attribute per --method)
 
 Reads ``OUT/<method>/retrieval.json`` for every method that has one and writes ``OUT/retrieval.md``
 (Recall@10 and mAP per concept kind and overall, one row per method; then each method's AP minus each other's on
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import cli, require, require_file
+from common.errors import require, require_file
 from common.evaluation.retrieval import average_precision, recall_at_k
 from common.evaluation.tables import mean_se
 
@@ -56,7 +56,7 @@ def gather(out: Path) -> dict[str, dict[str, dict]]:
     found = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/retrieval.json"))}
     require(
         bool(found),
-        f"no <method>/retrieval.json in {out}: run python -m common.driver custom_diffusion attribute first",
+        f"no <method>/retrieval.json in {out}: run python -m common.driver abc attribute first",
     )
     return found
 
@@ -185,25 +185,23 @@ def scatter(found: dict[str, dict[str, dict]], path: Path) -> bool:
     return True
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "out", help="the output folder of the attribute stage (common.driver custom_diffusion attribute)"
-    )
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shows",
         default=None,
         help="which queries show their concept (default OUT/shows.json; a control of the twin whose queries keep "
         "their own images takes the twin's)",
     )
-    args = parser.parse_args(argv)
+
+
+def compare(args: argparse.Namespace) -> str:
+    """``OUT/retrieval.md`` (the methods side by side, then the queries that show their concept) and the scatter."""
     out = Path(args.out)
-    found = gather(out)
-    table = comparison_table(found) + "\n" + paired_table(found)
     shows_file = Path(args.shows) if args.shows else out / "shows.json"
     if args.shows:
         require_file(shows_file, "--shows file")
+    found = gather(out)
+    table = comparison_table(found) + "\n" + paired_table(found)
     if shows_file.is_file():
         shows = json.loads(shows_file.read_text())
         subset = {m: rows for m, rows in shown_only(found, shows).items() if rows}
@@ -212,12 +210,6 @@ def main(argv: list[str] | None = None) -> None:
         table += f"\n### The queries that show their concept ({shown} of {len(shows) - 1}; {rule})\n\n"
         table += (comparison_table(subset) + "\n" + paired_table(subset)) if subset else "none\n"
     (out / "retrieval.md").write_text(table)
-    print(table)
     if scatter(found, out / "object_vs_style.png"):
-        print(f"scatter in {out / 'object_vs_style.png'}")
-    else:
-        print("no scatter: no method has queries of both concept kinds yet")
-
-
-if __name__ == "__main__":
-    main()
+        return table + f"\nscatter in {out / 'object_vs_style.png'}"
+    return table + "\nno scatter: no method has queries of both concept kinds yet"

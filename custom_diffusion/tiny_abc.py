@@ -17,7 +17,7 @@ only in the unlearning step (a tuning grid) share one cache folder, ``OUT/cache/
 curvature and pretrained losses are fitted once. Outputs:
 ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and
 AP per query) and ``retrieval.md`` (per concept, per kind);
-``python -m custom_diffusion.compare OUT`` puts the methods side by side. Both steps resume.
+``python -m common.driver abc compare --out OUT`` puts the methods side by side. Both steps resume.
 """
 
 from __future__ import annotations

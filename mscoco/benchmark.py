@@ -6,6 +6,7 @@ memory-mapped training set and the 110 released queries), or another UNet of the
     accelerate launch -m common.driver mscoco attribute ...     (the passes split over every process)
     python -m common.driver mscoco generate --data DATA --prompts prompts.txt --out QUERIES [--components SD2]
     python -m common.driver mscoco generate --data DATA --release 0-9 --out QUERIES   (the released ones, as folders)
+    python -m common.driver mscoco compare --out OUT       (every leave-K-out row of OUT beside the paper's)
     accelerate launch -m common.driver mscoco leave-k-out --data DATA --attribution ATTR --out OUT \
         --methods unlearning pixel random [--queries release:0-9] [--rankings LABEL=FOLDER ...] \
         --config mscoco/configs/mscoco.yaml [--preset paper]       (each retraining spread over every GPU)
@@ -44,6 +45,7 @@ class Mscoco(Benchmark):
     presets = "mscoco/configs/mscoco.yaml"
     stage_presets = {"leave-k-out": "paper"}
     guidance_scale = 7.5  # the authors' queries: DDPM over the 1,000 training steps, guidance 7.5 against ""
+    unavailable = {"evaluate": "leave-k-out is its measure (compare puts its rows beside the paper's)"}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", required=True, help="the release folder (mscoco/download.sh)")
@@ -96,6 +98,9 @@ class Mscoco(Benchmark):
 
     def leave_k_out_tables(self, out: Path, table: str) -> str:
         return gather_tables(out)  # every row measured in OUT so far, and ours beside the paper's
+
+    def compare(self, args: argparse.Namespace) -> str:
+        return gather_tables(args.out)
 
     def add_generation_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", required=True, help="the release folder (for model.bin)")

@@ -1,17 +1,16 @@
 """Our leave-K-out table beside the paper's (``configs/paper_results.yaml``): ``OUT/paper.md``.
 
-python -m mscoco.paper OUT      (OUT: the mscoco leave-k-out stage's output folder; rebuilds its tables)
+python -m common.driver mscoco compare --out OUT      (OUT: the leave-k-out stage's output folder; rebuilds its tables)
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
 import yaml
 
-from common.errors import cli, require
+from common.errors import require
 from common.evaluation.tables import METRICS, build_tables
 
 RESULTS = Path(__file__).parent / "configs" / "paper_results.yaml"
@@ -80,14 +79,3 @@ def gather_tables(out: str | Path) -> str:
     ]
     table = build_tables(files, out, order)
     return table + "\n\n" + compare_with_paper(out)
-
-
-@cli
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="the mscoco leave-k-out stage's output folder")
-    print(gather_tables(parser.parse_args(argv).out))
-
-
-if __name__ == "__main__":
-    main()

@@ -585,7 +585,9 @@ def test_attribute_script_ranks_laion_by_its_captions_with_clip_text(tmp_path):
 def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_path, capsys):
     import json
 
-    from custom_diffusion.compare import main
+    from common.driver import command
+
+    main = command("abc", "compare")
 
     def row(kind, recall, ap):
         return {"recall@10": recall, "ap": ap, "kind": kind, "test_case": "x"}
@@ -598,7 +600,7 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
     (tmp_path / "random" / "retrieval.json").write_text(
         json.dumps({"a": row("style", 0.0, 0.02), "b": row("style", 0.0, 0.4)})
     )
-    main([str(tmp_path)])
+    main(["--out", str(tmp_path)])
     table = (tmp_path / "retrieval.md").read_text().splitlines()
     assert table[2] == (
         "| random | – | – | 0.000 ± 0.000 | 0.210 ± 0.190 | 0.000 ± 0.000 | 0.210 ± 0.190 | 2 (2 clusters) |"
@@ -612,14 +614,17 @@ def test_compare_puts_methods_side_by_side_and_plots_object_against_style(tmp_pa
     )
     assert (tmp_path / "object_vs_style.png").stat().st_size > 0  # unlearning has both kinds
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "empty")])
+        main(["--out", str(tmp_path / "empty")])
     assert "no <method>/retrieval.json" in capsys.readouterr().err
 
 
 def test_compare_clusters_by_concept_then_seed_and_reports_the_queries_that_show_their_concept(tmp_path):
     import json
 
-    from custom_diffusion.compare import main, retrieval_table
+    from common.driver import command
+    from custom_diffusion.compare import retrieval_table
+
+    main = command("abc", "compare")
 
     def rows(aps):
         where = [("c1", 0), ("c1", 1), ("c2", 0), ("c2", 1)]
@@ -631,7 +636,7 @@ def test_compare_clusters_by_concept_then_seed_and_reports_the_queries_that_show
         (tmp_path / method / "retrieval.json").write_text(json.dumps(rows(aps)))
     shows = {"_rule": {"text": "a rule"}} | {f"q{i}": {"shows": i % 2 == 0} for i in range(4)}
     (tmp_path / "shows.json").write_text(json.dumps(shows))
-    main([str(tmp_path)])
+    main(["--out", str(tmp_path)])
     table = (tmp_path / "retrieval.md").read_text().splitlines()
     # concept means 0.8 and 0.2: 0.5 ± 0.3 over 2 concepts (over the 4 queries it would be 0.5 ± 0.183)
     assert table[3].startswith("| unlearning | 0.500 ± 0.300 | 0.500 ± 0.300 |") and "4 (2 concepts)" in table[3]

@@ -67,7 +67,12 @@ def test_the_three_benchmarks_are_registered():
     "argv, message",
     [
         (["nope", "attribute"], "unknown benchmark 'nope': choose from abc, mscoco, tiny"),
-        (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, leave-k-out"),
+        (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, evaluate, leave-k-out, compare"),
+        (["mscoco", "evaluate", "--out", "x"], "the mscoco benchmark has no evaluate stage: leave-k-out is its"),
+        (["abc", "leave-k-out", "--out", "x"], "the abc benchmark has no leave-k-out stage: its gold standard is"),
+        (["abc", "generate", "--help"], "the abc benchmark has no generate stage"),
+        (["tests.test_driver:InMemory", "compare", "--out", "x"], "the in-memory benchmark has no compare stage"),
+        (["mscoco", "compare", "--out", "nowhere"], "nowhere holds no leave-K-out metrics"),
         (["common.config:load_preset", "attribute"], "common.config:load_preset is not a Benchmark subclass"),
         (["tests.nowhere:Mine", "attribute"], "benchmark 'tests.nowhere:Mine': cannot load tests.nowhere:Mine"),
     ],

@@ -337,15 +337,19 @@ def test_two_processes_train_the_same_model(tmp_path):
     assert summaries[0]["final_loss"] == pytest.approx(summaries[1]["final_loss"], rel=1e-4)
 
 
+def evaluate(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run("common.driver", "tiny", "evaluate", *args, check=check)
+
+
 def test_evaluate_takes_explicit_self_picks_and_refuses_one_outside(micro_run, tmp_path):
     out, _ = micro_run
     common = ["--model", str(out / "model"), "--data", str(out / "data"), "--config", CONFIG, "--preset", "micro"]
     common += ["--device", "cpu", "--method", "pixel", "--num-generated", "0", "--out", str(tmp_path / "eval")]
-    run("tiny.evaluate", *common, "--self-picks", "3", "7", "--cache", str(tmp_path / "cache"))
+    evaluate(*common, "--self-picks", "3", "7", "--cache", str(tmp_path / "cache"))
     report = json.loads((tmp_path / "eval" / "pixel" / "report.json").read_text())
     assert report["self_picks"] == [3, 7] and report["self_attribution"]["ranks"] == [1, 1]
     assert (tmp_path / "cache").is_dir() and not (tmp_path / "eval" / "pixel" / "cache").exists()
-    proc = run("tiny.evaluate", *common, "--self-picks", "48", check=False)
+    proc = evaluate(*common, "--self-picks", "48", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: --self-picks 48 is outside the training set (N = 48)"
 
@@ -354,17 +358,17 @@ def test_evaluate_reuses_generated_queries_only_under_the_same_settings(micro_ru
     out, _ = micro_run
     common = ["--model", str(out / "model"), "--data", str(out / "data"), "--config", CONFIG, "--preset", "micro"]
     common += ["--device", "cpu", "--method", "pixel", "--self-picks", "3", "--out", str(tmp_path / "eval")]
-    run("tiny.evaluate", *common, "--num-generated", "2")
+    evaluate(*common, "--num-generated", "2")
     folder = tmp_path / "eval" / "generated_queries"
     made = {p.name: p.stat().st_mtime_ns for p in folder.glob("*/image.png")}
-    run("tiny.evaluate", *common, "--num-generated", "1", "--tag", "again")  # a prefix of the same queries: reused
+    evaluate(*common, "--num-generated", "1", "--tag", "again")  # a prefix of the same queries: reused
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*/image.png")} == made
     assert len(list((tmp_path / "eval" / "again" / "generated").iterdir())) == 1
     for flags, reason in [
         (["--eval-seed", "1"], "was made under a different config (prompt_seed differ)"),
         (["--num-generated", "3"], "holds 2 generated queries, fewer than --num-generated 3; choose another --out"),
     ]:
-        proc = run("tiny.evaluate", *common, "--num-generated", "2", "--tag", "other", *flags, check=False)
+        proc = evaluate(*common, "--num-generated", "2", "--tag", "other", *flags, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert reason in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "eval" / "other").exists()

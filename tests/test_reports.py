@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from tiny.compare import table
-from tiny.evaluate import rank_of, self_attribution_summary
+from tiny.evaluate import rank_of, self_attribution_summary, table
 from tiny.sweep import best, sweep_table
 
 

@@ -1,4 +1,4 @@
-"""Agreement of two tiny.evaluate runs on the same queries: top-10, top-100 overlap and Spearman.
+"""Agreement of two tiny evaluate runs on the same queries: top-10, top-100 overlap and Spearman.
 
     python -m tiny.agreement OUT/unlearning OUT/unlearning-seed1 [--name "unlearning, seeds 0 vs 1"]
 
@@ -39,7 +39,7 @@ HEADER = "| runs | queries | top-10 overlap | top-100 overlap | Spearman |\n|---
 @cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("a", help="a tiny.evaluate method folder (with self/ and generated/)")
+    parser.add_argument("a", help="a tiny evaluate method folder (with self/ and generated/)")
     parser.add_argument("b", help="the other run's method folder")
     parser.add_argument("--name", default="", help="the row's name (default: A vs B)")
     parser.add_argument(

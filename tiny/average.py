@@ -1,4 +1,4 @@
-"""Average the scores of several tiny.evaluate runs of one method (e.g. under other seeds), query by query.
+"""Average the scores of several tiny evaluate runs of one method (e.g. under other seeds), query by query.
 
     python -m tiny.average --data D --out OUT/unlearning-s01 OUT/unlearning-s0 OUT/unlearning-s1
 
@@ -20,7 +20,7 @@ from tiny.data import read_listing
 @cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="tiny.evaluate method folders (with self/ and generated/)")
+    parser.add_argument("runs", nargs="+", help="tiny evaluate method folders (with self/ and generated/)")
     parser.add_argument("--data", required=True, help="the training image folder (captions of the top-k)")
     parser.add_argument("--out", required=True, help="folder of the averaged run")
     args = parser.parse_args()

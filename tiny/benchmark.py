@@ -5,6 +5,8 @@ query folders (its generate stage).
     python -m common.driver tiny attribute --model M --data D --queries Q --out OUT [--method NAME]
     python -m common.driver tiny leave-k-out --model M --data D --queries Q --out OUT \
         --eval.ks 10 20 80 --methods unlearning pixel random
+    python -m common.driver tiny evaluate --model M --data D --out EVAL [--method NAME]   (tiny/evaluate.py)
+    python -m common.driver tiny compare --out EVAL
 
 Leave-K-out retrains with the model's own recipe (its ``model.json``) and seed; only the exclusion mode
 (``--train.exclusion_mode``) may differ. θ0 is the model itself, trained by that recipe on every image.
@@ -23,6 +25,7 @@ from common.benchmark import Attribution, Benchmark, Generation, Retraining
 from common.errors import require
 from common.queries import load_queries
 from common.training.train import TrainConfig
+from tiny import evaluate
 from tiny.model import TinyTextToImage
 from tiny.pipeline import load_model, load_run, set_threads, shape_prompts
 from tiny.train import recipe_of, train_tiny
@@ -71,3 +74,15 @@ class Tiny(Benchmark):
         model = TinyTextToImage.load(args.model).to(device)  # sampling needs no gradients: the default attention
         drawn = shape_prompts(args.num, args.seed) if prompts is None else [(p, {}) for p in prompts]
         return Generation(model, drawn)
+
+    def add_evaluation_arguments(self, parser: argparse.ArgumentParser) -> None:
+        evaluate.add_evaluation_arguments(parser)
+
+    def evaluate(self, args: argparse.Namespace, device, method: type, cfg) -> str:
+        return evaluate.evaluate(args, device, method, cfg)
+
+    def add_compare_arguments(self, parser: argparse.ArgumentParser) -> None:
+        evaluate.add_compare_arguments(parser)
+
+    def compare(self, args: argparse.Namespace) -> str:
+        return evaluate.compare(args)

@@ -1,6 +1,8 @@
-"""Measure the attribution quality of any registered method on the tiny benchmark.
+"""The tiny benchmark's own measure of any registered method (the driver's evaluate stage), and the table of
+every measured method (its compare stage).
 
-    python -m tiny.evaluate --model M --data D --out OUT --config tiny/configs/tiny.yaml [--method NAME]
+    python -m common.driver tiny evaluate --model M --data D --out OUT --config tiny/configs/tiny.yaml [--method NAME]
+    python -m common.driver tiny compare --out OUT [--tags unlearning pixel trak ...]
 
 - Self-attribution: a training image used as its own query (its pixels and caption) should rank
   near the top of its own attribution. Reports top-1 / top-10 / top-0.5% rates and the median rank.
@@ -10,7 +12,10 @@
 - For unlearning, the update itself: the query's loss rise against the median training image's,
   and the relative size of the weight update (from the rankings' stats).
 
-Writes ``OUT/<method>/report.json`` and ``report.md`` and prints the Markdown summary.
+Evaluate writes ``OUT/<method>/report.json`` and ``report.md`` and prints the Markdown summary. Compare reads
+every ``OUT/<tag>/report.json`` and writes ``OUT/comparison.md``: self-attribution, shape+colour and colour agreement
+of the top-10 against the base rate, and cost. A tag without a report gets a row with the reason (e.g. a feature
+method whose weights are missing).
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import add_method_arguments, load_preset, method_from_args
 from common.data import Query
-from common.errors import AttributionError, cli, require
+from common.errors import AttributionError, require
+from common.files import write_json
 from common.methods.base import run_method
 from common.outputs import prepare_run_dir
 from common.queries import generate_queries, load_queries
@@ -108,15 +113,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluate stage's flags beyond the driver's (the generated queries are shared by the methods of ``--out``)."""
     parser.add_argument("--model", required=True, help="folder of a trained tiny model")
     parser.add_argument("--data", required=True, help="the shapes training folder (with attributes)")
-    parser.add_argument("--out", required=True, help="output folder (generated queries are shared by methods)")
-    parser.add_argument("--config", default=None, help="YAML file of presets")
-    parser.add_argument("--preset", default="default", help="preset name in --config")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
     parser.add_argument("--tag", default="", help="name of this variant's folder (default: the method's name)")
     parser.add_argument("--num-self", type=int, default=20, help="training images used as their own queries")
     parser.add_argument(
@@ -128,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="guidance of the generated queries")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the choice of self queries and prompts")
-    add_method_arguments(parser)
-    return parser
 
 
 def self_queries(run: TinyRun, picks: list[int]) -> list[Query]:
@@ -155,25 +153,26 @@ def generated_queries(run: TinyRun, folder: Path, args: argparse.Namespace) -> l
     return queries[: args.num_generated]
 
 
-@cli
-def main() -> None:
-    args = load_preset(build_parser())
-    cls, cfg = method_from_args(args)
-    run = load_run(args.model, args.data, args.device)
+def self_picks(args: argparse.Namespace, n: int) -> list[int]:
+    """The training images used as their own queries: ``--self-picks``, else ``--num-self`` drawn by the eval seed."""
+    if args.self_picks is None:
+        return np.random.default_rng(args.eval_seed).choice(n, args.num_self, replace=False).tolist()
+    bad = [i for i in args.self_picks if not 0 <= i < n]
+    require(not bad, f"--self-picks {bad[0] if bad else ''} is outside the training set (N = {n})")
+    return list(args.self_picks)
+
+
+def evaluate(args: argparse.Namespace, device, cls: type, cfg) -> str:
+    """Self-attribution, semantic agreement and cost of method ``cls`` with ``cfg``; the Markdown report."""
+    run = load_run(args.model, args.data, device)
     if run.folder.attributes is None:
         raise AttributionError(f"{args.data} has no attributes in metadata.jsonl; evaluate needs the shapes dataset")
+    picks = self_picks(args, len(run.data))
     root = Path(args.out)
     out = root / (args.tag or cls.name)
     generated = generated_queries(run, root / "generated_queries", args) if args.num_generated else []
-    if args.self_picks is not None:
-        bad = [i for i in args.self_picks if not 0 <= i < len(run.data)]
-        if bad:
-            raise AttributionError(f"--self-picks {bad[0]} is outside the training set (N = {len(run.data)})")
-        picks = list(args.self_picks)
-    else:
-        picks = np.random.default_rng(args.eval_seed).choice(len(run.data), args.num_self, replace=False).tolist()
     cache = Path(args.cache) if args.cache else out / "cache"
-    method = cls(cfg, run.model, run.data, cache, lambda p: load_model(p, args.device))
+    method = cls(cfg, run.model, run.data, cache, lambda p: load_model(p, device))
     t0 = time.time()
     method.prepare()
     seconds_prepare = time.time() - t0
@@ -199,10 +198,58 @@ def main() -> None:
         "stats": stats_summary(self_dirs + gen_dirs),
         "seconds_prepare": round(seconds_prepare, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    return markdown(report)
 
 
-if __name__ == "__main__":
-    main()
+def table_row(tag: str, report: dict) -> str:
+    s, sem, st = report["self_attribution"], report["semantic"], report["stats"]
+    sc, col = sem.get("shape+colour", {}), sem.get("colour", {})
+
+    def share(v: dict) -> str:
+        return f"{v['top10_share']:.0%} ({v['lift']:.1f}×)" if v else "–"
+
+    return (
+        f"| {tag} | {s['top1']:.0%} | {s['top10']:.0%} | {s['median_rank']:g} | {share(sc)} | {share(col)} "
+        f"| {report['seconds_prepare']:.0f} | {st['seconds_per_query']:.1f} |"
+    )
+
+
+def table(out: Path, tags: list[str], notes: dict[str, str]) -> str:
+    """The Markdown comparison of the reports under ``out``."""
+    first = None
+    lines = [
+        "| method | self top-1 | self top-10 | median self rank | shape+colour in top-10 (lift) "
+        "| colour in top-10 (lift) | prepare s | s per query |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tag in tags:
+        path = out / tag / "report.json"
+        if not path.exists():
+            lines.append(f"| {tag} | {notes.get(tag, 'not run')} |||||||")
+            continue
+        report = json.loads(path.read_text())
+        first = first or report
+        lines.append(table_row(tag, report))
+    if first is not None:
+        sem = first["semantic"]
+        base = ", ".join(f"{k} {v['base_rate']:.1%}" for k, v in sem.items() if k in ("shape+colour", "colour"))
+        lines += ["", f"N = {first['num_train']}" + (f"; base rates: {base}." if base else ".")]
+    return "\n".join(lines)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tags", nargs="*", default=None, help="variant folders, in table order (default: all)")
+    parser.add_argument("--note", nargs="*", default=[], help="TAG=reason for rows without a report")
+
+
+def compare(args: argparse.Namespace) -> str:
+    """``OUT/comparison.md`` from the evaluate reports of ``args.out``; the table."""
+    out = Path(args.out)
+    tags = args.tags or sorted(p.parent.name for p in out.glob("*/report.json"))
+    require(bool(tags), f"no evaluate reports (<tag>/report.json) under {out}")
+    notes = dict(n.split("=", 1) for n in args.note if "=" in n)
+    text = table(out, tags, notes)
+    (out / "comparison.md").write_text(text + "\n")
+    return text

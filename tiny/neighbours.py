@@ -2,7 +2,7 @@
 
     python -m tiny.neighbours --data D RUN [RUN ...]
 
-For each ``tiny.evaluate`` run (``RUN/self/<train id>/ranking.json``), the share of each query's
+For each tiny evaluate stage run (``RUN/self/<train id>/ranking.json``), the share of each query's
 10 best-ranked *other* training images that have the query image's attribute, averaged over the
 queries, against the base rate (the share over all other images). Tells what a method's ranking
 follows beyond the image itself (on the shapes set, pixel similarity follows the background, the
@@ -60,7 +60,7 @@ def base_rates(attrs: list[dict]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="the tiny.shapes training folder")
-    parser.add_argument("runs", nargs="+", help="tiny.evaluate method folders (with self/)")
+    parser.add_argument("runs", nargs="+", help="tiny evaluate method folders (with self/)")
     args = parser.parse_args()
     attrs = read_attributes(Path(args.data))
     rows = [(Path(run).name, neighbour_shares(Path(run), attrs)) for run in args.runs]

@@ -1,4 +1,4 @@
-"""Pick the best step size of a sweep of ``tiny.evaluate`` runs (one folder per step size).
+"""Pick the best step size of a sweep of tiny evaluate stage runs (one folder per step size).
 
     python -m tiny.sweep --out SWEEP --tags kv-a5e-05 kv-a0.0002 kv-a0.0008 [--name kv]
 
@@ -57,13 +57,13 @@ def sweep_table(name: str, reports: dict[str, dict], chosen: str) -> str:
 @cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="the sweep's tiny.evaluate output folder")
+    parser.add_argument("--out", required=True, help="the sweep's tiny evaluate output folder")
     parser.add_argument("--tags", nargs="+", required=True, help="one folder per step size")
     parser.add_argument("--name", default="", help="the variant's name in sweep.md")
     args = parser.parse_args()
     out = Path(args.out)
     missing = [t for t in args.tags if not (out / t / "report.json").exists()]
-    require(not missing, f"no report for {', '.join(missing)} under {out}: run tiny.evaluate first")
+    require(not missing, f"no report for {', '.join(missing)} under {out}: run the tiny evaluate stage first")
     reports = {t: json.loads((out / t / "report.json").read_text()) for t in args.tags}
     require(all("unlearn" in r["settings"] for r in reports.values()), "the sweep's runs must be unlearning runs")
     chosen = best(reports)

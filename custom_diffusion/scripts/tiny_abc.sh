@@ -188,10 +188,10 @@ for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}
       --preset "$PRESET" "${EXTRA[@]}" "$FLAG" --tag "$DIR/$NAME${W:+-$W}" --no-plot
   done
 done
-python -m custom_diffusion.compare "$OUT"
+python -m common.driver abc compare --out "$OUT"
 for K in ${CONTROL:-}; do
   read -r _ DIR SHOWS < <(control "$K")
   # shellcheck disable=SC2086
-  python -m custom_diffusion.compare "$OUT/$DIR" $SHOWS
+  python -m common.driver abc compare --out "$OUT/$DIR" $SHOWS
 done
 cat "$TIMES"

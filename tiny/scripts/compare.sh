@@ -25,7 +25,7 @@ python -m tiny.train --data "$OUT/data" --out "$OUT/model" --config "$CONFIG" --
 MEMBERS=()
 for ((s = 1; s < ENSEMBLE; s++)); do MEMBERS+=("$OUT/model-seed$s"); done
 
-EVAL=(python -m tiny.evaluate --model "$OUT/model" --data "$OUT/data" --out "$OUT/compare" --config "$CONFIG"
+EVAL=(python -m common.driver tiny evaluate --model "$OUT/model" --data "$OUT/data" --out "$OUT/compare" --config "$CONFIG"
   --preset "$PRESET" --device "$DEVICE" --guidance-scale 3)
 NOTES=()
 mkdir -p "$OUT/compare"
@@ -53,4 +53,4 @@ for M in $METHODS; do
     NOTES+=("$M=not measured: ${REASON:-failed, see $M.log}")
   fi
 done
-python -m tiny.compare --out "$OUT/compare" --tags $METHODS --note ${NOTES[@]+"${NOTES[@]}"}
+python -m common.driver tiny compare --out "$OUT/compare" --tags $METHODS --note ${NOTES[@]+"${NOTES[@]}"}

@@ -21,7 +21,7 @@ FEW=$OUT/few_captions
   --captions class
 python -m tiny.train --data "$FEW/data" --out "$FEW/model" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 
-EVAL=(python -m tiny.evaluate --model "$FEW/model" --data "$FEW/data" --out "$FEW" --config "$CONFIG"
+EVAL=(python -m common.driver tiny evaluate --model "$FEW/model" --data "$FEW/data" --out "$FEW" --config "$CONFIG"
   --preset "$PRESET" --device "$DEVICE" --num-generated 0)
 mkdir -p "$FEW"
 for V in $VARIANTS; do
@@ -37,4 +37,4 @@ print(u['selection'], u['step_size'], *r['self_picks'])")
     --fisher.selection "$SEL" --unlearn.step_size "$STEP" 2> "$FEW/$V.log" > "$FEW/$V.md"
   sed -n 2p "$FEW/$V.md"
 done
-python -m tiny.compare --out "$FEW" --tags $VARIANTS
+python -m common.driver tiny compare --out "$FEW" --tags $VARIANTS

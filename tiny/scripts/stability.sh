@@ -32,7 +32,7 @@ read -ra PICKS <<< "$PICKS"
 mkdir -p "$STAB"
 [ -d "$STAB/generated_queries" ] || cp -r "$TABLE/generated_queries" "$STAB/generated_queries"
 
-EVAL=(python -m tiny.evaluate --model "$OUT/model" --data "$OUT/data" --out "$STAB" --config "$CONFIG"
+EVAL=(python -m common.driver tiny evaluate --model "$OUT/model" --data "$OUT/data" --out "$STAB" --config "$CONFIG"
   --preset "$PRESET" --device "$DEVICE" --guidance-scale 3)
 UNLEARN=(--method unlearning --unlearn.step_size "$STEP")
 

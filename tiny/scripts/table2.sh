@@ -2,7 +2,7 @@
 # The paper's Table 2 at tiny scale (docs/results/tiny_table2.md): unlearning with the Newton
 # step on cross-attention K/V, all cross-attention, all attention and all weights, and with plain SGD
 # (1 and 10 steps), each at the best step size of a small sweep. The sweep ranks 4 training images by
-# self-attribution; the report measures 10 other training images and 8 generated queries (tiny.evaluate).
+# self-attribution; the report measures 10 other training images and 8 generated queries (the tiny evaluate stage).
 # Runs on the leave-K-out model (500 images), so the best variant can go into the leave-K-out table. Two more
 # variants, not in the default list, precondition the K/V Newton step with EK-FAC (ekfac_kv, the follow-up's AbU+)
 # or the exact block Fisher (block_kv) instead of the diagonal.
@@ -52,7 +52,7 @@ flags() {  # the unlearning settings of a variant
   esac
 }
 
-# The report's training images: the first 10 of tiny.evaluate's default 20 (eval seed 0); the sweep's: eval
+# The report's training images: the first 10 of the evaluate stage's default 20 (eval seed 0); the sweep's: eval
 # seed 1's picks that are not among those 20.
 picks() {
   python -c "
@@ -65,7 +65,7 @@ print(*(report[:10] if '$1' == 'report' else sweep[:4]))"
 SWEEP_PICKS=$(picks sweep)
 REPORT_PICKS=$(picks report)
 
-EVAL=(python -m tiny.evaluate --model "$OUT/model" --data "$OUT/data" --config "$CONFIG" --preset "$PRESET"
+EVAL=(python -m common.driver tiny evaluate --model "$OUT/model" --data "$OUT/data" --config "$CONFIG" --preset "$PRESET"
   --device "$DEVICE" --method unlearning)
 TABLE=$OUT/table2
 mkdir -p "$TABLE/sweep"
@@ -91,5 +91,5 @@ for V in $VARIANTS; do
     2> "$TABLE/$V.log" > "$TABLE/$V.md"
   sed -n 2p "$TABLE/$V.md"
 done
-python -m tiny.compare --out "$TABLE" --tags $VARIANTS
+python -m common.driver tiny compare --out "$TABLE" --tags $VARIANTS
 echo "sweep: $TABLE/sweep/sweep.md"
