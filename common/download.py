@@ -144,16 +144,28 @@ def hub_snapshot(repo: str, patterns: list[str], local_dir: Path) -> Path:
         ) from None
 
 
+def announced_size(headers, resumed: bool) -> int | None:
+    """The whole file's size as the server announces it: the total of ``Content-Range`` for a resumed request, else
+    ``Content-Length``; None when it does not say."""
+    value = (headers.get("Content-Range") or "").rpartition("/")[2] if resumed else headers.get("Content-Length")
+    return int(value) if value and value.isdigit() else None
+
+
 def download(url: str, path: Path) -> None:
-    """Download with resume (HTTP Range) into ``path``."""
+    """Download with resume (HTTP Range) into ``path``, checked against the size the server announces: a connection
+    that closes early (which Python's HTTP client does not report) leaves the part file for the rerun to resume."""
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             resumed = have and response.status == 206  # a server that ignores Range sends the whole file again
+            expected = announced_size(response.headers, resumed)
             with open(part, "ab" if resumed else "wb") as f:
                 shutil.copyfileobj(response, f, length=1 << 20)
+        size = part.stat().st_size
+        if expected is not None and size != expected:
+            raise AttributionError(f"the download of {url} stopped at {size:,} of {expected:,} bytes; rerun to resume")
     except urllib.error.HTTPError as err:
         if not (have and err.code == 416):  # 416 to a resumed request: nothing is left, the part is the file
             raise AttributionError(f"cannot download {url} ({err}); rerun to resume") from None

@@ -687,7 +687,7 @@ def test_memory_script_reports_peaks_at_each_size(tmp_path):
     assert not list(tmp_path.glob("n*"))  # the scratch arrays are removed after each size
 
 
-def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeypatch):
+def test_a_download_cut_anywhere_is_refused_then_completes_on_the_rerun(tmp_path, monkeypatch):
     import io
     import urllib.error
     import urllib.request
@@ -700,10 +700,12 @@ def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeyp
         start = int(request.headers.get("Range", "bytes=0-")[6:-1])
         if start >= len(body):  # what a server answers a range past the end
             raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable", {}, None)
-        response = io.BytesIO(body[start:])
+        response = io.BytesIO(body[start : start + sent.pop(0) if sent else None])  # a connection closed early
         response.status = 206 if start else 200
+        response.headers = {"Content-Range": f"bytes {start}-9/10"} if start else {"Content-Length": "10"}
         return response
 
+    sent: list[int] = []
     monkeypatch.setattr(urllib.request, "urlopen", serve)
     (tmp_path / "f.bin.part").write_bytes(body[:4])  # cut mid-way: resumed
     download("http://x/f.bin", tmp_path / "f.bin")
@@ -711,6 +713,13 @@ def test_a_download_cut_at_its_very_end_completes_on_the_rerun(tmp_path, monkeyp
     (tmp_path / "g.bin.part").write_bytes(body)  # cut after the last byte, before the rename
     download("http://x/g.bin", tmp_path / "g.bin")
     assert (tmp_path / "g.bin").read_bytes() == body and not (tmp_path / "g.bin.part").exists()
+    sent[:] = [6, 2]  # the server closes after 6 bytes, then after 2 more: each run keeps what came, the third ends
+    for have in (6, 8):
+        with pytest.raises(AttributionError, match=f"stopped at {have} of 10 bytes; rerun to resume"):
+            download("http://x/h.bin", tmp_path / "h.bin")
+        assert (tmp_path / "h.bin.part").stat().st_size == have and not (tmp_path / "h.bin").exists()
+    download("http://x/h.bin", tmp_path / "h.bin")
+    assert (tmp_path / "h.bin").read_bytes() == body
 
 
 def test_prepare_only_fits_ekfac_factors_that_a_later_run_imports(tmp_path, capsys):
