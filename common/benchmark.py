@@ -11,7 +11,7 @@ What a benchmark gives:
   one; Custom Diffusion has one per customized model): the model ready for gradients, its training set, its queries,
   and ``load_model``, which loads another model of the same benchmark by folder or hub id (TRAK's ensemble);
 - ``attributed(attribution, folders)`` and ``finish(out, is_main)``: optional, what it measures from the finished
-  rankings (Custom Diffusion: the exemplars' retrieval);
+  rankings (Custom Diffusion: the exemplars' retrieval), ``out`` being the run's folder ``OUT/<method or --tag>``;
 - ``retraining(args, device, accelerator, recipe)``: for leave-K-out, a :class:`Retraining`: the attribution above,
   the retraining recipe's identity and ``retrain(excluded, folder)``, which trains the model from scratch without the
   excluded images (optional: a benchmark without it refuses leave-K-out in one line);
@@ -57,6 +57,7 @@ class Attribution:
         load_model: another model of the same benchmark from a folder or hub id, ready for gradients (TRAK's
             ensemble members).
         cache: the subfolder of ``OUT/cache/<method>/`` of this model's caches ("" when the benchmark has one model).
+        folder: the subfolder of ``OUT/<method or --tag>/`` of its query folders ("": the query folders directly).
         info: per query id, what the benchmark's own measures need from it (e.g. how many exemplars it has).
     """
 
@@ -66,6 +67,7 @@ class Attribution:
     load_model: Callable[[str], DiffusionModel]
     cache: str = ""
     info: dict[str, dict] = field(default_factory=dict)
+    folder: str = ""
 
 
 @dataclass
@@ -138,7 +140,7 @@ class Benchmark(abc.ABC):
         """Called with each model's query folders once they hold their rankings (every process)."""
 
     def finish(self, out: Path, is_main: bool) -> None:  # noqa: B027 (optional)
-        """Called once after every model, with the method's output folder ``OUT/<method>``."""
+        """Called once after every model, with the run's output folder ``OUT/<method or --tag>``."""
 
     def add_retraining_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027 (optional)
         """Add the flags leave-K-out takes beyond :meth:`add_arguments` (e.g. which model is θ0)."""

@@ -87,6 +87,7 @@ def add_attribution_arguments(parser: argparse.ArgumentParser, config_help: str 
     parser.add_argument("--top-k", type=int, default=100, help="images listed in ranking.json")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (under accelerate: its device)")
     parser.add_argument("--overwrite", action="store_true", help="replace query folders made under another config")
+    parser.add_argument("--tag", default=None, help="the run's folder under --out (default: the method's name)")
     parser.add_argument(
         "--prepare-only",
         action="store_true",

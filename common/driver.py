@@ -9,8 +9,9 @@ registers one). Stages:
 
 ``attribute``: rank the training set for each query with a registered method (``--method``, default unlearning). The
 method is prepared once per model (curvature, pretrained losses, features or projected gradients, cached in
-``OUT/cache/<method>/``, resumable) and writes ``OUT/<method>/<query id>/{config.json, scores.npy, ranking.json,
-top10.png}``; finished queries with the same settings are skipped. ``--prepare-only`` stops after preparing.
+``OUT/cache/<method>/``, resumable) and writes ``OUT/<method or --tag>/<query id>/{config.json, scores.npy,
+ranking.json, top10.png}``; finished queries with the same settings are skipped. ``--prepare-only`` stops after
+preparing.
 
 ``generate``: new queries from prompts (``--prompts``, a text file with one per line, or the benchmark's own), each
 from initial noise keyed by its id and ``--seed``; each query folder keeps the model input, the decoded image, the text
@@ -90,6 +91,7 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     cls, cfg = method_from_args(args)
     accelerator, device = accelerator_and_device(args.device)
     out = Path(args.out)
+    runs = out / (args.tag or cls.name)
     for attribution in benchmark.attributions(args, device, cls, cfg):
         cache = out / "cache" / cls.name / attribution.cache
         method = cls(cfg, attribution.model, attribution.data, cache, attribution.load_model, accelerator=accelerator)
@@ -98,14 +100,14 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
             if is_main(accelerator):
                 print(f"prepared in {cache}")
         else:
-            folders = run_method(method, attribution.queries, out / cls.name, args.top_k, args.overwrite,
+            folders = run_method(method, attribution.queries, runs / attribution.folder, args.top_k, args.overwrite,
                                  plot=not args.no_plot)  # fmt: skip
             benchmark.attributed(attribution, folders)
         del method, attribution  # one model at a time on the device
     if not args.prepare_only:
-        benchmark.finish(out / cls.name, is_main(accelerator))
+        benchmark.finish(runs, is_main(accelerator))
         if is_main(accelerator):
-            print(f"rankings in {out / cls.name}")
+            print(f"rankings in {runs}")
 
 
 def leave_k_out_parser(benchmark: Benchmark) -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -107,13 +107,17 @@ class Abc(Benchmark):
             scores = np.load(folder / "scores.npy")
             self.rows[query.id] = retrieval_row(scores, fields.pop("exemplars"), **fields)
 
+    def table_groups(self) -> list[tuple[str, Sequence[str]]]:
+        """The (field, values) whose groups ``retrieval.md`` averages, before all queries."""
+        return [("test_case", TEST_CASES), ("kind", KINDS)]
+
     def finish(self, out: Path, is_main: bool) -> None:
         if not is_main:
             return
         path = out / "retrieval.json"
         rows = (json.loads(path.read_text()) if path.exists() else {}) | self.rows  # earlier runs' queries kept
         write_json(path, rows)
-        table = retrieval_table(rows, out.name, [("test_case", TEST_CASES), ("kind", KINDS)])
+        table = retrieval_table(rows, out.name, self.table_groups())
         (out / "retrieval.md").write_text(table)
         print(table)
 

@@ -1,23 +1,23 @@
 """The CPU twin of AbC: concepts the tiny model never saw, taught by Custom Diffusion, attributed with known answers.
 
     python -m custom_diffusion.tiny_abc prepare --base MODEL --data DATA --out OUT [--concepts YAML]
-    python -m custom_diffusion.tiny_abc attribute --base MODEL --data DATA --out OUT --method NAME \\
+    python -m common.driver tiny_abc attribute --base MODEL --data DATA --out OUT --method NAME \\
         [--config tiny/configs/tiny.yaml --preset leave_k_out] [--split report] [--tag NAME]
 
 ``prepare`` takes each concept of the concepts file (custom_diffusion/configs/tiny_concepts.yaml):
 renders its exemplars (``OUT/concepts/<name>/``: images and metadata.jsonl), fine-tunes the base model
 on them Custom-Diffusion-style (``OUT/models/<name>/``: the release's two files and finetune.json)
 and generates its queries (``OUT/queries/<name>/<name>-q000/``...); ``OUT/concepts.png`` shows them side
-by side. ``attribute`` ranks each query's training set, the concept's exemplars (first, under the
-training prompt) then the pretraining set, with one registered method, as the abc benchmark's attribute stage
-does for Stable Diffusion: the unlearning method's curvature (``--unlearn.preconditioner``) is the base model's
-on the ranked pretraining images (fitted once per weight selection, ``OUT/cache/base-pool<N>-<selection>/``), as
-AbC uses SD v1.4's, or with ``--curvature custom`` each customized model's own on its ranked set. Runs that differ
-only in the unlearning step (a tuning grid) share one cache folder, ``OUT/cache/<method>-<curvature>-<hash>/``: the
-curvature and pretrained losses are fitted once. Outputs:
-``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and
-AP per query) and ``retrieval.md`` (per concept, per kind);
-``python -m common.driver abc compare --out OUT`` puts the methods side by side. Both steps resume.
+by side. The driver's attribute stage (the ``tiny_abc`` benchmark, :class:`TinyAbc`) ranks each query's training
+set, the concept's exemplars (first, under the training prompt) then the pretraining set, with one registered
+method, as the abc benchmark does for Stable Diffusion: the unlearning method's curvature
+(``--unlearn.preconditioner``) is the base model's on the ranked pretraining images (fitted once per weight
+selection, ``OUT/cache/base-pool<N>-<selection>/``), as AbC uses SD v1.4's, or with ``--curvature custom`` each
+customized model's own on its ranked set. Runs that differ only in the unlearning step (a tuning grid) share one
+cache folder, ``OUT/cache/<method>/<curvature>-<hash>/``: the curvature and pretrained losses are fitted once.
+Outputs: ``OUT/<tag>/<concept>/<query>/`` (the usual run outputs), ``OUT/<tag>/retrieval.json`` (Recall@K and AP per
+query) and ``retrieval.md`` (per concept, per kind); ``python -m common.driver tiny_abc compare --out OUT`` puts the
+methods side by side. Every step resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +37,15 @@ import yaml
 from PIL import Image
 
 from common import keyed_random
-from common.config import add_attribution_arguments, load_preset, method_from_args, resolve_device
+from common.benchmark import Attribution
+from common.config import resolve_device
 from common.data import ArrayTrainingSet, ConcatTrainingSet
 from common.errors import AttributionError, cli, first_line, require, require_file
 from common.files import read_json, write_json
 from common.fingerprints import settings_digest
-from common.methods.base import run_method
 from common.queries import generate_queries, load_queries
-from custom_diffusion.compare import KINDS, retrieval_row, retrieval_table
+from custom_diffusion.benchmark import Abc
+from custom_diffusion.compare import KINDS
 from custom_diffusion.finetune import FinetuneConfig, finetune, regularisation_indices
 from custom_diffusion.model import CUSTOM_WEIGHTS, apply_custom, save_custom
 from tiny import shapes
@@ -374,14 +377,16 @@ def base_curvature(base: Path, data_dir: Path, out: Path, cfg, kind: str, pool: 
     return folder / CACHE_NAMES[kind]
 
 
-def cache_name(name: str, cfg, curvature: str) -> str:
-    """The cache folder of a method's settings, all but the unlearning step's own (step size, steps, draws): a
-    tuning grid fits the curvature and pretrained losses once. Every cached file still checks its identity."""
+def cache_name(cfg, curvature: str) -> str:
+    """The cache folder of a method's settings (under ``OUT/cache/<method>/``), all but the unlearning step's own
+    (step size, steps, draws): a tuning grid fits the curvature and pretrained losses once. Every cached file still
+    checks its identity."""
     settings = asdict(cfg)
+    name = ""
     if "unlearn" in settings:
         settings["unlearn"] = {"preconditioner": settings["unlearn"]["preconditioner"]}
-        name = f"{name}-{curvature}"
-    return f"{name}-{settings_digest(settings, length=8, default=str)}"
+        name = f"{curvature}-"
+    return f"{name}{settings_digest(settings, length=8, default=str)}"
 
 
 def first_images(folder: ImageFolder, count: int | None) -> ImageFolder:
@@ -450,13 +455,8 @@ def shows(base: Path, data_dir: Path, out: Path, concepts: list[Concept], pool: 
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "step",
-        choices=["prepare", "shows", "attribute"],
-        help="what to do (shows: which queries show their concept, OUT/shows.json)",
-    )
+def add_twin_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every step of the twin takes: the base model, the concepts and which of them."""
     parser.add_argument("--base", required=True, help="the tiny pretrained model folder")
     parser.add_argument("--data", required=True, help="its training images (image folder)")
     parser.add_argument("--concepts", default=str(CONCEPTS), help="concepts file (YAML)")
@@ -474,37 +474,119 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pool", type=int, default=None, help="pretraining images ranked: the first N (the file's pool)"
     )
+
+
+def chosen_concepts(args: argparse.Namespace) -> tuple[list[Concept], list[Concept], dict]:
+    """Every concept of the file, those this run takes (``--split``, ``--seeds``, ``--shard``), and the file."""
+    concepts, spec = load_concepts(args.concepts)
+    chosen = shard(args.shard, replicates(args.seeds, [c for c in concepts if args.split in ("all", c.split)]))
+    return concepts, chosen, spec
+
+
+def ranked_pool(args: argparse.Namespace, spec: dict) -> int:
+    pool = args.pool or spec["pool"]
+    require(pool <= spec["pool"], f"--pool {pool}: the regularisation images start at image {spec['pool']} "
+                                  f"({args.concepts}); ranking them would count them as negatives")  # fmt: skip
+    return pool
+
+
+class TinyAbc(Abc):
+    """The twin as a benchmark of the driver: one attribution per customized tiny model, its exemplars (first, under
+    the training prompt) then the pretraining pool ranked, each query's retrieval of its exemplars measured."""
+
+    name = "tiny_abc"
+    presets = "tiny/configs/tiny.yaml"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_twin_arguments(parser)
+        parser.add_argument(
+            "--curvature",
+            choices=["base", "custom"],
+            default="base",
+            help="unlearning's curvature: the base model's on the ranked pool (as AbC), or each customized model's "
+            "own on its ranked set",
+        )
+        parser.add_argument(
+            "--swap-images",
+            action="store_true",
+            help="the prompt-only control: each query keeps its prompt but takes the image of the same-numbered "
+            "query of the next concept (same seed); needs --tag, so its results never mix with the method's own",
+        )
+        parser.add_argument(
+            "--without-token",
+            action="store_true",
+            help="the image-only control: each query keeps its image but is attributed under its kind's neutral "
+            "prompt (the concepts file's prompts.KIND.neutral, else the new token replaced by finetune.init_word); "
+            "needs --tag",
+        )
+
+    def attributions(self, args: argparse.Namespace, device, method: type, cfg) -> Iterator[Attribution]:
+        set_threads()
+        concepts, chosen, spec = chosen_concepts(args)
+        self.names, self.sharded = list(dict.fromkeys(c.name for c in concepts)), args.shard is not None
+        if not chosen and self.sharded:
+            print(f"shard {args.shard}: no concept left for it ({args.split})")
+        pool = ranked_pool(args, spec)
+        for flag, used in (("--swap-images", args.swap_images), ("--without-token", args.without_token)):
+            require(not used or bool(args.tag), f"{flag} needs --tag (its own output folder)")
+        base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
+        fisher = getattr(cfg, "fisher", None)
+        if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
+            kind = cfg.unlearn.preconditioner
+            cfg.fisher.file = str(base_curvature(base, data_dir, out, fisher, kind, pool, args.device))
+        cache = cache_name(cfg, args.curvature)
+        pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), pool)
+        for concept in chosen:
+            model_dir = out / "models" / concept.unit
+            require(
+                (model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.unit} is not prepared: run the prepare step first"
+            )
+            model = apply_custom(TinyTextToImage.load(base), model_dir)
+            check_prepared(concept, model_dir, spec["pool"])
+            data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
+            queries = load_queries(out / "queries" / concept.unit)
+            if args.swap_images:
+                queries = swapped_images(queries, out, concepts, concept)
+            if args.without_token:
+                queries = without_token(queries, model, spec)
+            fields = {"exemplars": num_exemplars, "concept": concept.name, "seed": concept.seed, "kind": concept.kind}
+            member = partial(ensemble_member, model_dir=model_dir, device=device)
+            yield Attribution(model.prepare_for_gradients(device), data, queries, member, f"{cache}/{concept.unit}",
+                              {q.id: fields for q in queries}, concept.unit)  # fmt: skip
+
+    def table_groups(self) -> list[tuple[str, Sequence[str]]]:
+        return [("concept", self.names), ("kind", KINDS)]
+
+    def finish(self, out: Path, is_main: bool) -> None:
+        if self.sharded:  # a shard's rows would replace the full table: the run without --shard writes it
+            print("shard done (tables: run without --shard)")
+        else:
+            super().finish(out, is_main)
+
+
+def ensemble_member(source: str, model_dir: Path, device) -> TinyTextToImage:
+    """A TRAK ensemble member (``--trak.ensemble``): another tiny base model customized by ``model_dir``."""
+    return apply_custom(TinyTextToImage.load(source), model_dir).prepare_for_gradients(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--curvature",
-        choices=["base", "custom"],
-        default="base",
-        help="unlearning's curvature: the base model's on the ranked pool (as AbC), or each customized model's own "
-        "on its ranked set",
+        "step",
+        choices=["prepare", "shows"],
+        help="what to do (shows: which queries show their concept, OUT/shows.json)",
     )
-    parser.add_argument("--tag", default=None, help="output folder name under OUT (default: the method's)")
-    parser.add_argument(
-        "--swap-images",
-        action="store_true",
-        help="the prompt-only control: each query keeps its prompt but takes the image of the same-numbered query "
-        "of the next concept (same seed); needs --tag, so its results never mix with the method's own",
-    )
-    parser.add_argument(
-        "--without-token",
-        action="store_true",
-        help="the image-only control: each query keeps its image but is attributed under its kind's neutral prompt "
-        "(the concepts file's prompts.KIND.neutral, else the new token replaced by finetune.init_word); needs --tag",
-    )
-    parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
-    add_attribution_arguments(parser, "YAML file of presets (tiny/configs/tiny.yaml)")
+    add_twin_arguments(parser)
+    parser.add_argument("--out", required=True, help="the twin's folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return parser
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    args = load_preset(build_parser(), argv=argv)
+    args = build_parser().parse_args(argv)
     set_threads()
-    concepts, spec = load_concepts(args.concepts)
-    chosen = shard(args.shard, replicates(args.seeds, [c for c in concepts if args.split in ("all", c.split)]))
+    _, chosen, spec = chosen_concepts(args)
     base, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     if not chosen and args.shard is not None:
         print(f"shard {args.shard}: no concept left for it ({args.split})")
@@ -514,58 +596,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.shard is None:
             print(f"exemplars and queries in {concept_sheet(out, chosen)}")
         return
-    pool = args.pool or spec["pool"]
-    require(pool <= spec["pool"], f"--pool {pool}: the regularisation images start at image {spec['pool']} "
-                                  f"({args.concepts}); ranking them would count them as negatives")  # fmt: skip
-    if args.step == "shows":
-        require(args.shard is None, "--shard: the shows step is one pass over every query (a minute); run it whole")
-        found = shows(base, data_dir, out, chosen, pool)
-        ids = [q for c in chosen for q in found if found[q].get("concept") == c.name and q.startswith(c.unit + "-")]
-        print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
-        print(f"written to {out / 'shows.json'}")
-        return
-    for flag, used in (("--swap-images", args.swap_images), ("--without-token", args.without_token)):
-        require(not used or bool(args.tag), f"{flag} needs --tag (its own output folder)")
-    cls, cfg = method_from_args(args)
-    fisher = getattr(cfg, "fisher", None)
-    if fisher is not None and not fisher.file and cfg.unlearn.method == "newton" and args.curvature == "base":
-        kind = cfg.unlearn.preconditioner
-        cfg.fisher.file = str(base_curvature(base, data_dir, out, fisher, kind, pool, args.device))
-    tag = args.tag or cls.name
-    cache = out / "cache" / cache_name(cls.name, cfg, args.curvature)
-    pretraining_folder = first_images(load_image_folder(data_dir, TinyTextToImage.load(base).cfg.resolution), pool)
-    rows: dict[str, dict] = {}
-    for concept in chosen:
-        model_dir = out / "models" / concept.unit
-        require((model_dir / CUSTOM_WEIGHTS).exists(), f"{concept.unit} is not prepared: run the prepare step first")
-        model = apply_custom(TinyTextToImage.load(base), model_dir)
-        check_prepared(concept, model_dir, spec["pool"])
-        data, num_exemplars = concept_training_set(model, out / "concepts" / concept.name, pretraining_folder)
-        queries = load_queries(out / "queries" / concept.unit)
-        if args.swap_images:
-            queries = swapped_images(queries, out, concepts, concept)
-        if args.without_token:
-            queries = without_token(queries, model, spec)
-        method = cls(cfg, model.prepare_for_gradients(resolve_device(args.device)), data, cache / concept.unit)
-        if args.prepare_only:
-            method.prepare()
-            continue
-        folders = run_method(method, queries, out / tag / concept.unit, args.top_k, args.overwrite,
-                             plot=not args.no_plot)  # fmt: skip
-        for query, folder in zip(queries, folders, strict=True):
-            scores = np.load(folder / "scores.npy")
-            rows[query.id] = retrieval_row(scores, num_exemplars, concept=concept.name, seed=concept.seed,
-                                           kind=concept.kind)  # fmt: skip
-    if args.prepare_only or args.shard is not None:
-        print(f"prepared in {cache}" if args.prepare_only else f"shard {args.shard} done (tables: run without --shard)")
-        return
-    path = out / tag / "retrieval.json"
-    rows = (json.loads(path.read_text()) if path.exists() else {}) | rows
-    write_json(path, rows)
-    names = list(dict.fromkeys(c.name for c in concepts))
-    table = retrieval_table(rows, tag, [("concept", names), ("kind", KINDS)])
-    (out / tag / "retrieval.md").write_text(table)
-    print(table)
+    pool = ranked_pool(args, spec)
+    require(args.shard is None, "--shard: the shows step is one pass over every query (a minute); run it whole")
+    found = shows(base, data_dir, out, chosen, pool)
+    ids = [q for c in chosen for q in found if found[q].get("concept") == c.name and q.startswith(c.unit + "-")]
+    print(f"{sum(found[q]['shows'] for q in ids)} of {len(ids)} queries show their concept ({shows_rule(SHOWS_T)})")
+    print(f"written to {out / 'shows.json'}")
 
 
 if __name__ == "__main__":

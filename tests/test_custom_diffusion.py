@@ -840,9 +840,12 @@ def write_twin(root, concepts_extra=""):
 def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_path, capsys):
     import json
 
+    from common.driver import command
     from custom_diffusion.model import apply_custom
     from custom_diffusion.tiny_abc import main
     from tiny.model import TinyTextToImage
+
+    attribute = command("tiny_abc", "attribute")
 
     write_twin(tmp_path)
     common = ["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
@@ -861,7 +864,7 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     main(["prepare", *common])
     assert capsys.readouterr().out.count(": ready") == 2  # resumed: nothing redone
     with pytest.raises(SystemExit):  # the regularisation images (16 on) are not ranked
-        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "20"])
+        attribute([*common, "--method", "pixel", "--no-plot", "--pool", "20"])
     assert "regularisation images start at image 16" in capsys.readouterr().err
     for concept in ("ring", "stripes"):
         regular = json.loads((tmp_path / f"out/models/{concept}-s0/finetune.json").read_text())["regularisation_images"]
@@ -869,7 +872,7 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
         moved = json.loads((tmp_path / f"out/models/{concept}-s0/finetune.json").read_text())["relative_change"]
         assert 0 < moved["cross-attn-kv"] and 0 < moved["all"]  # every weight is fine-tuned (the file's selection)
     assert "| ring-s0 | object | 2 |" in (tmp_path / "out/models.md").read_text()
-    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16"])
+    attribute([*common, "--method", "pixel", "--no-plot", "--pool", "16"])
     rows = json.loads((tmp_path / "out/pixel/retrieval.json").read_text())
     assert sorted(rows) == ["ring-s0-q000", "ring-s0-q001", "stripes-s0-q000", "stripes-s0-q001"]
     assert all(
@@ -881,9 +884,9 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert "| stripes | 2 |" in table and "| object | 2 |" in table
     # the prompt-only control: stripes' queries take ring's images (the next concept, wrapping), keep their prompts
     with pytest.raises(SystemExit):
-        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images"])
+        attribute([*common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images"])
     assert "--swap-images needs --tag" in capsys.readouterr().err
-    main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images", "--tag", "swapped"])
+    attribute([*common, "--method", "pixel", "--no-plot", "--pool", "16", "--swap-images", "--tag", "swapped"])
     for unit, donor in (("stripes-s0", "ring-s0"), ("ring-s0", "stripes-s0")):
         swapped = np.load(tmp_path / f"out/swapped/{unit}/{unit}-q001/scores.npy")
         own = np.load(tmp_path / f"out/pixel/{donor}/{donor}-q001/scores.npy")
@@ -892,11 +895,11 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     assert sorted(json.loads((tmp_path / "out/swapped/retrieval.json").read_text())) == sorted(rows)
     # the image-only control: own images, neutral prompts (the kind's template, or "thing" in the token's place)
     with pytest.raises(SystemExit):
-        main(["attribute", *common, "--method", "pixel", "--no-plot", "--pool", "16", "--without-token"])
+        attribute([*common, "--method", "pixel", "--no-plot", "--pool", "16", "--without-token"])
     assert "--without-token needs --tag" in capsys.readouterr().err
-    main(["attribute", *common, "--method", "text-condition", "--no-plot", "--pool", "16"])
+    attribute([*common, "--method", "text-condition", "--no-plot", "--pool", "16"])
     for method in ("pixel", "text-condition"):
-        main(["attribute", *common, "--method", method, "--no-plot", "--pool", "16", "--without-token",
+        attribute([*common, "--method", method, "--no-plot", "--pool", "16", "--without-token",
               "--tag", f"no-token-{method}"])  # fmt: skip
 
     def q001(tag, unit):
@@ -928,18 +931,18 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
     from tests.conftest import ROOT
 
     config = str(ROOT / "tiny" / "configs" / "tiny.yaml")
-    argv = ["attribute", *common, "--method", "unlearning", "--config", config, "--preset", "micro"]
-    main([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
+    argv = [*common, "--method", "unlearning", "--config", config, "--preset", "micro"]
+    attribute([*argv, "--split", "report", "--tag", "unlearning-report", "--no-plot"])
     rows = json.loads((tmp_path / "out/unlearning-report/retrieval.json").read_text())
     assert sorted(rows) == ["stripes-s0-q000", "stripes-s0-q001"]
     assert (tmp_path / "out/cache/base-pool16-cross-attn-kv/fisher.safetensors").is_file()  # the base model's
-    main([*argv, "--split", "report", "--tag", "ekfac-own", "--no-plot", "--unlearn.preconditioner", "ekfac",
+    attribute([*argv, "--split", "report", "--tag", "ekfac-own", "--no-plot", "--unlearn.preconditioner", "ekfac",
           "--curvature", "custom"])  # fmt: skip
-    (own,) = (tmp_path / "out/cache").glob("unlearning-custom-*/stripes-s0/ekfac/lambda_matrix.safetensors")
+    (own,) = (tmp_path / "out/cache").glob("unlearning/custom-*/stripes-s0/ekfac/lambda_matrix.safetensors")
     fitted = own.stat().st_mtime_ns
-    main([*argv, "--split", "report", "--tag", "ekfac-own-a1e-3", "--no-plot", "--unlearn.preconditioner", "ekfac",
+    attribute([*argv, "--split", "report", "--tag", "ekfac-own-a1e-3", "--no-plot", "--unlearn.preconditioner", "ekfac",
           "--curvature", "custom", "--unlearn.step_size", "1e-3"])  # fmt: skip
-    assert list((tmp_path / "out/cache").glob("unlearning-custom-*/stripes-s0/ekfac/lambda_matrix.*")) == [own]
+    assert list((tmp_path / "out/cache").glob("unlearning/custom-*/stripes-s0/ekfac/lambda_matrix.*")) == [own]
     assert own.stat().st_mtime_ns == fitted  # another step size: the factors are not fitted again
     assert sorted(json.loads((tmp_path / "out/ekfac-own/retrieval.json").read_text())) == [
         "stripes-s0-q000",
@@ -993,7 +996,7 @@ def test_tiny_twin_script_tunes_on_one_split_and_reports_the_other(tmp_path):
     assert "<new1>" not in json.loads((cell / "ranking.json").read_text())["query"]["prompt"]  # the image only
     reported = out / name / "stripes-s0" / "stripes-s0-q000"
     assert "<new1>" in json.loads((reported / "ranking.json").read_text())["query"]["prompt"]  # reported as asked
-    (fisher,) = (out / "cache").glob("unlearning-base-*/ring-s0/base_losses*")  # the grid shares one cache
+    (fisher,) = (out / "cache").glob("unlearning/base-*/ring-s0/base_losses*")  # the grid shares one cache
     for method in (name, "pixel", "random", "text-condition"):
         ids = sorted(json.loads((out / method / "retrieval.json").read_text()))
         assert ids == ["stripes-s0-q000", "stripes-s0-q001"]

@@ -59,14 +59,14 @@ def test_a_benchmark_in_one_class_runs_by_its_module_path(tmp_path, capsys):
     assert json.loads((tmp_path / "pixel" / "ranks.json").read_text()) == {"q3": 0, "q7": 0}
 
 
-def test_the_three_benchmarks_are_registered():
-    assert {"tiny", "mscoco", "abc"} <= set(registered())
+def test_the_benchmarks_are_registered():
+    assert {"tiny", "mscoco", "abc", "tiny_abc"} <= set(registered())
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["nope", "attribute"], "unknown benchmark 'nope': choose from abc, mscoco, tiny"),
+        (["nope", "attribute"], "unknown benchmark 'nope': choose from abc, mscoco, tiny, tiny_abc"),
         (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, evaluate, leave-k-out, compare"),
         (["mscoco", "evaluate", "--out", "x"], "the mscoco benchmark has no evaluate stage: leave-k-out is its"),
         (["abc", "leave-k-out", "--out", "x"], "the abc benchmark has no leave-k-out stage: its gold standard is"),

@@ -76,8 +76,16 @@ if [ -z "${BASE:-}" ]; then
   timed "train the base model" python -m tiny.train --data "$BASE_DATA" --out "$BASE" --config "$CONFIG" --device "$DEVICE"
 fi
 : "${BASE_DATA:?set BASE_DATA to the images BASE was trained on}"
-TWIN=(python -m custom_diffusion.tiny_abc --base "$BASE" --data "$BASE_DATA" --out "$OUT" --concepts "$CONCEPTS"
-  --pool "${POOL:-500}" --device "$DEVICE")
+TWIN=(--base "$BASE" --data "$BASE_DATA" --out "$OUT" --concepts "$CONCEPTS" --pool "${POOL:-500}" --device "$DEVICE")
+twin() {  # STEP ARGS...: attribute through the driver (the tiny_abc benchmark); prepare and shows, the twin's own steps
+  local step=$1
+  shift
+  if [ "$step" = attribute ]; then
+    python -m common.driver tiny_abc attribute "${TWIN[@]}" "$@"
+  else
+    python -m custom_diffusion.tiny_abc "$step" "${TWIN[@]}" "$@"
+  fi
+}
 SHARDS=${SHARDS:-1}
 # STEP ARGS...: the step as SHARDS processes side by side, then once whole (it skips what they did, writes the tables)
 sharded() {
@@ -85,7 +93,7 @@ sharded() {
   shift
   if [ "$SHARDS" -gt 1 ]; then
     for ((i = 0; i < SHARDS; i++)); do
-      OMP_NUM_THREADS=$((threads > 0 ? threads : 1)) "${TWIN[@]}" "$step" --shard "$i/$SHARDS" "$@" \
+      OMP_NUM_THREADS=$((threads > 0 ? threads : 1)) twin "$step" --shard "$i/$SHARDS" "$@" \
         > "$OUT/shard$i.log" 2>&1 &
       pids+=($!)
     done
@@ -94,12 +102,12 @@ sharded() {
     done
     [ "$status" -eq 0 ] || return "$status"
   fi
-  "${TWIN[@]}" "$step" "$@"
+  twin "$step" "$@"
 }
 ONLY_SEEDS=()
 [ -n "${SEEDS:-}" ] && ONLY_SEEDS=(--seeds "$SEEDS")
 timed "prepare: exemplars, fine-tuning, queries" sharded prepare "${ONLY_SEEDS[@]}"
-timed "shows: which queries show their concept" "${TWIN[@]}" shows "${ONLY_SEEDS[@]}"
+timed "shows: which queries show their concept" twin shows "${ONLY_SEEDS[@]}"
 
 # Unlearning, tuned on the tune concepts per variant: every (step size, steps) of the grid, the best by mAP reported.
 unlearning_args() {  # PRECONDITIONER WEIGHTS CURVATURE ALPHA STEPS [DAMPING]: the attribute flags of one run
@@ -188,10 +196,10 @@ for M in ${METHODS:-pixel random text-condition d-trak:cross-attn-kv d-trak:all}
       --preset "$PRESET" "${EXTRA[@]}" "$FLAG" --tag "$DIR/$NAME${W:+-$W}" --no-plot
   done
 done
-python -m common.driver abc compare --out "$OUT"
+python -m common.driver tiny_abc compare --out "$OUT"
 for K in ${CONTROL:-}; do
   read -r _ DIR SHOWS < <(control "$K")
   # shellcheck disable=SC2086
-  python -m common.driver abc compare --out "$OUT/$DIR" $SHOWS
+  python -m common.driver tiny_abc compare --out "$OUT/$DIR" $SHOWS
 done
 cat "$TIMES"
