@@ -944,6 +944,14 @@ def test_tiny_twin_teaches_concepts_and_scores_exemplar_retrieval_per_kind(tmp_p
           "--curvature", "custom", "--unlearn.step_size", "1e-3"])  # fmt: skip
     assert list((tmp_path / "out/cache").glob("unlearning/custom-*/stripes-s0/ekfac/lambda_matrix.*")) == [own]
     assert own.stat().st_mtime_ns == fitted  # another step size: the factors are not fitted again
+    attribute([*common, "--method", "trak", "--config", config, "--preset", "micro", "--split", "report",
+               "--no-plot", "--trak.ensemble", str(tmp_path / "base"), "--trak.projection_dim", "64"])  # fmt: skip
+    trak = json.loads((tmp_path / "out/trak/stripes-s0/stripes-s0-q000/config.json").read_text())["settings"]
+    assert len(trak["ensemble"]) == 1  # a second member: the base folder customized by the concept's files
+    assert sorted(json.loads((tmp_path / "out/trak/retrieval.json").read_text())) == [
+        "stripes-s0-q000",
+        "stripes-s0-q001",
+    ]
     assert sorted(json.loads((tmp_path / "out/ekfac-own/retrieval.json").read_text())) == [
         "stripes-s0-q000",
         "stripes-s0-q001",
