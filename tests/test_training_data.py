@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError
-from common.training.train import BatchSchedule, TrainConfig, loss_scale, train
+from common.training.train import BatchSchedule, TrainConfig, learning_rate, loss_scale, train
 from tiny.data import count_duplicates, load_image_folder
 from tiny.shapes import generate
 
@@ -24,6 +24,24 @@ def test_excluded_images_are_never_visited(mode):
     assert set(kept) == set(range(20)) - {3, 11}
     listed = {i for b in batches for _, i in b}
     assert (3 in listed) == (mode != "remove")
+
+
+def test_the_schedule_is_transformers_cosine_with_a_floor_but_warms_up_from_the_first_step():
+    """Why the schedule is our own: transformers' cosine-with-minimum schedule is the same curve after warm-up, but
+    its first step has learning rate 0 (warm-up one step behind); taking it would change every trained model."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    cfg = TrainConfig(steps=200, warmup_steps=20, lr=1e-3, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 20, 200, min_lr_rate=0.1)
+    theirs = []
+    for _ in range(cfg.steps):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ours = [learning_rate(cfg, step) for step in range(cfg.steps)]
+    assert ours[20:] == pytest.approx(theirs[20:], rel=1e-12) and ours[-1] == pytest.approx(1e-4, rel=1e-3)
+    assert theirs[0] == 0 and ours[:19] == pytest.approx(theirs[1:20]) and ours[0] == pytest.approx(cfg.lr / 20)
 
 
 def test_empty_exclusion_keeps_the_original_order():

@@ -74,7 +74,9 @@ class TrainConfig:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak: transformers'
+    ``get_cosine_with_min_lr_schedule_with_warmup`` after warm-up, but warming up from the first step (theirs starts at
+    0, one step behind), which every trained model and measured table here was made with."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
