@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,18 @@ def atomic(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # left only when the block failed
+
+
+def replace_folder(folder: str | Path, new: str | Path) -> None:
+    """Put the complete folder ``new`` in ``folder``'s place: the old one is moved aside, the new one moved in, then
+    the old one removed (a run killed between the two moves leaves both, beside each other, nothing half-written)."""
+    folder, new = Path(folder), Path(new)
+    aside = folder.with_name(f".{folder.name}.replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, aside)
+    os.replace(new, folder)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any, sort_keys: bool = False, indent: int | None = 2) -> None:

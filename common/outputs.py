@@ -26,7 +26,7 @@ import numpy as np
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError, require, require_file
-from common.files import write_json
+from common.files import atomic, write_json
 
 SCHEMA_VERSION = 2
 TOP_K_FIELDS = ("rank", "index", "score", "caption", "image")
@@ -111,10 +111,23 @@ def build_ranking(
 
 
 def write_ranking(folder: str | Path, ranking: dict, scores: np.ndarray) -> None:
-    """Write ``scores.npy`` (float32, one per training image) and then ``ranking.json``."""
+    """Write ``scores.npy`` (float32, one per training image) and then ``ranking.json``, each whole or not at all."""
     folder = Path(folder)
-    np.save(folder / "scores.npy", np.asarray(scores, dtype=np.float32))
+    with atomic(folder / "scores.npy", ".npy") as tmp:
+        np.save(tmp, np.asarray(scores, dtype=np.float32))
     write_json(folder / "ranking.json", ranking)
+
+
+def is_finished(folder: str | Path, num_train: int) -> bool:
+    """Whether a query's run folder holds complete outputs: a readable ``ranking.json`` and a ``scores.npy`` of
+    ``num_train`` finite scores (a zero-byte or truncated file means the query is attributed again)."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / "ranking.json").read_text())
+        scores = np.load(folder / "scores.npy")
+    except (OSError, ValueError, EOFError):  # missing, truncated, not JSON, not an array
+        return False
+    return scores.shape == (num_train,) and bool(np.isfinite(scores).all())
 
 
 def read_ranking(path: str | Path) -> dict:

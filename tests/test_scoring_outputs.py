@@ -22,7 +22,7 @@ def test_score_is_timestep_mean_rise_per_orientation():
     assert loss_deviation(base, after).tolist() == [[2.0, 5.0], [-1.0, -2.0]]
 
 
-def test_base_loss_cache_is_reused_and_mismatches_refused(model, data, tmp_path):
+def test_base_loss_cache_is_reused_per_setting_and_another_training_set_refused(model, data, tmp_path):
     def base(loss: LossConfig, training=data):
         cfg = UnlearningConfig(loss=loss)
         return base_losses(Unlearning(cfg, model, training, cache_dir=tmp_path))
@@ -31,9 +31,9 @@ def test_base_loss_cache_is_reused_and_mismatches_refused(model, data, tmp_path)
     first = base(cfg)
     again = base(LossConfig(num_timesteps=2, batch_size=3))
     torch.testing.assert_close(first, again)
-    assert (tmp_path / "base_losses" / "pass.json").exists()
-    with pytest.raises(AttributionError, match="another settings"):
-        base(LossConfig(num_timesteps=4))
+    assert len(list((tmp_path / "base_losses").glob("*/pass.json"))) == 1  # batch_size does not change losses
+    base(LossConfig(num_timesteps=4))  # other settings: a pass of their own beside the first
+    assert len(list((tmp_path / "base_losses").glob("*/pass.json"))) == 2
     with pytest.raises(AttributionError, match="another training set"):
         base(cfg, data.subset(range(5)))
     with torch.no_grad():
@@ -107,3 +107,42 @@ def test_run_method_writes_outputs_and_resumes(model, data, query, tmp_path, cap
     changed = type(query)(query.id, query.image.flip(-1), query.text, query.prompt)
     with pytest.raises(AttributionError, match="query.fingerprint"):  # same id, other content: not skipped
         run_method(method, [changed], tmp_path / "out")
+
+
+def test_overwrite_keeps_every_result_until_the_new_ones_are_complete(model, data, query, tmp_path, capsys):
+    """--overwrite used to delete a query's results before the run could stop on a refused cache, leaving a
+    config.json of settings that never ran."""
+    method = _unlearning(model, data, tmp_path / "cache")
+    (folder,) = run_method(method, [query], tmp_path / "out", top_k=4)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    refused = _unlearning(model, data, tmp_path / "cache")  # another Fisher: its cached file is refused
+    refused.cfg = replace(refused.cfg, fisher=replace(refused.cfg.fisher, num_samples=16))
+    with pytest.raises(AttributionError, match="fisher.safetensors was made with another"):
+        run_method(refused, [query], tmp_path / "out", top_k=4, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # scores, ranking, plot and config kept
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [query.id]
+    fewer = _unlearning(model, data, tmp_path / "cache")  # other loss settings: their own pretrained-loss pass
+    fewer.cfg = replace(fewer.cfg, loss=replace(fewer.cfg.loss, num_timesteps=8))
+    run_method(fewer, [query], tmp_path / "out", top_k=4, overwrite=True)
+    assert json.loads((folder / "config.json").read_text())["settings"]["loss"]["num_timesteps"] == 8
+    assert (folder / "scores.npy").read_bytes() != before["scores.npy"] and (folder / "top10.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [query.id]  # no staging folder left
+    capsys.readouterr()
+    run_method(fewer, [query], tmp_path / "out", top_k=4)
+    assert "already attributed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "ranking"])
+def test_a_finished_query_with_unreadable_outputs_is_attributed_again(model, data, query, tmp_path, capsys, damage):
+    """A zero-byte or truncated scores.npy (or a broken ranking.json) used to be skipped as already attributed."""
+    method = _unlearning(model, data, tmp_path / "cache")
+    (folder,) = run_method(method, [query], tmp_path / "out", top_k=4)
+    scores = (folder / "scores.npy").read_bytes()
+    if damage == "ranking":
+        (folder / "ranking.json").write_text("{")
+    else:
+        (folder / "scores.npy").write_bytes(b"" if damage == "empty" else scores[:-8])
+    capsys.readouterr()
+    run_method(method, [query], tmp_path / "out", top_k=4)
+    assert "already attributed" not in capsys.readouterr().out
+    assert (folder / "scores.npy").read_bytes() == scores and read_ranking(folder / "ranking.json")

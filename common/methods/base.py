@@ -21,9 +21,10 @@ from common import keyed_random
 from common.config import identity_settings
 from common.data import ArrayTrainingSet, Query, as_numpy_uint8
 from common.errors import require
+from common.files import replace_folder
 from common.fingerprints import fingerprint_tensors
 from common.model import DiffusionModel
-from common.outputs import build_ranking, prepare_run_dir, write_ranking
+from common.outputs import build_ranking, config_matches, is_finished, prepare_run_dir, write_ranking
 from common.plots import plot_top_images
 from common.processes import barrier, is_main, rank_world
 
@@ -139,16 +140,26 @@ def run_config(method: Method) -> dict:
 
 
 def _open_run_folders(method: Method, queries: Sequence[Query], out_dir: str | Path, config: dict, overwrite: bool):
-    """Each query's run folder, created (or accepted under the same ``config``) by one process; the others wait."""
+    """Each query's run folder and its ``config.json``, created (or accepted under the same config) by one process;
+    the others wait. With ``overwrite``, a folder made under another config is left as it is: its query's new outputs
+    replace it whole once they are complete (:func:`_write_outputs`), so a run that stops keeps the old results."""
     folders = {q.id: Path(out_dir) / q.id for q in queries}
+    configs = {q.id: config | {"query": {"id": q.id, "fingerprint": query_fingerprint(q)}} for q in queries}
     if is_main(method.accelerator):
         for query in queries:
-            query_config = config | {"query": {"id": query.id, "fingerprint": query_fingerprint(query)}}
-            prepare_run_dir(folders[query.id], query_config, overwrite)
-            if (folders[query.id] / "ranking.json").exists():
+            folder, query_config = folders[query.id], configs[query.id]
+            if overwrite and folder.is_dir() and any(folder.iterdir()) and not config_matches(folder, query_config):
+                continue  # replaced when its new outputs are complete
+            prepare_run_dir(folder, query_config)
+            if is_finished(folder, len(method.data)):
                 print(f"{query.id}: already attributed with {method.name}, skipping")
     barrier(method.accelerator)
-    return folders
+    return folders, configs
+
+
+def _finished(method: Method, folder: Path, config: dict) -> bool:
+    """A query whose folder holds complete outputs made under ``config``: skipped."""
+    return config_matches(folder, config) and is_finished(folder, len(method.data))
 
 
 def _prepare(method: Method) -> None:
@@ -167,12 +178,19 @@ def _prepare(method: Method) -> None:
 
 def _write_outputs(method: Method, query: Query, folder: Path, scores, stats: dict, config: dict, top_k: int,
                    plot: bool) -> None:  # fmt: skip
-    """``scores.npy``, ``ranking.json`` and (with ``plot``) ``top10.png`` of one attributed query."""
+    """``scores.npy``, ``ranking.json`` and (with ``plot``) ``top10.png`` of one attributed query; a folder made under
+    another config (``--overwrite``) is replaced whole, with its ``config.json``, only once all of them are written."""
     info = {"id": query.id, "prompt": query.prompt, "image": query.image_path}
     ranking = build_ranking(info, method.name, scores, method.data, top_k, stats, config["model"])
-    write_ranking(folder, ranking, scores)
+    replacing = not config_matches(folder, config)
+    target = folder.with_name(f".{folder.name}.new") if replacing else folder
+    if replacing:
+        prepare_run_dir(target, config, overwrite=True)  # a staging folder: a stale one from a killed run is cleared
+    write_ranking(target, ranking, scores)
     if plot:
-        plot_ranking(folder / "top10.png", method, query, ranking)
+        plot_ranking(target / "top10.png", method, query, ranking)
+    if replacing:
+        replace_folder(folder, target)
     top = ranking["top_k"][0]
     print(f"{query.id}: {method.name} top-1 #{top['index']} ({top['caption']!r}), {stats['seconds_query']:.1f} s")
 
@@ -186,7 +204,8 @@ def run_method(
     plot: bool = True,
     on_scores: Callable[[Path, Query, dict], None] | None = None,
 ) -> list[Path]:
-    """Attribute every query into ``out_dir/<query id>/``; a finished query with the same config is skipped.
+    """Attribute every query into ``out_dir/<query id>/``; a finished query with the same config is skipped (finished:
+    complete, readable outputs, :func:`~common.outputs.is_finished`).
 
     Args:
         method: a prepared or unprepared method (prepared here on the first query that needs it).
@@ -194,16 +213,15 @@ def run_method(
     Returns:
         The query folders, in query order.
     """
-    config = run_config(method)
-    folders = _open_run_folders(method, queries, out_dir, config, overwrite)
-    pending = [q for q in queries if not (folders[q.id] / "ranking.json").exists()]
+    folders, configs = _open_run_folders(method, queries, out_dir, run_config(method), overwrite)
+    pending = [q for q in queries if not _finished(method, folders[q.id], configs[q.id])]
     if pending:
         _prepare(method)
     for query, per_orientation, stats in method.score_many(pending):
         scores = method.flip_max(per_orientation)
         if not is_main(method.accelerator):  # every process scored (the passes are shared); one writes
             continue
-        _write_outputs(method, query, folders[query.id], scores, stats, config, top_k, plot)
+        _write_outputs(method, query, folders[query.id], scores, stats, configs[query.id], top_k, plot)
         if on_scores is not None:
             on_scores(folders[query.id], query, stats)
     barrier(method.accelerator)  # the rankings exist for every process once this returns

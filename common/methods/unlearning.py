@@ -101,7 +101,8 @@ def query_losses(
 
 
 def base_losses(method: Unlearning) -> torch.Tensor:
-    """The pretrained model's losses (N,F,T): a resumable, shared loss pass cached in ``cache_dir/base_losses``."""
+    """The pretrained model's losses (N,F,T): a resumable, shared loss pass cached in ``cache_dir/base_losses/``, in a
+    folder named by the loss settings (a run with others computes its own beside it)."""
     cfg = method.cfg
     if method.cache_dir is None:
         return dataset_losses(
@@ -111,7 +112,7 @@ def base_losses(method: Unlearning) -> torch.Tensor:
         method.model,
         method.data,
         cfg.loss,
-        method.cache_dir / "base_losses",
+        method.cache_dir / "base_losses" / settings_digest([identity_settings(cfg.loss), cfg.scoring.precision]),
         pass_cfg=cfg.scoring,
         accelerator=method.accelerator,
         progress="pretrained losses",
