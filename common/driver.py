@@ -228,6 +228,7 @@ def generate(benchmark: Benchmark, argv: list[str]) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="prompts sampled together (the same images)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--overwrite", action="store_true", help="replace queries of the same ids in --out")
     args = parser.parse_args(argv)
     prompts = None
     if args.prompts:
@@ -239,7 +240,7 @@ def generate(benchmark: Benchmark, argv: list[str]) -> None:
         return
     folders = generate_queries(
         generation.model, generation.prompts, args.out, args.seed, args.sampler, args.num_steps, generation.prefix,
-        args.guidance_scale, args.batch_size,
+        args.guidance_scale, args.batch_size, args.overwrite,
     )  # fmt: skip
     print(f"wrote {len(folders)} queries to {args.out}")
 

@@ -11,6 +11,7 @@ Layout of ``<queries>/<id>/``:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +19,44 @@ import torch
 
 from common import keyed_random
 from common.data import NoiseStream, Query, query_key
-from common.errors import AttributionError, require_file
-from common.files import write_json
+from common.errors import AttributionError, require, require_file
+from common.files import replace_folder, write_json
 from common.model import DiffusionModel
 
 
 def save_query(
     folder: str | Path, query: Query, noise: torch.Tensor | None, image: np.ndarray | None, info: dict
 ) -> Path:
-    """Write one query folder; ``image`` is uint8 (H,W,3)."""
+    """Write one query folder whole (into a staging folder, then moved in place of any earlier one); ``image`` is
+    uint8 (H,W,3)."""
     from PIL import Image
 
     folder = Path(folder) / query.id
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "input.npy", query.image.detach().cpu().float().numpy())
-    np.save(folder / "text_embedding.npy", query.text.detach().cpu().float().numpy())
+    staging = folder.with_name(f".{query.id}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    np.save(staging / "input.npy", query.image.detach().cpu().float().numpy())
+    np.save(staging / "text_embedding.npy", query.text.detach().cpu().float().numpy())
     if noise is not None:
-        np.save(folder / "noise.npy", noise.detach().cpu().float().numpy())
+        np.save(staging / "noise.npy", noise.detach().cpu().float().numpy())
     if image is not None:
-        Image.fromarray(image).save(folder / "image.png")
+        Image.fromarray(image).save(staging / "image.png")
     stream = {"stream": query.stream.as_json()} if query.stream is not None else {}
-    write_json(folder / "query.json", {"id": query.id, "prompt": query.prompt} | info | stream)
+    write_json(staging / "query.json", {"id": query.id, "prompt": query.prompt} | info | stream)
+    replace_folder(folder, staging)
     return folder
+
+
+def check_new_ids(out: str | Path, ids: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, to write query ids that ``out`` already holds (unless ``overwrite``): a second
+    generation would replace some of the first's queries and leave a mix of the two."""
+    taken = [i for i in ids if (Path(out) / i).exists()]
+    more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+    require(
+        overwrite or not taken,
+        f"{out} already holds query {taken[0] if taken else ''}{more}: pass --overwrite to replace them, or choose "
+        "another folder",
+    )
 
 
 def load_query(folder: str | Path) -> Query:
@@ -87,16 +104,19 @@ def generate_queries(
     prefix: str = "q",
     guidance_scale: float = 1.0,
     batch_size: int = 64,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Sample one image per prompt from keyed initial noise and save each as a query folder ``<prefix><i>``.
 
     Each folder keeps the model input, the decoded image, the text embedding and the initial noise,
-    so the query can be regenerated (leave-K-out regeneration) from the same noise and seed.
+    so the query can be regenerated (leave-K-out regeneration) from the same noise and seed. Ids already in ``out``
+    are refused before any sampling unless ``overwrite``.
     """
     from common.data import as_numpy_uint8
     from common.diffusion.sampling import sample
 
     ids = [f"{prefix}{i:03d}" for i in range(len(prompts))]
+    check_new_ids(out, ids, overwrite)
     folders = []
     for start in range(0, len(prompts), batch_size):
         batch, names = prompts[start : start + batch_size], ids[start : start + batch_size]

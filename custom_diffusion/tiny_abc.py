@@ -214,8 +214,16 @@ def prepare(
         check_prepared(concept, model_dir, pool)
         model = apply_custom(TinyTextToImage.load(base), model_dir).to(resolve_device(device))
         prompts = query_prompts(concept, int(qs.get("per_concept", 5)), int(qs.get("seed", 0)))
-        generate_queries(model, prompts, query_dir, int(qs.get("seed", 0)), num_steps=int(qs.get("num_steps", 250)),
-                         prefix=query_prefix(concept), guidance_scale=float(qs.get("guidance_scale", 3.0)))  # fmt: skip
+        generate_queries(
+            model,
+            prompts,
+            query_dir,
+            int(qs.get("seed", 0)),
+            num_steps=int(qs.get("num_steps", 250)),
+            prefix=query_prefix(concept),
+            guidance_scale=float(qs.get("guidance_scale", 3.0)),
+            overwrite=True,
+        )  # fmt: skip  (an interrupted generation: the same queries again)
         print(f"{concept.unit}: {len(prompts)} queries")
     if tables:
         (out / "models.md").write_text(models_table(out, concepts))

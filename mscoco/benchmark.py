@@ -116,7 +116,7 @@ class Mscoco(Benchmark):
         )
         if args.release:  # the image, the latent, the text embedding and the row of the batch it is regenerated from
             ids = None if args.release == "all" else parse_ids(args.release)
-            folders = export_release_queries(args.data, args.out, ids)
+            folders = export_release_queries(args.data, args.out, ids, args.overwrite)
             print(f"wrote {len(folders)} released queries to {args.out}")
             return None
         model = load_model(args.data, args.unet, args.components, device)

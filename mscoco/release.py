@@ -145,14 +145,19 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
     return queries
 
 
-def export_release_queries(data_dir: str | Path, out: str | Path, indices: list[int] | None = None) -> list[Path]:
-    """The released queries as query folders (``common.queries`` layout) under ``out``."""
+def export_release_queries(
+    data_dir: str | Path, out: str | Path, indices: list[int] | None = None, overwrite: bool = False
+) -> list[Path]:
+    """The released queries as query folders (``common.queries`` layout) under ``out``; ids already there are
+    refused before any is written unless ``overwrite``."""
     from PIL import Image
 
-    from common.queries import save_query
+    from common.queries import check_new_ids, save_query
 
     folders = []
-    for query in load_release_queries(data_dir, indices):
+    queries = load_release_queries(data_dir, indices)
+    check_new_ids(out, [q.id for q in queries], overwrite)
+    for query in queries:
         image = np.asarray(Image.open(query.image_path).convert("RGB")) if query.image_path else None
         folders.append(save_query(out, query, query.noise, image, dict(query.extra)))
     return folders

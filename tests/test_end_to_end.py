@@ -372,3 +372,25 @@ def test_evaluate_reuses_generated_queries_only_under_the_same_settings(micro_ru
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert reason in proc.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "eval" / "other").exists()
+
+
+def test_generate_refuses_query_ids_already_there_unless_overwrite(micro_run, tmp_path, capsys):
+    """A second generation with another seed used to replace the first's queries one by one, leaving a mix."""
+    from common.driver import command
+
+    out, _ = micro_run
+    generate = command("tiny", "generate")
+    flags = ["--model", str(out / "model"), "--out", str(tmp_path / "q"), "--num", "2", "--num-steps", "5"]
+    generate([*flags, "--device", "cpu"])
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        generate([*flags, "--device", "cpu", "--seed", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("already holds query q000 (and 1 more): pass --overwrite to replace them, or choose "
+                            "another folder") and len(err) == 1  # fmt: skip
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()} == before
+    generate([*flags, "--device", "cpu", "--seed", "1", "--overwrite"])
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in after if k.name == "noise.npy")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["q000", "q001"]  # no staging folder left
