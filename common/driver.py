@@ -66,6 +66,7 @@ from common.methods import methods
 from common.methods.base import run_method
 from common.outputs import config_matches, prepare_run_dir
 from common.processes import barrier, is_main, rank_world
+from common.queries import check_queries, generate_queries
 from common.training.train import TrainConfig
 
 
@@ -93,6 +94,7 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     out = Path(args.out)
     runs = out / (args.tag or cls.name)
     for attribution in benchmark.attributions(args, device, cls, cfg):
+        check_queries(attribution.model, attribution.queries)
         cache = out / "cache" / cls.name / attribution.cache
         method = cls(cfg, attribution.model, attribution.data, cache, attribution.load_model, accelerator=accelerator)
         if args.prepare_only:  # e.g. the curvature and pretrained losses, on every GPU, before any query
@@ -139,6 +141,7 @@ def check_leave_k_out(retraining: Retraining, cfg: EvalConfig) -> OffTarget:
     data, queries = retraining.attribution.data, retraining.attribution.queries
     for k in cfg.ks:
         require(k <= len(data), f"K = {k} exceeds the training-set size {len(data)}")
+    check_queries(retraining.attribution.model, queries)
     off_target = OffTarget(queries, cfg.off_target, cfg.loss_stride, cfg.seed)
     for query in queries:  # regeneration needs each query's initial noise
         require(
@@ -212,7 +215,6 @@ def leave_k_out_stage(benchmark: Benchmark, argv: list[str]) -> None:
 def generate(benchmark: Benchmark, argv: list[str]) -> None:
     """The ``generate`` stage (see the module docstring)."""
     from common.diffusion.sampling import SAMPLERS
-    from common.queries import generate_queries
 
     parser = argparse.ArgumentParser(
         prog=f"python -m common.driver {benchmark.name} generate", description="New queries from prompts."

@@ -44,12 +44,14 @@ class DiffusionModel(abc.ABC):
             training image as itself and flipped and keeps the max (the paper's setting); when
             false only the original orientation is scored.
         token: the new token a customized model learned (None for a base model).
+        pixel_space: its inputs are pixels in [-1, 1] (not latents): a query outside the range is refused.
     """
 
     unet: torch.nn.Module
     scheduler: DDPMScheduler
     flips: bool = True
     token: str | None = None  # a customized model's new token (e.g. "<new1>")
+    pixel_space: bool = False
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

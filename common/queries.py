@@ -134,3 +134,23 @@ def generate_queries(
             info["attributes"] = attrs
             folders.append(save_query(out, query, eps, as_numpy_uint8(pix), info))
     return folders
+
+
+def check_queries(model: DiffusionModel, queries: list[Query]) -> None:
+    """Refuse, before any work, a query the model cannot take, in one line naming it (and its folder): a model input
+    of another dtype, shape or range (pixel models take [-1, 1]) or with NaN or inf; a text condition of another
+    width or with NaN or inf."""
+    width = model.unet.config.cross_attention_dim
+    for q in queries:
+        where = f"query {q.id}" + (f" ({Path(q.image_path).parent})" if q.image_path else "")
+        kind = "pixels in [-1, 1]" if model.pixel_space else "latents"
+        require(q.image.is_floating_point(), f"{where}: its input holds {q.image.dtype}, not floats ({kind})")
+        shape = tuple(q.image.shape)
+        require(shape == tuple(model.input_shape), f"{where}: its input has shape {shape}; the model takes "
+                                                   f"{tuple(model.input_shape)}")  # fmt: skip
+        require(bool(torch.isfinite(q.image).all()), f"{where}: NaN or inf in its input")
+        peak = float(q.image.abs().max()) if q.image.numel() else 0.0
+        require(not model.pixel_space or peak <= 1 + 1e-3, f"{where}: its pixels reach {peak:.3g}, outside [-1, 1]")
+        require(q.text.shape[-1] == width, f"{where}: its text condition is {q.text.shape[-1]} wide; the model's is "
+                                           f"{width}")  # fmt: skip
+        require(bool(torch.isfinite(q.text).all()), f"{where}: NaN or inf in its text condition")

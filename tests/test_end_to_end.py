@@ -394,3 +394,49 @@ def test_generate_refuses_query_ids_already_there_unless_overwrite(micro_run, tm
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in after if k.name == "noise.npy")
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["q000", "q001"]  # no staging folder left
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda x, t: (x[:, :8, :8], t), "its input has shape (3, 8, 8); the model takes (3, 16, 16)"),
+        (lambda x, t: ((x * 100).astype(np.int16), t), "its input holds torch.int16, not floats (pixels in [-1, 1])"),
+        (lambda x, t: (x * 100, t), "its pixels reach"),
+        (lambda x, t: (np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), t), "NaN or inf in its input"),
+        (lambda x, t: (x, t[..., :-1]), "its text condition is 31 wide; the model's is 32"),
+    ],
+)
+def test_a_query_the_model_cannot_take_is_one_line_naming_it_before_any_work(micro_run, tmp_path, capsys, damage,
+                                                                             message):  # fmt: skip
+    """These used to be attributed silently (or fail deep inside with a RuntimeError)."""
+    from common.driver import command
+
+    out, _ = micro_run
+    queries = tmp_path / "queries"
+    shutil.copytree(out / "queries" / "q000", queries / "q000")
+    x, t = damage(np.load(queries / "q000" / "input.npy"), np.load(queries / "q000" / "text_embedding.npy"))
+    np.save(queries / "q000" / "input.npy", x)
+    np.save(queries / "q000" / "text_embedding.npy", t)
+    flags = [*shared_args(out), "--queries", str(queries), "--out", str(tmp_path / "attr"), "--device", "cpu"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        command("tiny", "attribute")([*flags, "--method", "pixel"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: query q000 ({queries / 'q000'}): ") and message in line
+    assert not (tmp_path / "attr" / "pixel").exists()
+
+
+def test_a_training_set_the_model_was_not_trained_on_is_refused_unless_asked(micro_run, tmp_path, capsys):
+    """A ranking of images the model never saw used to be written without a word."""
+    from common.driver import command
+
+    out, _ = micro_run
+    run("tiny.shapes", "--out", str(tmp_path / "other"), "--num-images", "48", "--resolution", "16", "--seed", "1")
+    flags = [*shared_args(out), "--data", str(tmp_path / "other"), "--out", str(tmp_path / "attr"), "--device", "cpu"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        command("tiny", "attribute")([*flags, "--method", "pixel"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("was trained on (its model.json records another); pass --other-data to rank it anyway")
+    command("tiny", "attribute")([*flags, "--method", "pixel", "--other-data", "--no-plot"])
+    assert (tmp_path / "attr" / "pixel" / "q000" / "ranking.json").is_file()

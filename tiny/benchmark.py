@@ -27,7 +27,7 @@ from common.queries import load_queries
 from common.training.train import TrainConfig
 from tiny import evaluate
 from tiny.model import TinyTextToImage
-from tiny.pipeline import load_model, load_run, set_threads, shape_prompts
+from tiny.pipeline import check_trained_on, load_model, load_run, set_threads, shape_prompts
 from tiny.train import recipe_of, train_tiny
 
 
@@ -40,9 +40,14 @@ class Tiny(Benchmark):
         parser.add_argument("--data", required=True, help="the training image folder")
         parser.add_argument("--queries", required=True, help="queries folder")
         parser.add_argument("--query-ids", nargs="*", default=None, help="only these queries")
+        parser.add_argument(
+            "--other-data", action="store_true", help="rank --data although the model records another training set"
+        )
 
     def attributions(self, args: argparse.Namespace, device, method: type, cfg) -> Iterator[Attribution]:
         run = load_run(args.model, args.data, device)
+        if not args.other_data:
+            check_trained_on(args.model, run.data, args.data)
         queries = load_queries(args.queries, args.query_ids)
         yield Attribution(run.model, run.data, queries, partial(load_model, device=device))
 

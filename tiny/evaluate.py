@@ -34,7 +34,7 @@ from common.methods.base import run_method
 from common.outputs import prepare_run_dir
 from common.queries import generate_queries, load_queries
 from tiny.data import count_duplicates
-from tiny.pipeline import TinyRun, load_model, load_run, shape_prompts
+from tiny.pipeline import TinyRun, check_trained_on, load_model, load_run, shape_prompts
 from tiny.shapes import ATTRIBUTES
 
 
@@ -117,6 +117,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluate stage's flags beyond the driver's (the generated queries are shared by the methods of ``--out``)."""
     parser.add_argument("--model", required=True, help="folder of a trained tiny model")
     parser.add_argument("--data", required=True, help="the shapes training folder (with attributes)")
+    parser.add_argument(
+        "--other-data", action="store_true", help="rank --data although the model records another training set"
+    )
     parser.add_argument("--tag", default="", help="name of this variant's folder (default: the method's name)")
     parser.add_argument("--num-self", type=int, default=20, help="training images used as their own queries")
     parser.add_argument(
@@ -165,6 +168,8 @@ def self_picks(args: argparse.Namespace, n: int) -> list[int]:
 def evaluate(args: argparse.Namespace, device, cls: type, cfg) -> str:
     """Self-attribution, semantic agreement and cost of method ``cls`` with ``cfg``; the Markdown report."""
     run = load_run(args.model, args.data, device)
+    if not args.other_data:
+        check_trained_on(args.model, run.data, args.data)
     if run.folder.attributes is None:
         raise AttributionError(f"{args.data} has no attributes in metadata.jsonl; evaluate needs the shapes dataset")
     picks = self_picks(args, len(run.data))

@@ -124,6 +124,8 @@ class TinyTextToImage(DiffusionModel):
         flips: whether the model was trained with random horizontal flips (from its recipe).
     """
 
+    pixel_space = True
+
     def __init__(
         self,
         cfg: TinyModelConfig,

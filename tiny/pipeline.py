@@ -10,6 +10,8 @@ import torch
 
 from common.config import resolve_device
 from common.data import ArrayTrainingSet
+from common.errors import require
+from common.model import read_model_json
 from tiny import shapes
 from tiny.data import ImageFolder, load_image_folder
 from tiny.model import TinyTextToImage
@@ -66,3 +68,14 @@ def shape_prompts(num: int, seed: int) -> list[tuple[str, dict]]:
         spec = shapes.sample_spec(rng)
         out.append((spec.caption(), spec.attributes()))
     return out
+
+
+def check_trained_on(model_dir: str | Path, data: ArrayTrainingSet, data_dir: str | Path) -> None:
+    """Refuse a training set other than the one the model records having been trained on (``model.json``): its
+    ranking would be of images the model never saw. A model without the record is taken as it is."""
+    recorded = read_model_json(Path(model_dir) / "model.json").get("recipe", {}).get("data")
+    require(
+        recorded in (None, data.fingerprint),
+        f"{data_dir} is not the training set {model_dir} was trained on (its model.json records another); pass "
+        "--other-data to rank it anyway",
+    )
