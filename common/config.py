@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from common.errors import AttributionError, require_file
+from common.files import read_text
 
 # A field's metadata key: the field changes how a stage runs, never what it computes.
 NO_EFFECT = "no_effect_on_results"
@@ -125,11 +126,36 @@ def _flag_type(tp: Any) -> dict[str, Any]:
     return {"type": tp}
 
 
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether a preset's ``value`` (as YAML read it) is of a field's type ``tp`` (an int serves a float field)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(conforms(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(conforms(v, args[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp in (int, float) and isinstance(value, str):  # YAML reads 1e-3 as a string; the flag's type converts it
+        try:
+            tp(value)
+        except ValueError:
+            return False
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, stage: str) -> None:
-    """Add ``--<stage>.<field>`` for every field of ``cls``, defaulting to the dataclass default."""
+    """Add ``--<stage>.<field>`` for every field of ``cls``, defaulting to the dataclass default (the field types are
+    kept on the parser, ``parser.field_types``, so a preset's values are checked against them)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(stage, (cls.__doc__ or "").strip().split("\n")[0])
+    types = parser.__dict__.setdefault("field_types", {})
     for f in dataclasses.fields(cls):
+        types[f"{stage}.{f.name}"] = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(
             f"--{stage}.{f.name}",
@@ -148,7 +174,13 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, stage: str) -> Any:
 
 def read_presets(path: str | Path) -> dict[str, Any]:
     require_file(path, "config file")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(read_text(path, "config file")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "unreadable"
+        raise AttributionError(f"{path} is not valid YAML{where} ({problem})") from None
     if not isinstance(data, dict):
         raise AttributionError(f"{path}: expected a mapping of preset names")
     return data
@@ -187,6 +219,10 @@ def load_preset(
                 dest = f"{stage}.{key}"
                 if dest not in known:
                     raise AttributionError(f"{first.config}: unknown setting {dest}")
+                tp = getattr(parser, "field_types", {}).get(dest)
+                if tp is not None and not conforms(value, tp):
+                    name = getattr(tp, "__name__", str(tp))
+                    raise AttributionError(f"{first.config}, preset {first.preset}: {dest} is {value!r}, not {name}")
                 defaults[dest] = tuple(value) if isinstance(value, list) else value
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)

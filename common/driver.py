@@ -50,7 +50,7 @@ from common.config import (
     method_from_args,
     resolve_device,
 )
-from common.errors import cli, require, require_file
+from common.errors import cli, require
 from common.evaluation.counterfactual import (
     ClipSimilarity,
     EvalConfig,
@@ -60,7 +60,7 @@ from common.evaluation.counterfactual import (
 )
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
-from common.files import read_json, write_json
+from common.files import read_json, read_text, write_json
 from common.fingerprints import settings_digest
 from common.methods import methods
 from common.methods.base import run_method
@@ -89,6 +89,7 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip top10.png")
     add_attribution_arguments(parser, f"YAML file of presets ({benchmark.presets})")
     args = load_preset(parser, argv=argv)
+    require(args.top_k >= 1, f"--top-k lists at least 1 image, got {args.top_k}")
     cls, cfg = method_from_args(args)
     accelerator, device = accelerator_and_device(args.device)
     out = Path(args.out)
@@ -234,12 +235,14 @@ def generate(benchmark: Benchmark, argv: list[str]) -> None:
     args = parser.parse_args(argv)
     prompts = None
     if args.prompts:
-        require_file(args.prompts, "prompts file")
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text(args.prompts, "prompts file").splitlines() if line.strip()]
         require(bool(prompts), f"{args.prompts} holds no prompts")
+    require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
     generation = benchmark.generation(args, resolve_device(args.device), prompts)
     if generation is None:
         return
+    require(bool(generation.prompts), "no prompts to generate from")
+    generation.model.check_timesteps(args.num_steps, "--num-steps")
     folders = generate_queries(
         generation.model, generation.prompts, args.out, args.seed, args.sampler, args.num_steps, generation.prefix,
         args.guidance_scale, args.batch_size, args.overwrite,

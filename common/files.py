@@ -65,6 +65,15 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's contents; a missing file or one in another encoding is one line naming it."""
+    require_file(path, what)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AttributionError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
 def read_json(path: str | Path, what: str, remedy: str = "copy it again") -> Any:
     """A JSON file's contents; a missing or broken file is one line naming it (and ``remedy``)."""
     require_file(path, what)

@@ -144,12 +144,19 @@ def read_ranking(path: str | Path) -> dict:
     )
     for key in ("query", "method", "num_train", "train_fingerprint", "model_fingerprint", "top_k"):
         require(key in ranking, f"{path}: missing field {key!r}")
-    prev = float("inf")
+    prev, seen = float("inf"), set()
     for r, item in enumerate(ranking["top_k"], 1):
-        require(all(k in item for k in TOP_K_FIELDS), f"{path}: top_k entry {r} lacks a field")
-        require(item["rank"] == r and item["score"] <= prev, f"{path}: top_k is not sorted by score")
-        require(0 <= item["index"] < ranking["num_train"], f"{path}: index {item['index']} out of range")
-        prev = item["score"]
+        complete = isinstance(item, dict) and all(k in item for k in TOP_K_FIELDS)
+        require(complete, f"{path}: top_k entry {r} lacks a field")
+        index, score = item["index"], item["score"]
+        require(type(index) is int, f"{path}: top_k entry {r} has index {index!r}, not an integer")
+        require(isinstance(score, (int, float)) and not isinstance(score, bool), f"{path}: top_k entry {r} has score "
+                f"{score!r}, not a number")  # fmt: skip
+        require(item["rank"] == r and score <= prev, f"{path}: top_k is not sorted by score")
+        require(0 <= index < ranking["num_train"], f"{path}: index {index} out of range")
+        require(index not in seen, f"{path}: index {index} is listed twice")
+        prev = score
+        seen.add(index)
     return ranking
 
 

@@ -10,7 +10,6 @@ Layout of ``<queries>/<id>/``:
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 
 from common import keyed_random
 from common.data import NoiseStream, Query, query_key
-from common.errors import AttributionError, require, require_file
-from common.files import replace_folder, write_json
+from common.errors import AttributionError, first_line, require, require_file
+from common.files import read_json, replace_folder, write_json
 from common.model import DiffusionModel
 
 
@@ -64,16 +63,27 @@ def load_query(folder: str | Path) -> Query:
     folder = Path(folder)
     for name in ("query.json", "input.npy", "text_embedding.npy"):
         require_file(folder / name, "query file")
-    info = json.loads((folder / "query.json").read_text())
-    image = torch.from_numpy(np.load(folder / "input.npy"))
-    text = torch.from_numpy(np.load(folder / "text_embedding.npy"))
+    info = read_json(folder / "query.json", "query file", "generate the query again")
+    require(isinstance(info, dict) and "id" in info, f"{folder / 'query.json'} has no query id")
+    image = read_array(folder / "input.npy")
+    text = read_array(folder / "text_embedding.npy")
     if image.dim() != 3:
         raise AttributionError(f"{folder / 'input.npy'}: expected (C,H,W), got shape {tuple(image.shape)}")
     png = folder / "image.png"
-    noise = torch.from_numpy(np.load(folder / "noise.npy")) if (folder / "noise.npy").exists() else None
+    noise = read_array(folder / "noise.npy") if (folder / "noise.npy").exists() else None
     stream = NoiseStream.from_json(info.pop("stream"), str(folder / "query.json")) if "stream" in info else None
     return Query(info["id"], image, text, info.get("prompt", ""), str(png) if png.exists() else None, info, noise,
                  stream)  # fmt: skip
+
+
+def read_array(path: Path) -> torch.Tensor:
+    """A numeric ``.npy`` array of a query folder; a zero-byte, truncated or non-numeric file is one line naming it."""
+    try:
+        array = np.load(path)
+    except (ValueError, OSError, EOFError) as err:  # empty, truncated, or an object array (no pickles are read)
+        raise AttributionError(f"{path} is damaged or not a numeric array ({first_line(err)[:60]})") from None
+    require(array.dtype.kind in "biuf", f"{path} holds {array.dtype} values, not numbers")
+    return torch.from_numpy(array)
 
 
 def load_noise(folder: str | Path) -> torch.Tensor:
@@ -81,7 +91,7 @@ def load_noise(folder: str | Path) -> torch.Tensor:
     path = Path(folder) / "noise.npy"
     if not path.exists():
         raise AttributionError(f"query {Path(folder).name} has no saved noise ({path})")
-    return torch.from_numpy(np.load(path))
+    return read_array(path)
 
 
 def load_queries(root: str | Path, ids: list[str] | None = None) -> list[Query]:

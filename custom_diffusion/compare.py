@@ -26,6 +26,7 @@ import numpy as np
 from common.errors import require, require_file
 from common.evaluation.retrieval import average_precision, recall_at_k
 from common.evaluation.tables import mean_se
+from common.files import read_json
 
 KINDS = ("object", "style")
 RECALL_KS = (5, 10, 100)
@@ -51,9 +52,23 @@ def clustered(rows: list[dict], value) -> tuple[float, float, int]:
     return mean, se, len(groups)
 
 
+def read_rows(path: Path) -> dict[str, dict]:
+    """One method's ``retrieval.json``, checked: every row has a kind and Recall@10 and AP in [0, 1] (one line naming
+    the file and the query otherwise)."""
+    rows = read_json(path, "retrieval file", "attribute again")
+    require(isinstance(rows, dict), f"{path}: expected query id -> row")
+    for query, row in rows.items():
+        require(isinstance(row, dict) and "kind" in row, f"{path}: {query} has no kind")
+        for key in ("recall@10", "ap"):
+            value = row.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            require(ok, f"{path}: {query} has {key} {value!r}, not a number in [0, 1]")
+    return rows
+
+
 def gather(out: Path) -> dict[str, dict[str, dict]]:
     """method -> query id -> retrieval row, for every ``OUT/<method>/retrieval.json``."""
-    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/retrieval.json"))}
+    found = {p.parent.name: read_rows(p) for p in sorted(out.glob("*/retrieval.json"))}
     require(
         bool(found),
         f"no <method>/retrieval.json in {out}: run python -m common.driver abc attribute first",

@@ -37,6 +37,7 @@ def parse_ids(spec: str) -> list[int]:
     for part in spec.split(","):
         lo, _, hi = part.partition("-")
         require(lo.strip().isdigit() and (not hi or hi.strip().isdigit()), f"bad query range {part!r} (e.g. 0-9,15)")
+        require(int(hi or lo) >= int(lo), f"query range {part!r} is empty: write the lower end first (e.g. 0-2)")
         ids += list(range(int(lo), int(hi or lo) + 1))
     return ids
 

@@ -25,7 +25,8 @@ import torch
 
 from common.data import NoiseStream, Query
 from common.diffusion.sampling import BatchStream
-from common.errors import AttributionError, require, require_file
+from common.errors import AttributionError, require
+from common.files import read_text
 from common.memmap import MemmapTrainingSet, open_array
 
 TRAIN_LATENTS = "coco17_train_latents.npy"
@@ -113,8 +114,7 @@ def load_release_queries(data_dir: str | Path, indices: list[int] | None = None)
         f"{data_dir / SAMPLE_TEXT}: expected ({len(latents)}, 1, 77, 1024), got shape {text.shape}",
     )
     captions_path = data_dir / SAMPLE_CAPTIONS
-    require_file(captions_path, "query captions")
-    captions = captions_path.read_text().splitlines()
+    captions = read_text(captions_path, "query captions").splitlines()
     require(
         len(captions) >= len(latents),
         f"{captions_path} has {len(captions)} lines for {len(latents)} queries",

@@ -394,6 +394,16 @@ def test_generate_refuses_query_ids_already_there_unless_overwrite(micro_run, tm
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
     assert after.keys() == before.keys() and all(after[k] != before[k] for k in after if k.name == "noise.npy")
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["q000", "q001"]  # no staging folder left
+    for extra, line in (  # these exited 0 having done nothing, or ended in a traceback
+        (["--num", "0"], "--num makes at least 1 query, got 0"),
+        (["--num-steps", "0"], "--num-steps = 0 does not fit the model's 1000 diffusion steps"),
+        (["--num-steps", "5000"], "--num-steps = 5000 does not fit the model's 1000 diffusion steps"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            generate([*flags, "--device", "cpu", "--out", str(tmp_path / "other"), *extra])
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
+        assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(

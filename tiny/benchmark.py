@@ -75,6 +75,7 @@ class Tiny(Benchmark):
         parser.add_argument("--num", type=int, default=8, help="queries drawn from the shapes grammar (no --prompts)")
 
     def generation(self, args: argparse.Namespace, device, prompts: list[str] | None) -> Generation:
+        require(prompts is not None or args.num >= 1, f"--num makes at least 1 query, got {args.num}")
         set_threads()
         model = TinyTextToImage.load(args.model).to(device)  # sampling needs no gradients: the default attention
         drawn = shape_prompts(args.num, args.seed) if prompts is None else [(p, {}) for p in prompts]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import AttributionError, require, require_file
+from common.files import read_text
 
 
 @dataclass
@@ -34,9 +35,8 @@ class ImageFolder:
 
 def _read_metadata(root: Path) -> list[dict]:
     meta = root / "metadata.jsonl"
-    require_file(meta, "metadata file")
     rows = []
-    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(meta, "metadata file").splitlines(), 1):
         if not line.strip():
             continue
         try:
