@@ -33,7 +33,8 @@ def first_line(err: BaseException) -> str:
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a script's ``main`` so input errors print one line and exit with status 2."""
+    """Decorate a script's ``main`` so input errors (and a folder it may not write) print one line and exit with
+    status 2."""
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,6 +42,9 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
             return main(*args, **kwargs)
         except AttributionError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except PermissionError as err:  # e.g. a read-only output folder: the path, not a traceback
+            print(f"error: cannot write {err.filename or 'a file'}: permission denied", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

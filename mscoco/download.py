@@ -93,7 +93,7 @@ def report(out: Path) -> list[str]:
     width = max(len(name) for name, _ in rows)
     for name, state in rows:
         print(f"  {name:<{width}}  {state}")
-    problems = [f"{name}: {state}" for name, state in rows if state == "missing" or state.startswith("damaged")]
+    problems = [f"{name}: {state}" for name, state in rows if state.startswith(("missing", "damaged"))]
     if not problems:
         try:
             data = release.load_training_set(out)

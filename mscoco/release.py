@@ -180,6 +180,21 @@ def file_report(data_dir: str | Path) -> list[tuple[str, str]]:
     for name in (SAMPLE_CAPTIONS, MODEL, FISHER):
         path = data_dir / name
         rows.append((name, f"{os.path.getsize(path):,} bytes" if path.exists() else "missing"))
-    samples = data_dir / "sample"
-    rows.append(("sample/", f"{len(list(samples.glob('*.png')))} images" if samples.is_dir() else "missing"))
+    rows.append(("sample/", sample_images_state(data_dir)))
     return rows
+
+
+def sample_images_state(data_dir: Path) -> str:
+    """How many of the released query images ``sample/{i}.png`` are there: one per query latent (a missing one is
+    reported as missing, naming the first)."""
+    samples = data_dir / "sample"
+    if not samples.is_dir():
+        return "missing"
+    try:
+        count = len(np.load(data_dir / SAMPLE_LATENTS, mmap_mode="r"))
+    except (ValueError, OSError, EOFError):  # reported on the latents' own row
+        return f"{len(list(samples.glob('*.png')))} images"
+    absent = [i for i in range(count) if not (samples / f"{i}.png").is_file()]
+    if absent:
+        return f"missing {len(absent)} of {count} images (first: sample/{absent[0]}.png)"
+    return f"{count} images"

@@ -131,3 +131,18 @@ def test_a_bad_preset_file_names_the_file_and_the_key(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text("default:\n  unlearn:\n    step_size: 1e-3\n    steps: 2\n")
     args = load_preset(parser, argv=["--out", "x", "--config", str(tmp_path / "c.yaml")])
     assert args.__dict__["unlearn.step_size"] == 1e-3 and args.__dict__["unlearn.steps"] == 2
+
+
+def test_a_folder_the_run_may_not_write_is_one_line_naming_it(capsys):
+    """A read-only output folder (train, generate, attribute) ended in a PermissionError traceback."""
+    from common.errors import cli
+
+    @cli
+    def main():
+        raise PermissionError(13, "Permission denied", "/data/out/q000/scores.npy")
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert (
+        exit_.value.code == 2 and one_line(capsys) == "error: cannot write /data/out/q000/scores.npy: permission denied"
+    )

@@ -446,7 +446,7 @@ def make_archives(files_dir, archives_dir):
     return big
 
 
-def test_download_extracts_split_archives_reports_and_skips_what_is_complete(tmp_path):
+def test_download_extracts_split_archives_reports_and_skips_what_is_complete(tmp_path, capsys):
     from mscoco import download
 
     write_release(tmp_path / "files")
@@ -465,6 +465,10 @@ def test_download_extracts_split_archives_reports_and_skips_what_is_complete(tmp
     stamp = (out / release.TRAIN_TEXT).stat().st_mtime_ns
     download.main(args)  # complete: nothing extracted again
     assert (out / release.TRAIN_TEXT).stat().st_mtime_ns == stamp
+    (out / "sample" / "1.png").unlink()  # a released query image deleted: the report said "complete"
+    with pytest.raises(SystemExit):
+        download.main(args)
+    assert "sample/: missing 1 of 3 images (first: sample/1.png)" in capsys.readouterr().err
 
 
 def test_download_names_a_missing_or_damaged_volume_and_keeps_earlier_files(tmp_path):

@@ -22,6 +22,9 @@ def test_pass_equals_the_in_memory_losses_for_any_chunking(model, data, tmp_path
         got = loss_pass(model, data, CFG, tmp_path / f"c{chunk}", pass_cfg=PassConfig(chunk_images=chunk))[""]
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     assert len(list((tmp_path / "c5" / "chunks").glob("*.safetensors"))) == 3
+    (tmp_path / "c5" / "chunks" / "000001.safetensors").write_bytes(b"")  # a zero-byte chunk: computed again
+    got = loss_pass(model, data, CFG, tmp_path / "c5", pass_cfg=PassConfig(chunk_images=5))[""]
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow  # torch.compile builds its kernels on the first call

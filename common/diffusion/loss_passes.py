@@ -77,6 +77,17 @@ def _chunk_path(folder: Path, c: int) -> Path:
     return folder / "chunks" / f"{c:06d}.safetensors"
 
 
+def _chunk_ready(path: Path, names: list[str]) -> bool:
+    """Whether a saved chunk holds every weight set's losses (a zero-byte or damaged file is computed again)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {f"w:{n}" for n in names} <= set(f.keys())
+    except Exception:  # noqa: BLE001 - missing, empty, truncated or not safetensors: not finished
+        return False
+
+
 def pass_identity(
     model: DiffusionModel,
     data: ArrayTrainingSet,
@@ -139,7 +150,7 @@ def loss_pass(
     _open_folder(folder, pass_identity(model, data, cfg, pass_cfg, weight_sets, flips, purpose), rank, accelerator)
     n, chunk = len(data), pass_cfg.chunk_images
     chunks = list(range((n + chunk - 1) // chunk))
-    todo = [c for c in chunks[rank::world] if not _chunk_path(folder, c).exists()]
+    todo = [c for c in chunks[rank::world] if not _chunk_ready(_chunk_path(folder, c), list(weight_sets))]
     rows = sum(min(chunk, n - c * chunk) for c in todo) * (2 if flips else 1) * data.num_captions * cfg.num_timesteps
     with tqdm(total=rows, desc=progress, disable=progress is None or rank != 0, unit="loss", leave=False) as bar:
         for c in todo:
