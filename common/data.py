@@ -30,6 +30,8 @@ class ArrayTrainingSet:
         flipped: inputs of the horizontally flipped images (N,C,H,W); ``None`` flips ``images``.
     """
 
+    source: str | None = None  # where the arrays come from, named in errors about their values (e.g. their files)
+
     def __init__(
         self,
         images: torch.Tensor,
@@ -132,6 +134,7 @@ class ConcatTrainingSet(ArrayTrainingSet):
             require(part.num_captions == first.num_captions, "the joined sets differ in captions per image")
             require(part._text.shape[2:] == first._text.shape[2:], "the joined sets' text conditions differ in shape")
         self.parts = list(parts)
+        self.source = ", ".join(p.source for p in parts if p.source) or None
         self.starts = np.cumsum([0] + [len(p) for p in parts])
         self.captions = [c for p in parts for c in p.captions]
         self.image_paths = [q for p in parts for q in p.image_paths]

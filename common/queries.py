@@ -147,12 +147,15 @@ def generate_queries(
 
 
 def check_queries(model: DiffusionModel, queries: list[Query]) -> None:
-    """Refuse, before any work, a query the model cannot take, in one line naming it (and its folder): a model input
-    of another dtype, shape or range (pixel models take [-1, 1]) or with NaN or inf; a text condition of another
-    width or with NaN or inf."""
+    """Refuse, before any work, a query the model cannot take, in one line naming it (and its folder): two queries of
+    one id; a model input of another dtype, shape or range (pixel models take [-1, 1]) or with NaN or inf; a text
+    condition of another width or with NaN or inf."""
     width = model.unet.config.cross_attention_dim
+    seen: dict[str, str] = {}
     for q in queries:
         where = f"query {q.id}" + (f" ({Path(q.image_path).parent})" if q.image_path else "")
+        require(q.id not in seen, f"two queries share the id {q.id}: {seen.get(q.id)} and {where} (a copied folder?)")
+        seen[q.id] = where
         kind = "pixels in [-1, 1]" if model.pixel_space else "latents"
         require(q.image.is_floating_point(), f"{where}: its input holds {q.image.dtype}, not floats ({kind})")
         shape = tuple(q.image.shape)

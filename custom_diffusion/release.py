@@ -78,7 +78,9 @@ def load_laion(
     paths = [str(folder / name) for name in sorted(os.listdir(folder))[:count]] if folder.is_dir() else None
     require(paths is None or len(paths) == count, f"{folder} holds {len(paths or [])} images, fewer than {count}")
     strings = read_laion_captions(root, count) if captions else None
-    return MemmapTrainingSet(latents, text, count=count, captions=strings, image_paths=paths)
+    data = MemmapTrainingSet(latents, text, count=count, captions=strings, image_paths=paths)
+    data.source = f"{latents_path}, {text_path}"
+    return data
 
 
 def read_laion_captions(root: Path, count: int) -> list[list[str]]:

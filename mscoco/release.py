@@ -91,7 +91,9 @@ def load_training_set(data_dir: str | Path) -> MemmapTrainingSet:
     text = open_array(text_path, "training text embeddings")
     check_train_arrays(latents, text, latents_path, text_path)
     captions, paths = read_captions(data_dir, len(text))
-    return MemmapTrainingSet(latents, text, captions=captions, image_paths=paths)
+    data = MemmapTrainingSet(latents, text, captions=captions, image_paths=paths)
+    data.source = f"{latents_path}, {text_path}"
+    return data
 
 
 def load_release_queries(data_dir: str | Path, indices: list[int] | None = None) -> list[Query]:

@@ -146,3 +146,17 @@ def test_a_folder_the_run_may_not_write_is_one_line_naming_it(capsys):
     assert (
         exit_.value.code == 2 and one_line(capsys) == "error: cannot write /data/out/q000/scores.npy: permission denied"
     )
+
+
+def test_nan_in_a_training_image_names_the_image_and_its_arrays(model, data):
+    """A NaN in the training latents was reported as "the model weights are broken (step size too large?)"."""
+    from common.data import ArrayTrainingSet
+    from common.diffusion.keyed_losses import LossConfig, dataset_losses
+
+    images = data.images(torch.arange(len(data))).clone()
+    images[3, 0, 2, 2] = float("nan")
+    broken = ArrayTrainingSet(images, data.text(torch.arange(len(data))))
+    broken.source = "DATA/train_latents.npy"
+    with pytest.raises(AttributionError, match=r"^training image 3 has NaN or inf in its model input "
+                                               r"\(DATA/train_latents.npy\)$"):  # fmt: skip
+        dataset_losses(model, broken, LossConfig(num_timesteps=2))

@@ -436,6 +436,23 @@ def test_a_query_the_model_cannot_take_is_one_line_naming_it_before_any_work(mic
     assert not (tmp_path / "attr" / "pixel").exists()
 
 
+def test_two_query_folders_of_one_id_are_named_as_colliding(micro_run, tmp_path, capsys):
+    """A copied query folder used to be refused as "made under a different config"."""
+    from common.driver import command
+
+    out, _ = micro_run
+    queries = tmp_path / "queries"
+    shutil.copytree(out / "queries" / "q000", queries / "q000")
+    shutil.copytree(out / "queries" / "q000", queries / "q000 copy")
+    flags = [*shared_args(out), "--queries", str(queries), "--out", str(tmp_path / "attr"), "--device", "cpu"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        command("tiny", "attribute")([*flags, "--method", "pixel"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: two queries share the id q000: query q000 ({queries / 'q000'}) and query q000 "
+                    f"({queries / 'q000 copy'}) (a copied folder?)")  # fmt: skip
+
+
 def test_a_training_set_the_model_was_not_trained_on_is_refused_unless_asked(micro_run, tmp_path, capsys):
     """A ranking of images the model never saw used to be written without a word."""
     from common.driver import command

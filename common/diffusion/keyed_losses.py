@@ -151,9 +151,22 @@ def image_losses(
     return {name: v.mean(2) for name, v in out.items()}
 
 
-def check_finite(losses: torch.Tensor) -> None:
-    if not torch.isfinite(losses).all():
-        raise AttributionError("NaN or inf in the losses: the model weights are broken (step size too large?)")
+def check_finite(losses: torch.Tensor, data: ArrayTrainingSet | None = None, positions=None) -> None:
+    """Refuse losses with NaN or inf, naming the cause: a training image whose input or text condition is not finite
+    (with ``data`` and the ``positions`` of the loss rows: the arrays are at fault), else the weights."""
+    finite = torch.isfinite(losses.flatten(1)).all(1)
+    if bool(finite.all()):
+        return
+    if data is not None:
+        positions = torch.as_tensor(positions if positions is not None else range(len(data)))
+        for i in positions[~finite.cpu()].tolist():
+            image, text = data.images(torch.tensor([i])), data.text(torch.tensor([i]))
+            part = "model input" if not bool(torch.isfinite(image).all()) else None
+            part = part or ("text condition" if not bool(torch.isfinite(text).all()) else None)
+            if part is not None:
+                source = f" ({data.source})" if getattr(data, "source", None) else ""
+                raise AttributionError(f"training image {i} has NaN or inf in its {part}{source}")
+    raise AttributionError("NaN or inf in the losses: the model weights are broken (step size too large?)")
 
 
 @torch.no_grad()
@@ -204,5 +217,5 @@ def dataset_losses(
             precision=precision,
             bar=bar,
         )[""]
-    check_finite(losses)
+    check_finite(losses, data)
     return losses.cpu()

@@ -159,7 +159,7 @@ def loss_pass(
             losses = image_losses(model, data, positions, positions, cfg, weight_sets=weight_sets, purpose=purpose,
                                   flips=flips, **how)  # fmt: skip
             for v in losses.values():
-                check_finite(v)
+                check_finite(v, data, positions)
             save_tensors(_chunk_path(folder, c), {f"w:{k}": v for k, v in losses.items()})
             data.release_pages()  # memory-mapped rows read for this chunk: resident memory stays flat in N
             if on_chunk is not None:
