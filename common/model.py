@@ -149,10 +149,32 @@ def read_model_json(path: str | Path) -> dict:
     return info
 
 
+def state_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> str | None:
+    """How ``state`` differs from ``module``'s weights, in a few words (counts and one example of each kind); None
+    when it fits."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own] if strict else []
+    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its {len(state)} tensors unknown to the model (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of other shapes (e.g. {k}: {tuple(state[k].shape)}, the model's "
+                     f"{tuple(own[k].shape)})")  # fmt: skip
+    return "; ".join(parts) or None
+
+
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, strict: bool = True) -> None:
-    """``module.load_state_dict`` with a one-line error naming the file when the tensors do not fit."""
+    """``module.load_state_dict`` with a one-line error naming the file when the tensors do not fit: how many weights
+    are missing, unknown or of other shapes, with one example each (not every key)."""
+    problem = state_mismatch(module, state, strict)
+    if problem is not None:
+        raise AttributionError(f"{path} does not fit this architecture: {problem}")
     try:
         module.load_state_dict(state, strict=strict)
     except RuntimeError as err:
-        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)[:120]
-        raise AttributionError(f"{path} does not fit this architecture ({first})") from None
+        raise AttributionError(f"{path} does not fit this architecture ({str(err).splitlines()[0][:120]})") from None

@@ -254,8 +254,12 @@ def test_unet_loading_refuses_damaged_foreign_or_executable_files(tmp_path):
     with pytest.raises(AttributionError, match="is damaged or incomplete"):
         load_unet(tmp_path / "model.bin")
     torch.save({"conv_in.weight": torch.zeros(3)}, tmp_path / "model.bin")
-    with pytest.raises(AttributionError, match="does not fit this architecture"):
+    with pytest.raises(AttributionError, match="does not fit this architecture") as err:
         load_unet(tmp_path / "model.bin")
+    n = len(unet.state_dict())  # counts and one example each, not every key (a 30 KB line before)
+    assert str(err.value).endswith(f"{n - 1} of the model's {n} weights missing (e.g. conv_in.bias); 1 of other "
+                                   "shapes (e.g. conv_in.weight: (3,), the model's (16, 4, 3, 3))")  # fmt: skip
+    assert len(str(err.value)) < 300
     torch.save({"weights": print}, tmp_path / "model.bin")  # a pickle that names a callable
     with pytest.raises(AttributionError, match="is not a plain tensor file"):
         load_unet(tmp_path / "model.bin")
