@@ -55,6 +55,21 @@ def sampled_fingerprint(*arrays: np.ndarray, blocks: int = 64, block_bytes: int 
     return h.hexdigest()[:16]
 
 
+def check_sampled_finite(array: np.ndarray, path: str | Path, blocks: int = 64, block_bytes: int = 1 << 20) -> None:
+    """Refuse a float array with NaN or inf in the blocks :func:`sampled_fingerprint` reads (all of it when smaller),
+    naming its file: one line at load instead of a failure deep inside a pass that blames the weights."""
+    if array.dtype.kind != "f":
+        return
+    flat = array.reshape(-1)
+    per_block = max(1, block_bytes // array.itemsize)
+    starts = [0] if flat.size <= blocks * per_block else np.linspace(0, flat.size - per_block, blocks).astype(np.int64)
+    for start in starts:
+        values = flat[int(start) : int(start) + (flat.size if len(starts) == 1 else per_block)]
+        bad = np.flatnonzero(~np.isfinite(values))
+        require(not bad.size, f"{path} holds NaN or inf (element {int(start) + int(bad[0]) if bad.size else 0} of "
+                              f"{flat.size:,}): it is damaged; download it again")  # fmt: skip
+
+
 class MemmapTrainingSet(ArrayTrainingSet):
     """A training set whose arrays stay on disk (memory-mapped); rows are read when indexed.
 

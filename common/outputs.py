@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from common.data import ArrayTrainingSet
 from common.errors import AttributionError, require, require_file
@@ -86,7 +87,12 @@ def build_ranking(
     """The ranking record: the top-k training images by score, highest first (ties by index)."""
     scores = np.asarray(scores, dtype=np.float64)
     require(scores.shape == (len(data),), f"expected {len(data)} scores, got shape {scores.shape}")
-    require(bool(np.isfinite(scores).all()), "NaN or inf in the scores")
+    if not np.isfinite(scores).all():
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        if hasattr(data, "images") and not bool(torch.isfinite(data.images(torch.tensor([bad]))).all()):
+            source = f" ({data.source})" if getattr(data, "source", None) else ""
+            raise AttributionError(f"training image {bad} has NaN or inf in its model input{source}")
+        raise AttributionError(f"NaN or inf in the scores (first: training image {bad})")
     order = np.lexsort((np.arange(len(scores)), -scores))[:top_k]
     top = [
         {

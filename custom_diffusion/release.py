@@ -36,7 +36,7 @@ from PIL import Image
 from common import keyed_random
 from common.data import ArrayTrainingSet, ConcatTrainingSet, Query, query_key
 from common.errors import AttributionError, require, require_file
-from common.memmap import MemmapTrainingSet, open_array
+from common.memmap import MemmapTrainingSet, check_sampled_finite, open_array
 from custom_diffusion.model import StableDiffusionModel
 from custom_diffusion.tasks import Task
 
@@ -78,6 +78,8 @@ def load_laion(
     paths = [str(folder / name) for name in sorted(os.listdir(folder))[:count]] if folder.is_dir() else None
     require(paths is None or len(paths) == count, f"{folder} holds {len(paths or [])} images, fewer than {count}")
     strings = read_laion_captions(root, count) if captions else None
+    check_sampled_finite(latents, latents_path)
+    check_sampled_finite(text, text_path)
     data = MemmapTrainingSet(latents, text, count=count, captions=strings, image_paths=paths)
     data.source = f"{latents_path}, {text_path}"
     return data

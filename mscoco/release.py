@@ -27,7 +27,7 @@ from common.data import NoiseStream, Query
 from common.diffusion.sampling import BatchStream
 from common.errors import AttributionError, require
 from common.files import read_text
-from common.memmap import MemmapTrainingSet, open_array
+from common.memmap import MemmapTrainingSet, check_sampled_finite, open_array
 
 TRAIN_LATENTS = "coco17_train_latents.npy"
 TRAIN_TEXT = "coco17_train_text_embeddings.npy"
@@ -90,6 +90,8 @@ def load_training_set(data_dir: str | Path) -> MemmapTrainingSet:
     latents = open_array(latents_path, "training latents")
     text = open_array(text_path, "training text embeddings")
     check_train_arrays(latents, text, latents_path, text_path)
+    check_sampled_finite(latents, latents_path)
+    check_sampled_finite(text, text_path)
     captions, paths = read_captions(data_dir, len(text))
     data = MemmapTrainingSet(latents, text, captions=captions, image_paths=paths)
     data.source = f"{latents_path}, {text_path}"

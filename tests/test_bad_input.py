@@ -160,3 +160,19 @@ def test_nan_in_a_training_image_names_the_image_and_its_arrays(model, data):
     with pytest.raises(AttributionError, match=r"^training image 3 has NaN or inf in its model input "
                                                r"\(DATA/train_latents.npy\)$"):  # fmt: skip
         dataset_losses(model, broken, LossConfig(num_timesteps=2))
+
+
+def test_nan_in_released_latents_is_one_line_naming_the_file_at_load(tmp_path):
+    """A NaN in the MSCOCO training latents was reported as "the model weights are broken (step size too large?)", one
+    in the LAION latents as "NaN or inf in the scores"."""
+    from mscoco import release
+    from tests.test_mscoco import write_release
+
+    write_release(tmp_path)
+    assert len(release.load_training_set(tmp_path)) == 6
+    latents = np.load(tmp_path / release.TRAIN_LATENTS)
+    latents[7, 1, 2, 3] = np.nan
+    np.save(tmp_path / release.TRAIN_LATENTS, latents)
+    at = np.ravel_multi_index((7, 1, 2, 3), latents.shape)
+    with pytest.raises(AttributionError, match=rf"train_latents.npy holds NaN or inf \(element {at} of "):
+        release.load_training_set(tmp_path)
