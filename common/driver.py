@@ -60,7 +60,7 @@ from common.evaluation.counterfactual import (
 )
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
 from common.evaluation.tables import seed_spread
-from common.files import read_json, read_text, write_json
+from common.files import folder_lock, read_json, read_text, write_json
 from common.fingerprints import settings_digest
 from common.methods import methods
 from common.methods.base import run_method
@@ -103,8 +103,9 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
             if is_main(accelerator):
                 print(f"prepared in {cache}")
         else:
-            folders = run_method(method, attribution.queries, runs / attribution.folder, args.top_k, args.overwrite,
-                                 plot=not args.no_plot)  # fmt: skip
+            with folder_lock(runs / attribution.folder, is_main(accelerator)):  # one run per folder at a time
+                folders = run_method(method, attribution.queries, runs / attribution.folder, args.top_k,
+                                     args.overwrite, plot=not args.no_plot)  # fmt: skip
             benchmark.attributed(attribution, folders)
         del method, attribution  # one model at a time on the device
     if not args.prepare_only:

@@ -39,6 +39,36 @@ def atomic(path: str | Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)  # left only when the block failed
 
 
+@contextmanager
+def folder_lock(folder: str | Path, take: bool = True) -> Iterator[None]:
+    """Hold ``folder/.lock`` while the block runs, so a second run into the same folder stops at once with one line
+    instead of doing all the work again beside the first (released when the block ends or the process dies). With
+    ``take`` false (another process of the same run holds it) nothing is locked."""
+    import fcntl
+
+    if not take:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise AttributionError(f"{folder} is being written by another run ({holder}); wait for it to finish, or "
+                                   "choose another --out") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def replace_folder(folder: str | Path, new: str | Path) -> None:
     """Put the complete folder ``new`` in ``folder``'s place: the old one is moved aside, the new one moved in, then
     the old one removed (a run killed between the two moves leaves both, beside each other, nothing half-written)."""

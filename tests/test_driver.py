@@ -4,6 +4,7 @@ benchmark or stage is one line that lists the choices."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,20 @@ def test_an_unknown_benchmark_or_stage_is_one_line_with_the_choices(argv, messag
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_run_into_a_folder_being_written_stops_with_one_line(tmp_path, capsys):
+    """Two runs into one output folder at the same time both did all the work."""
+    from common.files import folder_lock
+
+    attribute = command("tests.test_driver:InMemory", "attribute")
+    flags = ["--out", str(tmp_path), "--method", "pixel", "--device", "cpu", "--no-plot"]
+    with folder_lock(tmp_path / "pixel"):  # the first run, still writing
+        with pytest.raises(SystemExit):
+            attribute(flags)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"error: {tmp_path / 'pixel'} is being written by another run (pid {os.getpid()}); wait for it to "
+                    "finish, or choose another --out")  # fmt: skip
+    assert not (tmp_path / "pixel" / "q3").exists()
+    attribute(flags)  # once it is done, the folder is free
+    assert (tmp_path / "pixel" / "q3" / "ranking.json").is_file()
