@@ -88,7 +88,7 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     from tiny.model import TinyTextToImage
 
     full = _fresh(TinyTextToImage, micro_config())
-    train(full, data, TrainConfig(steps=6, batch_size=4, warmup_steps=1), progress=False)
+    whole = train(full, data, TrainConfig(steps=6, batch_size=4, warmup_steps=1), progress=False)
 
     class Stop(Exception):
         pass
@@ -112,9 +112,10 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     finally:
         torch.optim.AdamW.step = original_step
     resumed = _fresh(TinyTextToImage, micro_config())
-    train(resumed, data, cfg, checkpoint=ckpt, progress=False)
+    summary = train(resumed, data, cfg, checkpoint=ckpt, progress=False)
     for k, v in full.unet.state_dict().items():
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=0, atol=0)
+    assert summary["final_loss"] == whole["final_loss"]  # the losses before the kill count too (they did not)
     with pytest.raises(AttributionError, match="another training run"):
         train(
             resumed,

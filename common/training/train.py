@@ -159,15 +159,17 @@ def _draw(
     return x0, text, ts.to(ref.device), noise
 
 
-def _resume(checkpoint: str | Path | None, unet: torch.nn.Module, opt: torch.optim.Optimizer, identity: dict) -> int:
-    """The step to go on from: a checkpoint of this run's restores the weights and the optimizer; another run's is
-    refused; without one, 0."""
+def _resume(
+    checkpoint: str | Path | None, unet: torch.nn.Module, opt: torch.optim.Optimizer, identity: dict
+) -> tuple[int, list[float]]:
+    """The step to go on from and the losses of the steps before it that the summary averages: a checkpoint of this
+    run's restores the weights, the optimizer and those losses; another run's is refused; without one, (0, [])."""
     if checkpoint is None or not Path(checkpoint).exists():
-        return 0
+        return 0, []
     info = load_training_state(checkpoint, unet, opt)
     if info.get("identity") != identity:
         raise AttributionError(f"checkpoint {checkpoint} belongs to another training run; remove it to start over")
-    return info["step"]
+    return info["step"], list(info.get("recent_losses", []))
 
 
 def _step_loss(
@@ -199,12 +201,16 @@ def _step_loss(
     return per_sample_loss(unet_denoiser(wrapped), x0, text, t, noise, model.alphas_cumprod).mean() * scale
 
 
-def _save_checkpoint(checkpoint, cfg: TrainConfig, done: int, accelerator, wrapped, opt, identity: dict) -> None:
-    """After ``done`` steps: the weights and optimizer state, every ``checkpoint_every`` steps and at the end."""
+def _save_checkpoint(
+    checkpoint, cfg: TrainConfig, done: int, accelerator, wrapped, opt, identity: dict, recent: list[float]
+) -> None:
+    """After ``done`` steps: the weights, optimizer state and the recent losses the summary averages (so a resumed run
+    reports what an uninterrupted one does), every ``checkpoint_every`` steps and at the end."""
     if checkpoint is None or not cfg.checkpoint_every or (done % cfg.checkpoint_every and done != cfg.steps):
         return
     if accelerator.is_main_process:
-        save_training_state(checkpoint, accelerator.unwrap_model(wrapped), opt, {"step": done, "identity": identity})
+        info = {"step": done, "identity": identity, "recent_losses": recent}
+        save_training_state(checkpoint, accelerator.unwrap_model(wrapped), opt, info)
     accelerator.wait_for_everyone()
 
 
@@ -233,11 +239,10 @@ def train(
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = BatchSchedule(len(data), cfg, exclude)
     identity = {"train": identity_settings(cfg), "exclude": sorted(int(i) for i in exclude), "data": data.fingerprint}
-    start = _resume(checkpoint, unet, opt, identity)
+    start, recent = _resume(checkpoint, unet, opt, identity)
     wrapped, wrapped_opt = accelerator.prepare(unet, opt)
     rank, world = rank_world(accelerator)
     wrapped.train()
-    recent: list[float] = []
     t0 = time.time()
     main = accelerator.is_main_process
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not (progress and main), initial=start, total=cfg.steps)
@@ -259,7 +264,7 @@ def train(
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if step % 500 == 0:
             data.release_pages()  # memory-mapped rows read so far
-        _save_checkpoint(checkpoint, cfg, step + 1, accelerator, wrapped, opt, identity)
+        _save_checkpoint(checkpoint, cfg, step + 1, accelerator, wrapped, opt, identity, recent)
     unet.eval()
     seconds = time.time() - t0
     return {
