@@ -82,6 +82,7 @@ def load_laion(
     check_sampled_finite(text, text_path)
     data = MemmapTrainingSet(latents, text, count=count, captions=strings, image_paths=paths)
     data.source = f"{latents_path}, {text_path}"
+    data.release_pages()  # the blocks the finite check read
     return data
 
 

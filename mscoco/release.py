@@ -95,6 +95,7 @@ def load_training_set(data_dir: str | Path) -> MemmapTrainingSet:
     captions, paths = read_captions(data_dir, len(text))
     data = MemmapTrainingSet(latents, text, captions=captions, image_paths=paths)
     data.source = f"{latents_path}, {text_path}"
+    data.release_pages()  # the blocks the finite check read
     return data
 
 
