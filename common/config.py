@@ -114,13 +114,18 @@ def method_config(cls: type, args: argparse.Namespace) -> object:
     return dataclass_from_args(config, args, stage)
 
 
+def _is_union(origin: Any) -> bool:
+    """Whether a type's origin is a union (``Optional[X]``, ``X | None``)."""
+    return origin is typing.Union or str(origin) == "<class 'types.UnionType'>"
+
+
 def _flag_type(tp: Any) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
     if origin is tuple:
         return {"type": typing.get_args(tp)[0], "nargs": "+"}
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if _is_union(origin):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return {"type": inner[0]}
     return {"type": tp}
@@ -129,7 +134,7 @@ def _flag_type(tp: Any) -> dict[str, Any]:
 def conforms(value: Any, tp: Any) -> bool:
     """Whether a preset's ``value`` (as YAML read it) is of a field's type ``tp`` (an int serves a float field)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if _is_union(origin):
         return any(conforms(value, a) for a in args)
     if origin is tuple:
         return isinstance(value, (list, tuple)) and all(conforms(v, args[0]) for v in value)
