@@ -649,6 +649,37 @@ def test_compare_clusters_by_concept_then_seed_and_reports_the_queries_that_show
     assert "| c1 | 2 | 2 | 0.800 ± 0.100 | 0.800 ± 0.100 |" in per_concept
 
 
+def test_step_sizes_reports_each_cells_medians_and_its_agreement_with_the_next_step_size(tmp_path):
+    from custom_diffusion.step_sizes import table
+
+    def cell(name, aps, query_rises, train_rises, updates, scores):
+        folder = tmp_path / name
+        rows = {}
+        for i, (ap, q, t, u, s) in enumerate(zip(aps, query_rises, train_rises, updates, scores, strict=True)):
+            query = folder / "c-s0" / f"c-s0-q{i:03d}"
+            query.mkdir(parents=True)
+            stats = {"relative_update": u, "query_loss_rise": q, "median_train_loss_rise": t}
+            (query / "ranking.json").write_text(json.dumps({"stats": stats}))
+            np.save(query / "scores.npy", np.array(s, dtype=np.float64))
+            rows[f"c-s0-q{i:03d}"] = {"ap": ap}
+        (folder / "retrieval.json").write_text(json.dumps(rows))
+
+    cell("a0.01-s1", [0.2, 0.4], [0.1, 0.3], [0.01, 0.1], [1.0, 3.0], [[1, -2, 3, -4], [-1, -2, -3, 4]])
+    cell("a0.03-s1", [0.6, 0.6], [0.5, 0.7], [0.1, 0.35], [3.0, 9.0], [[3, 1, 2, 4], [4, 3, 2, 1]])
+    cell("a0.003-s10", [1.0, 0.0], [0.2, 0.2], [0.1, 0.1], [2.0, 2.0], [[1, 2, 3, 4], [1, 2, 3, 4]])
+    (tmp_path / "a0.1-s1").mkdir()  # a cell still running: no retrieval.json, left out
+    lines = table(tmp_path).splitlines()
+    assert len(lines) == 5
+    # by step size: 0.003 (10 steps) first; 10 steps have no larger step size
+    assert lines[2] == "| 0.003 | 10 | 0.500 | 200% | 0.2 | 0.1 | 2.0 | 100% | – |"
+    # 0.01: medians of (0.1, 0.3), (0.01, 0.1), ratios (10, 3) -> 6.5, shares rose (0.5, 0.25) -> 0.375;
+    # against 0.03: top-10 of 4 items overlap fully; Spearman -0.4 for the first query, -0.2 for the second
+    assert lines[3] == "| 0.01 | 1 | 0.300 | 200% | 0.2 | 0.055 | 6.5 | 38% | 100%, -0.30 |"
+    assert lines[4] == "| 0.03 | 1 | 0.600 | 600% | 0.6 | 0.225 | 3.5 | 100% | – |"
+    with pytest.raises(AttributionError, match="has no finished tuning cell"):
+        table(tmp_path / "a0.1-s1")
+
+
 def test_finetuning_script_trains_kv_and_the_token_only_and_its_files_load_back(tmp_path, capsys):
     import json
 
