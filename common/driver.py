@@ -64,6 +64,7 @@ from common.files import folder_lock, read_json, read_text, write_json
 from common.fingerprints import settings_digest
 from common.methods import methods
 from common.methods.base import run_method
+from common.methods.candidates import build_method
 from common.outputs import config_matches, prepare_run_dir
 from common.processes import barrier, is_main, rank_world
 from common.queries import check_queries, generate_queries
@@ -97,7 +98,9 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     for attribution in benchmark.attributions(args, device, cls, cfg):
         check_queries(attribution.model, attribution.queries)
         cache = out / "cache" / cls.name / attribution.cache
-        method = cls(cfg, attribution.model, attribution.data, cache, attribution.load_model, accelerator=accelerator)
+        method = build_method(cls, cfg, args, attribution.model, attribution.data,
+                              lambda name, a=attribution: out / "cache" / name / a.cache,
+                              load_model=attribution.load_model, accelerator=accelerator)  # fmt: skip
         if args.prepare_only:  # e.g. the curvature and pretrained losses, on every GPU, before any query
             method.prepare()
             if is_main(accelerator):

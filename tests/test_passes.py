@@ -12,6 +12,7 @@ from common.diffusion.keyed_losses import LossConfig, dataset_losses
 from common.diffusion.loss_passes import PassConfig, loss_pass
 from common.errors import AttributionError
 from tests.conftest import ROOT, free_port
+from tests.workers import SUBSET
 
 CFG = LossConfig(num_timesteps=4, batch_size=24)
 
@@ -84,7 +85,19 @@ def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
     whole = torch.load(tmp_path / "whole" / "result-one.pt")
     assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)
     assert torch.equal(torch.load(tmp_path / "two" / "result-two.pt"), whole)
+    subset = torch.load(tmp_path / "whole" / "subset-one.pt")  # candidates: the whole pass's rows, keyed by index
+    torch.testing.assert_close(subset, whole[SUBSET], rtol=1e-6, atol=0)
+    assert torch.equal(torch.load(tmp_path / "resumed" / "subset-one.pt"), subset)
+    assert torch.equal(torch.load(tmp_path / "two" / "subset-two.pt"), subset)
     one, two = (torch.load(tmp_path / d / f"fisher-{m}.pt") for d, m in (("whole", "one"), ("two", "two")))
     assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())
     for name in one:  # 4 batches split 2 + 2 over the processes, summed across them: the same Fisher
         torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0)
+
+
+def test_a_pass_over_some_indices_refuses_bad_ones_before_writing(model, data, tmp_path):
+    bad = ((torch.tensor([1, 1]), "repeat"), (torch.tensor([0, 12]), r"\[0, 12\)"), (torch.tensor([]), "no training"))
+    for positions, message in bad:
+        with pytest.raises(AttributionError, match=message):
+            loss_pass(model, data, CFG, tmp_path / "pass", positions=positions)
+    assert not (tmp_path / "pass").exists()

@@ -26,8 +26,12 @@ def accelerator_for(mode: str):
     return accelerator
 
 
+SUBSET = torch.tensor([7, 1, 4, 9, 2])  # a pass over some training indices only (a query's candidates)
+
+
 def passes(folder: str, mode: str) -> None:
-    """A loss pass and a Fisher on the micro model, one process, two, or killed by a real signal midway."""
+    """A loss pass, one over ``SUBSET`` and a Fisher on the micro model, one process, two, or killed by a real signal
+    midway."""
     from common.diffusion.keyed_losses import LossConfig
     from common.diffusion.loss_passes import PassConfig, loss_pass
     from common.unlearning.fisher import FisherConfig, estimate_fisher
@@ -42,9 +46,12 @@ def passes(folder: str, mode: str) -> None:
     cfg = LossConfig(num_timesteps=4, batch_size=16)
     losses = loss_pass(model, data, cfg, folder, pass_cfg=PassConfig(chunk_images=2), accelerator=accelerator,
                        on_chunk=stop)[""]  # fmt: skip
+    subset = loss_pass(model, data, cfg, folder + "/subset", pass_cfg=PassConfig(chunk_images=2),
+                       accelerator=accelerator, positions=SUBSET)[""]  # fmt: skip
     fisher = estimate_fisher(model, data, FisherConfig(num_samples=14, batch_size=4), False, accelerator)
     if accelerator is None or accelerator.is_main_process:
         torch.save(losses, folder + f"/result-{mode}.pt")
+        torch.save(subset, folder + f"/subset-{mode}.pt")
         torch.save(fisher, folder + f"/fisher-{mode}.pt")
 
 

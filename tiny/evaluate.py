@@ -31,6 +31,7 @@ from common.data import Query
 from common.errors import AttributionError, require
 from common.files import write_json
 from common.methods.base import run_method
+from common.methods.candidates import build_method
 from common.outputs import prepare_run_dir
 from common.queries import generate_queries, load_queries
 from tiny.data import count_duplicates
@@ -177,7 +178,11 @@ def evaluate(args: argparse.Namespace, device, cls: type, cfg) -> str:
     out = root / (args.tag or cls.name)
     generated = generated_queries(run, root / "generated_queries", args) if args.num_generated else []
     cache = Path(args.cache) if args.cache else out / "cache"
-    method = cls(cfg, run.model, run.data, cache, lambda p: load_model(p, device))
+
+    def cache_for(name: str) -> Path:  # a candidate method's cache beside the method's own
+        return cache if name == cls.name else cache / "candidates" / name
+
+    method = build_method(cls, cfg, args, run.model, run.data, cache_for, load_model=lambda p: load_model(p, device))
     t0 = time.time()
     method.prepare()
     seconds_prepare = time.time() - t0

@@ -28,7 +28,7 @@ from common.data import ArrayTrainingSet
 from common.diffusion.keyed_losses import PRECISIONS, LossConfig, check_finite, image_losses
 from common.errors import AttributionError, require
 from common.files import save_tensors, write_json
-from common.fingerprints import weight_set_fingerprint
+from common.fingerprints import fingerprint_tensors, weight_set_fingerprint
 from common.model import DiffusionModel
 from common.processes import barrier, rank_world
 
@@ -96,10 +96,13 @@ def pass_identity(
     weight_sets: Mapping[str, Mapping[str, torch.Tensor] | None],
     flips: bool,
     purpose: keyed_random.Purpose,
+    positions: torch.Tensor | None = None,
 ) -> dict:
     """What a pass folder's losses depend on, and how it is cut into chunks (its files)."""
+    subset = {} if positions is None else {"positions": fingerprint_tensors(positions.to(torch.int64))}
     return canonical(
-        {
+        subset
+        | {
             "model": model.fingerprint(),
             "data": data.fingerprint,
             "flips": flips,
@@ -125,6 +128,7 @@ def loss_pass(
     purpose: keyed_random.Purpose = keyed_random.Purpose.SCORE,
     progress: str | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    positions: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every training image's losses under each weight set, computed in resumable chunks across processes.
 
@@ -136,8 +140,10 @@ def loss_pass(
         weight_sets: name -> replacement weights (e.g. a query's unlearned K/V); default the model's own as "".
         accelerator: an ``accelerate.Accelerator`` to split the chunks over its processes (None: one).
         on_chunk: called with a chunk's number once it is saved.
+        positions: only these training indices (M,), in this order (e.g. a query's candidates); each keeps its noise
+            keys, so its losses equal the whole pass's rows at those indices.
     Returns:
-        name -> float64 losses (N, F, T) on the CPU, on every process.
+        name -> float64 losses (N, F, T) on the CPU, on every process ((M, F, T) with ``positions``).
     Raises:
         AttributionError: the folder was made for another model, training set, settings or weight sets.
     """
@@ -147,19 +153,27 @@ def loss_pass(
     flips = bool(cfg.flips and model.flips)
     folder = Path(folder)
     rank, world = rank_world(accelerator)
-    _open_folder(folder, pass_identity(model, data, cfg, pass_cfg, weight_sets, flips, purpose), rank, accelerator)
-    n, chunk = len(data), pass_cfg.chunk_images
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        require(len(positions) > 0, "no training indices to score")
+        inside = bool(((positions >= 0) & (positions < len(data))).all())
+        require(inside, f"training indices must lie in [0, {len(data)})")
+        require(len(positions.unique()) == len(positions), "training indices to score repeat")
+    identity = pass_identity(model, data, cfg, pass_cfg, weight_sets, flips, purpose, positions)
+    _open_folder(folder, identity, rank, accelerator)
+    everything = torch.arange(len(data)) if positions is None else positions
+    n, chunk = len(everything), pass_cfg.chunk_images
     chunks = list(range((n + chunk - 1) // chunk))
     todo = [c for c in chunks[rank::world] if not _chunk_ready(_chunk_path(folder, c), list(weight_sets))]
     rows = sum(min(chunk, n - c * chunk) for c in todo) * (2 if flips else 1) * data.num_captions * cfg.num_timesteps
     with tqdm(total=rows, desc=progress, disable=progress is None or rank != 0, unit="loss", leave=False) as bar:
         for c in todo:
-            positions = torch.arange(c * chunk, min(n, (c + 1) * chunk))
+            indices = everything[c * chunk : min(n, (c + 1) * chunk)]
             how = {"precision": pass_cfg.precision, "bar": bar, "compile": pass_cfg.compile}
-            losses = image_losses(model, data, positions, positions, cfg, weight_sets=weight_sets, purpose=purpose,
+            losses = image_losses(model, data, indices, indices, cfg, weight_sets=weight_sets, purpose=purpose,
                                   flips=flips, **how)  # fmt: skip
             for v in losses.values():
-                check_finite(v, data, positions)
+                check_finite(v, data, indices)
             save_tensors(_chunk_path(folder, c), {f"w:{k}": v for k, v in losses.items()})
             data.release_pages()  # memory-mapped rows read for this chunk: resident memory stays flat in N
             if on_chunk is not None:

@@ -26,6 +26,7 @@ from common.files import write_json
 from common.fingerprints import digest
 from common.methods import get_method, methods
 from common.methods.base import run_method
+from common.methods.candidates import build_method
 from common.model import DiffusionModel
 from common.outputs import prepare_run_dir
 
@@ -130,7 +131,7 @@ def ranking_sources(
         cls = get_method(name)
         settings = method_config(cls, args)
         settings = settings if seed is None else replace(settings, seed=seed)
-        return cls(settings, model, data, Path(root) / "cache" / name, **context)
+        return build_method(cls, settings, args, model, data, lambda n: Path(root) / "cache" / n, **context)
 
     return method_sources(args.methods, queries, root, random_seeds, make) + extra
 

@@ -162,17 +162,21 @@ def _finished(method: Method, folder: Path, config: dict) -> bool:
     return config_matches(folder, config) and is_finished(folder, len(method.data))
 
 
-def _prepare(method: Method) -> None:
-    """Prepare the method; a method that does not split its work is prepared by one process first, so the others
-    read its caches instead of computing them again."""
-    t0 = time.time()
-    main = is_main(method.accelerator)
+def prepare_method(method: Method) -> None:
+    """Prepare the method on every process; a method that does not split its work is prepared by one process first,
+    so the others read its caches instead of computing them again."""
     if rank_world(method.accelerator)[1] > 1 and not method.shares_passes:
-        if main:
+        if is_main(method.accelerator):
             method.prepare()
         barrier(method.accelerator)
     method.prepare()
-    if main:
+
+
+def _prepare(method: Method) -> None:
+    """:func:`prepare_method`, timed."""
+    t0 = time.time()
+    prepare_method(method)
+    if is_main(method.accelerator):
         print(f"{method.name}: prepared in {time.time() - t0:.1f} s")
 
 

@@ -21,12 +21,13 @@ from common import keyed_random
 from common.cache import cached_tensors
 from common.config import identity_settings, no_effect
 from common.data import Query
-from common.diffusion.keyed_losses import LossConfig, dataset_losses
+from common.diffusion.keyed_losses import LossConfig, check_finite, dataset_losses, image_losses
 from common.diffusion.loss_passes import PassConfig, loss_pass
 from common.diffusion.selection import select_parameters
 from common.errors import require
-from common.fingerprints import settings_digest, weight_set_fingerprint
-from common.methods.base import Method, query_fingerprint
+from common.fingerprints import fingerprint_tensors, settings_digest, weight_set_fingerprint
+from common.methods.base import Method, prepare_method, query_fingerprint
+from common.methods.candidates import CandidatesConfig, merged_scores, top_candidates
 from common.methods.registry import register
 from common.model import DiffusionModel
 from common.processes import barrier, rank_world
@@ -56,6 +57,7 @@ class UnlearningConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
 
     def __post_init__(self) -> None:
         stages = (
@@ -63,6 +65,7 @@ class UnlearningConfig:
             ("loss", LossConfig),
             ("unlearn", UnlearnConfig),
             ("scoring", ScoringConfig),
+            ("candidates", CandidatesConfig),
         )
         for name, cls in stages:
             if isinstance(getattr(self, name), dict):
@@ -133,6 +136,16 @@ class Unlearning(Method):
         self.fisher = None  # the curvature (common.unlearning.curvature), once prepared
         self.base: torch.Tensor | None = None
         self.last_deltas: np.ndarray | None = None  # (N,F,T) float32 of the latest query, for analyses
+        self.cheap: Method | None = None  # ranks every image when only candidates are scored (use_candidates)
+
+    def use_candidates(self, cheap: Method) -> None:
+        """Score only the top ``candidates.count`` images of ``cheap`` (a method on the same model and training set)."""
+        require(self.cfg.candidates.enabled, "candidates.method is not set")
+        require(cheap.name == self.cfg.candidates.method, f"the candidates come from {self.cfg.candidates.method}, "
+                                                          f"not {cheap.name}")  # fmt: skip
+        require(cheap.name != self.name, "the candidate method must be another method than the exact one")
+        require(cheap.data is self.data and cheap.model is self.model, "the candidate method ranks another model")
+        self.cheap = cheap
 
     def identity(self) -> dict:
         settings = super().identity()
@@ -140,9 +153,18 @@ class Unlearning(Method):
             settings["unlearn"].pop("preconditioner")  # the paper's, as runs made before the choice existed
         if self.cfg.unlearn.method == "sgd":
             settings.pop("fisher")  # SGD needs no Fisher
+        if not self.cfg.candidates.enabled:
+            settings.pop("candidates")  # every image scored, as runs made before candidates existed
+        elif self.cheap is not None:
+            settings["candidates"]["settings"] = self.cheap.identity()
         return settings
 
     def prepare(self) -> None:
+        if self.cfg.candidates.enabled:
+            require(self.cheap is not None, f"candidates.method {self.cfg.candidates.method}: no such method attached "
+                                            "(Unlearning.use_candidates)")  # fmt: skip
+            self.cfg.candidates.size(len(self.data))  # a bad count is refused before any work
+            prepare_method(self.cheap)
         if self.cfg.unlearn.method == "newton" and self.fisher is None:
             # fitted by every process together, each taking its share of the batches
             kind = self.cfg.unlearn.preconditioner
@@ -197,21 +219,33 @@ class Unlearning(Method):
             for q, w in out.items()
         }
 
-    def after_losses(self, sets: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], Path | None]:
-        """Every training image's losses under each query's unlearned weights, and the pass folder used.
+    def after_losses(
+        self, sets: dict[str, dict[str, torch.Tensor]], positions: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], Path | None]:
+        """The training images' losses under each query's unlearned weights, and the pass folder used.
 
         With a cache folder: one resumable loss pass shared by the processes, in a folder named by
-        what it computes (the weights and the loss settings), so a changed setting never meets a stale pass.
+        what it computes (the weights, the loss settings and the images), so a changed setting never meets a stale pass.
+
+        Args:
+            sets: query id -> its unlearned weights.
+            positions: only these training indices (M,) (candidates); default every image.
+        Returns:
+            query id -> float64 losses (N or M, F, T), and the pass folder (None without a cache folder).
         """
         cfg = self.cfg
         if self.cache_dir is None:
-            return {
-                qid: dataset_losses(self.model, self.data, cfg.loss, weights=w, precision=cfg.scoring.precision)
-                for qid, w in sets.items()
-            }, None
+            rows = torch.arange(len(self.data)) if positions is None else torch.as_tensor(positions)
+            losses = image_losses(self.model, self.data, rows, rows, cfg.loss, weight_sets=sets, flips=self.flips,
+                                  precision=cfg.scoring.precision)  # fmt: skip
+            for v in losses.values():
+                check_finite(v, self.data, rows)
+            return {qid: v.cpu() for qid, v in losses.items()}, None
         what = {qid: weight_set_fingerprint(w) for qid, w in sets.items()} | {
             "": [identity_settings(cfg.loss), cfg.scoring.precision]
         }
+        if positions is not None:
+            what["positions"] = fingerprint_tensors(torch.as_tensor(positions, dtype=torch.int64))
         folder = self.cache_dir / "scoring" / settings_digest(what)
         label = f"score {len(sets)} quer{'y' if len(sets) == 1 else 'ies'}"
         after = loss_pass(
@@ -223,12 +257,23 @@ class Unlearning(Method):
             pass_cfg=cfg.scoring,
             accelerator=self.accelerator,
             progress=label,
+            positions=positions,
         )
         return after, folder
+
+    def candidates(self, queries: Sequence[Query]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each query's candidates (ascending training indices, M) and the cheap method's scores of every image (N,)."""
+        m = self.cfg.candidates.size(len(self.data))
+        found = {}
+        for query in queries:
+            cheap = self.cheap.score(query)[0]
+            found[query.id] = (top_candidates(cheap, m), cheap)
+        return found
 
     def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
         """Unlearn ``query_batch_size`` queries at a time, then score them together in one loss pass.
 
+        With candidates, the pass covers the union of the group's candidates, and each query keeps its own.
         With a cache folder the pass is resumable and shared by the processes; its chunks and the
         group's unlearned weights are deleted once every query of the group has its results.
         """
@@ -240,13 +285,16 @@ class Unlearning(Method):
         rank, _ = rank_world(self.accelerator)
         for g in range(0, len(queries), size):
             group = queries[g : g + size]
+            picked = self.candidates(group) if self.cheap is not None else {}
+            union = np.unique(np.concatenate([c for c, _ in picked.values()])) if picked else None
             weights = self.unlearned_weights(group)
             sets = {q.id: weights[q.id][0] for q in group}
             t0 = time.time()
-            after, folder = self.after_losses(sets)
+            after, folder = self.after_losses(sets, None if union is None else torch.from_numpy(union))
             seconds_score = (time.time() - t0) / len(group)
             for q in group:
-                yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score)
+                yield q, *self._finish(q, sets[q.id], start, after[q.id], weights[q.id][1], seconds_score,
+                                       picked.get(q.id), union)  # fmt: skip
             barrier(self.accelerator)
             if folder is not None and rank == 0:  # the group's results are written: its intermediates can go
                 shutil.rmtree(folder, ignore_errors=True)
@@ -254,11 +302,23 @@ class Unlearning(Method):
                     path = self._unlearned_path(q, names)[1]
                     path.unlink(missing_ok=True)
 
-    def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score) -> tuple[np.ndarray, dict]:
-        """Per-orientation scores (N, F) and the query's stats; keeps the per-timestep rises for analyses."""
+    def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score, picked=None, union=None):
+        """Per-orientation scores (N, F) and the query's stats; keeps the per-timestep rises for analyses.
+
+        With candidates (``picked``: their indices and the cheap scores; ``after`` holds the losses of ``union``),
+        the candidates' exact scores merged with the cheap order (:func:`common.methods.candidates.merged_scores`).
+        """
         precision = self.cfg.scoring.precision
-        scores = loss_deviation(self.base, after)
-        self.last_deltas = (after - self.base).float().numpy()
+        if picked is None:
+            deltas = after - self.base
+            scores = loss_deviation(self.base, after)
+        else:
+            indices, cheap = picked
+            mine = after[torch.from_numpy(np.searchsorted(union, indices))]
+            deltas = mine - self.base[torch.from_numpy(indices)]
+            scores = merged_scores(loss_deviation(self.base[torch.from_numpy(indices)], mine), indices, cheap)
+        deltas = deltas.float().numpy()
+        self.last_deltas = deltas if picked is None else None  # analyses read every image's rises
         relative, largest = update_size(start, weights)
         q_before = float(query_losses(self.model, query, self.cfg.loss, precision=precision).mean())
         q_after = float(query_losses(self.model, query, self.cfg.loss, weights, precision).mean())
@@ -269,14 +329,20 @@ class Unlearning(Method):
             "query_loss_before": q_before,
             "query_loss_after": q_after,
             "query_loss_rise": q_after - q_before,
-            "median_train_loss_rise": float(np.median(self.last_deltas.mean((1, 2)))),
+            "median_train_loss_rise": float(np.median(deltas.mean((1, 2)))),  # of the scored images
             "seconds_unlearn": round(seconds_unlearn, 2),
             "seconds_score": round(seconds_score, 2),
         }
+        if picked is not None:
+            stats["candidates"] = {"method": self.cheap.name, "count": len(picked[0]),
+                                   "indices": picked[0].tolist()}  # fmt: skip
         return scores, stats
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
+        if self.cheap is not None:
+            _, scores, stats = next(iter(self.score_many([query])))
+            return scores, stats
         self.prepare()
         names = select_parameters(self.model.unet, self.cfg.unlearn.selection)
         params = dict(self.model.unet.named_parameters())
