@@ -56,6 +56,7 @@ def test_candidate_scores_equal_the_full_pass_at_their_indices(model, data, quer
     cheap = Pixel(PixelConfig(), model, data).score(query)[0]
     picked = top_candidates(cheap, 5)
     assert stats["candidates"] == {"method": "pixel", "count": 5, "indices": picked.tolist()}
+    assert 0 <= stats["seconds_candidates"] <= stats["seconds_query"]
     np.testing.assert_array_equal(merged[picked], full[picked])  # bit for bit: noise keyed by training index
     rest = np.setdiff1d(np.arange(len(data)), picked)
     assert merged.max(1)[rest].max() < merged.max(1)[picked].min()

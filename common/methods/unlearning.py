@@ -261,13 +261,15 @@ class Unlearning(Method):
         )
         return after, folder
 
-    def candidates(self, queries: Sequence[Query]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each query's candidates (ascending training indices, M) and the cheap method's scores of every image (N,)."""
+    def candidates(self, queries: Sequence[Query]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+        """Each query's candidates (ascending training indices, M), the cheap method's scores of every image (N,) and
+        the seconds they took."""
         m = self.cfg.candidates.size(len(self.data))
         found = {}
         for query in queries:
+            t0 = time.time()
             cheap = self.cheap.score(query)[0]
-            found[query.id] = (top_candidates(cheap, m), cheap)
+            found[query.id] = (top_candidates(cheap, m), cheap, time.time() - t0)
         return found
 
     def score_many(self, queries: Sequence[Query]) -> Iterator[tuple[Query, np.ndarray, dict]]:
@@ -286,7 +288,7 @@ class Unlearning(Method):
         for g in range(0, len(queries), size):
             group = queries[g : g + size]
             picked = self.candidates(group) if self.cheap is not None else {}
-            union = np.unique(np.concatenate([c for c, _ in picked.values()])) if picked else None
+            union = np.unique(np.concatenate([c for c, _, _ in picked.values()])) if picked else None
             weights = self.unlearned_weights(group)
             sets = {q.id: weights[q.id][0] for q in group}
             t0 = time.time()
@@ -305,15 +307,16 @@ class Unlearning(Method):
     def _finish(self, query, weights, start, after, seconds_unlearn, seconds_score, picked=None, union=None):
         """Per-orientation scores (N, F) and the query's stats; keeps the per-timestep rises for analyses.
 
-        With candidates (``picked``: their indices and the cheap scores; ``after`` holds the losses of ``union``),
-        the candidates' exact scores merged with the cheap order (:func:`common.methods.candidates.merged_scores`).
+        With candidates (``picked``: their indices, the cheap scores and their seconds; ``after`` holds the losses of
+        ``union``): the candidates' exact scores merged with the cheap order
+        (:func:`common.methods.candidates.merged_scores`).
         """
         precision = self.cfg.scoring.precision
         if picked is None:
             deltas = after - self.base
             scores = loss_deviation(self.base, after)
         else:
-            indices, cheap = picked
+            indices, cheap, seconds_cheap = picked
             mine = after[torch.from_numpy(np.searchsorted(union, indices))]
             deltas = mine - self.base[torch.from_numpy(indices)]
             scores = merged_scores(loss_deviation(self.base[torch.from_numpy(indices)], mine), indices, cheap)
@@ -334,8 +337,9 @@ class Unlearning(Method):
             "seconds_score": round(seconds_score, 2),
         }
         if picked is not None:
-            stats["candidates"] = {"method": self.cheap.name, "count": len(picked[0]),
-                                   "indices": picked[0].tolist()}  # fmt: skip
+            stats["candidates"] = {"method": self.cheap.name, "count": len(indices), "indices": indices.tolist()}
+            stats["seconds_candidates"] = round(seconds_cheap, 2)
+            stats["seconds_query"] = round(stats["seconds_query"] + seconds_cheap, 2)
         return scores, stats
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
