@@ -139,3 +139,18 @@ def test_queries_scored_in_one_pass_keep_their_own_candidates(model, data, query
         np.testing.assert_array_equal(scores, alone[q.id][0])
         assert stats["candidates"] == alone[q.id][1]["candidates"]
     assert alone["q0"][1]["candidates"]["indices"] != alone["q1"][1]["candidates"]["indices"]
+
+
+def test_a_fast_path_is_measured_against_the_exact_scores_by_hand():
+    from common.evaluation.agreement import against_exact
+
+    exact = np.arange(300, 0, -1, dtype=np.float64)  # image i scores 300 - i: the exact order is 0, 1, 2, ...
+    fast = exact.copy()
+    fast[9] = -1.0  # image 9 leaves the fast top-10, image 10 enters it
+    fast[[0, 1, 2]] = [298.5, 298.7, 300.5]  # the exact top 3 (1% of 300), in the reverse order
+    assert against_exact(exact, fast) == {"top10": 0.9, "top_fraction": 1.0, "spearman_top_fraction": -1.0}
+    assert against_exact(exact, exact, 0.02) == {"top10": 1.0, "top_fraction": 1.0, "spearman_top_fraction": 1.0}
+    with pytest.raises(AttributionError, match="different training sets"):
+        against_exact(exact, fast[:10])
+    with pytest.raises(AttributionError, match="fraction must lie"):
+        against_exact(exact, fast, 0.0)

@@ -6,6 +6,7 @@ Used for run-to-run stability (two runs that differ only in their seeds) and for
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,27 @@ def ranking_agreement(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (10, 1
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     require(a.shape == b.shape, f"the two attributions score different training sets: {a.shape} vs {b.shape}")
     return {f"top{k}": top_k_overlap(a, b, k) for k in ks} | {"spearman": spearman(a, b)}
+
+
+def against_exact(exact: np.ndarray, fast: np.ndarray, fraction: float = 0.01) -> dict[str, float]:
+    """How well a fast path's scores of one query reproduce the exact ones (the same training set).
+
+    Returns:
+        ``top10``: the share of the exact top-10 inside the fast top-10; ``top_fraction``: the same for the top
+        ⌈fraction · N⌉; ``spearman_top_fraction``: Spearman between the two over the exact top ⌈fraction · N⌉ images
+        (does the fast path order the images that matter as exact does).
+    """
+    exact, fast = np.asarray(exact, dtype=np.float64).ravel(), np.asarray(fast, dtype=np.float64).ravel()
+    require(exact.shape == fast.shape, f"the two attributions score different training sets: {exact.shape} vs "
+                                       f"{fast.shape}")  # fmt: skip
+    require(0 < fraction <= 1, f"fraction must lie in (0, 1], got {fraction}")
+    k = max(1, math.ceil(fraction * len(exact)))
+    top = np.argsort(-exact, kind="stable")[:k]
+    return {
+        "top10": top_k_overlap(exact, fast, 10),
+        "top_fraction": top_k_overlap(exact, fast, k),
+        "spearman_top_fraction": spearman(exact[top], fast[top]),
+    }
 
 
 def compare_runs(a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[str] | None = None) -> dict:
