@@ -97,9 +97,9 @@ def attribute(benchmark: Benchmark, argv: list[str]) -> None:
     runs = out / (args.tag or cls.name)
     for attribution in benchmark.attributions(args, device, cls, cfg):
         check_queries(attribution.model, attribution.queries)
-        cache = out / "cache" / cls.name / attribution.cache
-        method = build_method(cls, cfg, args, attribution.model, attribution.data,
-                              lambda name, a=attribution: out / "cache" / name / a.cache,
+        cache_for = lambda name, a=attribution: out / "cache" / name / a.cache  # noqa: E731
+        cache = cache_for(cls.name)
+        method = build_method(cls, cfg, args, attribution.model, attribution.data, cache_for,
                               load_model=attribution.load_model, accelerator=accelerator)  # fmt: skip
         if args.prepare_only:  # e.g. the curvature and pretrained losses, on every GPU, before any query
             method.prepare()

@@ -317,9 +317,9 @@ class Unlearning(Method):
             scores = loss_deviation(self.base, after)
         else:
             indices, cheap, seconds_cheap = picked
-            mine = after[torch.from_numpy(np.searchsorted(union, indices))]
-            deltas = mine - self.base[torch.from_numpy(indices)]
-            scores = merged_scores(loss_deviation(self.base[torch.from_numpy(indices)], mine), indices, cheap)
+            mine, base = after[torch.from_numpy(np.searchsorted(union, indices))], self.base[torch.from_numpy(indices)]
+            deltas = mine - base
+            scores = merged_scores(loss_deviation(base, mine), indices, cheap)
         deltas = deltas.float().numpy()
         self.last_deltas = deltas if picked is None else None  # analyses read every image's rises
         relative, largest = update_size(start, weights)
