@@ -47,8 +47,9 @@ def identity_settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
-# Stages of the scripts; each registered method adds its own (see :func:`method_stages`).
-SCRIPT_STAGES = ("model", "train", "eval")
+# Stages of the scripts (the distill stage's: features, net, distill); each registered method adds its own
+# (see :func:`method_stages`).
+SCRIPT_STAGES = ("model", "train", "eval", "features", "net", "distill")
 
 
 def method_stages(cls: type) -> dict[str, type]:

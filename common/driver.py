@@ -24,6 +24,10 @@ agreement with the prompt and the cost), written to ``OUT/<method or --tag>/repo
 AbC: the exemplars' retrieval, ``OUT/retrieval.md`` and ``object_vs_style.png``; MSCOCO: the leave-K-out rows beside
 the paper's, ``OUT/paper.md``).
 
+``distill``: train a distilled attribution model (FastGDA's design, ``--method distilled`` then uses it) on a
+teacher's rankings (``--teacher``, a method output folder) of training queries (``--queries``), with the held-out
+queries' mAP@K against the teacher; written to ``--out`` (:mod:`common.distillation.stage`).
+
 ``leave-k-out``: remove each method's top-K (``--methods``, and ``--rankings LABEL=FOLDER`` made elsewhere, each a
 row), retrain from scratch with the benchmark's recipe and seed (``OUT/models/<recipe>/<excluded set>``, shared by
 every method and query that removes the same set; interrupted trainings resume), and measure ΔL, the regeneration's
@@ -36,7 +40,9 @@ stage's output; missing ones are made with the preset's settings). Writes ``OUT/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,6 +287,38 @@ def compare(benchmark: Benchmark, argv: list[str]) -> None:
     print(benchmark.compare(parser.parse_args(argv)))
 
 
+def distill_stage(benchmark: Benchmark, argv: list[str]) -> None:
+    """The ``distill`` stage (see the module docstring)."""
+    from common.distillation.stage import distill
+    from common.distillation.train import DistillConfig
+    from common.methods.distilled import Distilled, DistilledConfig
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m common.driver {benchmark.name} distill",
+        description="Train a distilled attribution model on a teacher's rankings of training queries.",
+    )
+    benchmark.add_arguments(parser)
+    parser.add_argument("--teacher", required=True, help="the teacher's method output folder of --queries")
+    parser.add_argument("--out", required=True, help="the distilled model folder")
+    parser.add_argument("--config", default=None, help=f"YAML file of presets ({benchmark.presets})")
+    parser.add_argument("--preset", default="default", help="preset name in --config")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace a distilled model made from other inputs")
+    stages = {f.name: f.type for f in dataclasses.fields(DistillConfig)}
+    hints = typing.get_type_hints(DistillConfig)
+    for stage in stages:
+        add_dataclass_arguments(parser, hints[stage], stage)
+    args = load_preset(parser, argv=argv)
+    cfg = DistillConfig(**{stage: dataclass_from_args(hints[stage], args, stage) for stage in stages})
+    device = resolve_device(args.device)
+    made = 0
+    for attribution in benchmark.attributions(args, device, Distilled, DistilledConfig()):
+        require(made == 0, "distill trains on one model at a time: choose one with the benchmark's flags")
+        distill(attribution.model, attribution.data, attribution.queries, Path(args.teacher), Path(args.out), cfg,
+                args.overwrite)  # fmt: skip
+        made += 1
+
+
 def command(benchmark: str, stage: str) -> Callable[[list[str]], None]:
     """``main(argv)`` of one benchmark's stage: ``command("tiny", "attribute")(argv)`` runs as
     ``python -m common.driver tiny attribute ARGV`` does (in this process)."""
@@ -293,6 +331,7 @@ STAGES: dict[str, Callable[[Benchmark, list[str]], None]] = {
     "evaluate": evaluate,
     "leave-k-out": leave_k_out_stage,
     "compare": compare,
+    "distill": distill_stage,
 }
 
 

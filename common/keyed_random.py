@@ -40,6 +40,7 @@ class Purpose(IntEnum):
     PROJECTION = 8  # random projection blocks (common.projection)
     ENCODE = 9  # VAE posterior samples of images encoded at run time (AbC's exemplars and queries)
     FINETUNE = 10  # Custom Diffusion fine-tuning (custom_diffusion.finetune)
+    FEATURES = 11  # the fixed noise of a distilled model's denoiser features (common.distillation.features)
 
 
 # Recorded in every cached artifact's identity: values made by another generator are never reused.

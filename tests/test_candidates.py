@@ -57,6 +57,8 @@ def test_candidate_scores_equal_the_full_pass_at_their_indices(model, data, quer
     picked = top_candidates(cheap, 5)
     assert stats["candidates"] == {"method": "pixel", "count": 5, "indices": picked.tolist()}
     assert 0 <= stats["seconds_candidates"] <= stats["seconds_query"]
+    per_image = (2 if model.flips else 1) * 2 * 4  # orientations x captions x scoring timesteps
+    assert stats["forwards"] == {"unlearn": 8 * 2, "score": 5 * per_image}  # draws x batches; candidates only
     np.testing.assert_array_equal(merged[picked], full[picked])  # bit for bit: noise keyed by training index
     rest = np.setdiff1d(np.arange(len(data)), picked)
     assert merged.max(1)[rest].max() < merged.max(1)[picked].min()
@@ -65,7 +67,9 @@ def test_candidate_scores_equal_the_full_pass_at_their_indices(model, data, quer
 
 
 def test_every_image_as_a_candidate_reproduces_the_exact_ranking_with_and_without_a_cache(model, data, query, tmp_path):
-    full, _ = Unlearning(_config(), model, data, tmp_path / "full").score_flips(query)
+    full, stats = Unlearning(_config(), model, data, tmp_path / "full").score_flips(query)
+    flips = 2 if model.flips else 1
+    assert stats["forwards"]["score"] == 12 * flips * 2 * 4  # images x orientations x captions x timesteps
     for cache in (tmp_path / "cache", None):
         merged, stats = _reranked(model, data, len(data), cache).score_flips(query)
         np.testing.assert_array_equal(merged, full)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,18 @@ def against_exact(exact: np.ndarray, fast: np.ndarray, fraction: float = 0.01) -
     }
 
 
-def compare_runs(a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[str] | None = None) -> dict:
+def compare_runs(
+    a: Path,
+    b: Path,
+    ks: tuple[int, ...] = (10, 100),
+    only: set[str] | None = None,
+    measure: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
+) -> dict:
     """Agreement of every query folder (with ``scores.npy``) that two method output folders share.
 
     Args:
         only: compare only these query names (e.g. the queries of a smaller run, for a like-for-like row).
+        measure: (a's scores, b's scores) -> measures of one query; default :func:`ranking_agreement` with ``ks``.
     Returns per-query values and the mean ± SE over queries. Refuses folders with no query in common
     or rankings of different models (``ranking.json``'s ``model_fingerprint``).
     """
@@ -91,7 +99,7 @@ def compare_runs(a: Path, b: Path, ks: tuple[int, ...] = (10, 100), only: set[st
             f"{name}: the two rankings come from different models",
         )
         scores = [np.load(Path(d) / name / "scores.npy") for d in (a, b)]
-        per_query[name] = ranking_agreement(*scores, ks)
+        per_query[name] = measure(*scores) if measure is not None else ranking_agreement(*scores, ks)
     return {"queries": per_query, "summary": summarize(per_query)}
 
 

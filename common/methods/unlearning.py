@@ -335,12 +335,21 @@ class Unlearning(Method):
             "median_train_loss_rise": float(np.median(deltas.mean((1, 2)))),  # of the scored images
             "seconds_unlearn": round(seconds_unlearn, 2),
             "seconds_score": round(seconds_score, 2),
+            "forwards": self.forwards(len(after) if picked is None else len(picked[0])),
         }
         if picked is not None:
             stats["candidates"] = {"method": self.cheap.name, "count": len(indices), "indices": indices.tolist()}
             stats["seconds_candidates"] = round(seconds_cheap, 2)
             stats["seconds_query"] = round(stats["seconds_query"] + seconds_cheap, 2)
         return scores, stats
+
+    def forwards(self, scored: int) -> dict[str, int]:
+        """The UNet passes one query costs: ``unlearn``, forward-backward passes of the query's update (its draws
+        times steps); ``score``, forward passes over the ``scored`` training images (orientations x captions x
+        timesteps each). The Fisher and the pretrained losses are shared by all queries and not counted."""
+        u = self.cfg.unlearn
+        per_image = len(self.flip_states()) * self.data.num_captions * self.cfg.loss.num_timesteps
+        return {"unlearn": u.steps * u.batch_size * u.accumulations, "score": scored * per_image}
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
