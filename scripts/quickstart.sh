@@ -5,12 +5,15 @@
 #
 #   bash scripts/quickstart.sh [OUT_DIR]        (default: results/quickstart)
 #
-# Environment: NUM_QUERIES (default 4), PRESET (default "default"), DEVICE (default auto).
+# Then the fast path beside it (preset FAST_PRESET) and how far it agrees with the exact rankings.
+#
+# Environment: NUM_QUERIES (default 4), PRESET (default "default"), FAST_PRESET (default "fast"), DEVICE (default auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/quickstart}
 NUM_QUERIES=${NUM_QUERIES:-4}
 PRESET=${PRESET:-default}
+FAST_PRESET=${FAST_PRESET:-fast}
 DEVICE=${DEVICE:-auto}
 CONFIG=tiny/configs/tiny.yaml
 
@@ -45,6 +48,14 @@ python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" -
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 done_stage attribute
 
+stage "the fast path (preset $FAST_PRESET: unlearning re-scores pixel similarity's top 10% at 5 timesteps)"
+python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
+  --config "$CONFIG" --preset "$FAST_PRESET" --device "$DEVICE" --tag unlearning-fast
+python -m common.evaluation.fast_paths --exact "$OUT/attribution/unlearning" \
+  --runs "fast ($FAST_PRESET)=$OUT/attribution/unlearning-fast" --out "$OUT/attribution/fast_vs_exact.md"
+done_stage fast
+
 echo
 echo "Done. Per query: $OUT/attribution/unlearning/<id>/{ranking.json,scores.npy,config.json,top10.png}"
+echo "The fast path's: $OUT/attribution/unlearning-fast/<id>/..., against exact in $OUT/attribution/fast_vs_exact.md"
 ls "$OUT"/attribution/unlearning/*/top10.png

@@ -130,6 +130,19 @@ def test_the_driver_scores_the_candidates_its_flags_name(tmp_path):
     assert (tmp_path / "cache" / "pixel").is_dir()  # the candidate method's cache, shared with its own runs
 
 
+def test_a_cheap_method_without_its_weights_is_one_line_before_any_work(tmp_path, capsys):
+    from common.driver import command
+
+    attribute = command("tests.test_driver:InMemory", "attribute")
+    flags = ["--out", str(tmp_path), "--device", "cpu", "--no-plot", "--fisher.num_samples", "32"]
+    missing = str(tmp_path / "no-dino")
+    with pytest.raises(SystemExit):
+        attribute([*flags, "--candidates.method", "dino", "--candidates.count", "0.4", "--dino.weights", missing])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: DINO weights '{missing}' not found: pass --dino.weights PATH")
+    assert not list(tmp_path.rglob("fisher*")) and not list(tmp_path.rglob("base_losses"))  # no Fisher, no losses
+
+
 def test_queries_scored_in_one_pass_keep_their_own_candidates(model, data, query, tmp_path):
     other = Query("q1", data.images(torch.tensor([8]))[0].clone(), data.text(torch.tensor([8]), 1).clone(), "another")
     alone = {q.id: _reranked(model, data, 4, tmp_path / "alone").score_flips(q) for q in (query, other)}

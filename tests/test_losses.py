@@ -157,3 +157,12 @@ def test_bad_loss_config_is_refused(model, data):
         LossConfig(num_timesteps=0)
     with pytest.raises(AttributionError, match="1000 diffusion steps"):
         dataset_losses(model, data, LossConfig(num_timesteps=7))
+
+
+def test_sampling_keeps_no_graph_even_when_the_text_condition_requires_grad(model):
+    from common.diffusion.sampling import sample
+
+    text = model.encode_text(["a red square", "a blue circle"]).double().requires_grad_(True)
+    noise = keyed_random.keyed_normal([[0, 5, 0], [0, 5, 1]], model.input_shape, dtype=torch.float64)
+    out = sample(model, text, noise, [0, 1], num_steps=3, guidance_scale=2.0, progress=False)
+    assert out.shape == (2, *model.input_shape) and out.grad_fn is None  # no graph held across the steps

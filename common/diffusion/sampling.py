@@ -92,6 +92,7 @@ def guided_eps(
     return uncond + guidance_scale * (cond - uncond)
 
 
+@torch.no_grad()  # never differentiated: a text condition that requires grad would keep every step's graph
 def sample(
     model: DiffusionModel,
     text: torch.Tensor,
