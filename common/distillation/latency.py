@@ -2,8 +2,8 @@
 
     python -m common.distillation.latency --sizes 2000 118287 --dims 128 768 [--queries 50]
 
-Stores N random unit embeddings (float16, as the method caches them, one orientation per row pair like a model
-trained with flips: N x 2 x d) in a memory-mapped ``.npy`` in a temporary folder, then times
+Stores N random unit embeddings (float16, as the method caches them: N x 2 orientations x d, like a model
+trained with flips) in a memory-mapped ``.npy`` in a temporary folder, then times
 :func:`common.methods.distilled.index_scores` and the top-K selection (``np.argpartition``, K = 1,000) per query,
 after one warm-up query (the file in the page cache, as on a server that keeps it). Prints a Markdown table of the
 median and 90th-percentile milliseconds. The feature pass of the query (one denoiser forward per feature timestep
@@ -36,7 +36,7 @@ def time_index(n: int, dim: int, queries: int, top_k: int, folder: Path, seed: i
     del index
     index = np.load(path, mmap_mode="r")
     times = []
-    for i in range(queries + 1):
+    for _ in range(queries + 1):
         q = rng.standard_normal(dim).astype(np.float32)
         q /= np.linalg.norm(q)
         t0 = time.perf_counter()

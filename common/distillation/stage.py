@@ -88,7 +88,7 @@ def distill(
     t0 = time.time()
     features = ModelFeatures(model, cfg.features)
     flips = (False, True) if model.flips else (False,)
-    train_feats = torch.from_numpy(np.asarray(training_features(model, data, features, out / "features.npy", flips)))
+    train_feats = torch.from_numpy(np.array(training_features(model, data, features, out / "features.npy", flips)))
     by_id = {q.id: q for q in queries}
     query_feats = {q: features.query(by_id[q]) for q in ids}
     seconds_features = time.time() - t0

@@ -10,6 +10,7 @@ it is refused for another model or training set than the one it was distilled on
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,6 @@ from common.distillation.net import describe, load_net
 from common.errors import require
 from common.methods.base import Method
 from common.methods.registry import register
-
-INDEX_CHUNK = 16384  # training rows per block of the index step
 
 
 @dataclass
@@ -40,14 +39,19 @@ class DistilledConfig:
 
 
 def index_scores(index: np.ndarray, query: np.ndarray, scale: float, bias: float) -> np.ndarray:
-    """``scale`` x (index rows . query) + ``bias``: scores (N, F) of stored unit embeddings (N, F, d) (any float
-    dtype, memory-mapped or not) against one query embedding (d,), in blocks of rows."""
-    q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-    out = np.empty(index.shape[:2], dtype=np.float32)
-    for a in range(0, len(index), INDEX_CHUNK):
-        block = torch.from_numpy(np.array(index[a : a + INDEX_CHUNK])).float()  # a writable copy of the rows
-        out[a : a + len(block)] = (block @ q).numpy()
-    return scale * out + bias
+    """``scale`` x (index rows . query) + ``bias``: scores (N, F) float32 of stored unit embeddings (N, F, d) against
+    one query embedding (d,).
+
+    One matrix product in the index's own dtype, straight from the memory map (no copy): on a 2-core CPU 7 ms at
+    N = 118,287 x 2 orientations x d = 128 in float16, against 57 ms converting blocks to float32 first
+    (``python -m common.distillation.latency``). Float16 products carry about 1e-4 absolute error on unit vectors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only memory map: read here, never written
+        rows = torch.from_numpy(index)
+    q = torch.from_numpy(np.asarray(query, dtype=np.float32)).to(rows.dtype)
+    scores = (rows.reshape(-1, rows.shape[-1]) @ q).float().view(rows.shape[:2]).numpy()
+    return scale * scores + bias
 
 
 @register
@@ -77,10 +81,8 @@ class Distilled(Method):
 
     @torch.no_grad()
     def _rows(self, start: int, stop: int) -> np.ndarray:
-        idx = torch.arange(start, stop)
-        texts = torch.stack([self.data.text(idx, c) for c in range(self.data.num_captions)], 1)
-        cols = [self.net.embed(self.features.of(self.data.images(idx, f), texts)) for f in self.flip_states()]
-        return torch.stack(cols, 1).numpy().astype(np.float16)
+        rows = torch.from_numpy(self.features.training_rows(self.data, start, stop, self.flip_states()))
+        return self.net.embed(rows.flatten(0, 1)).view(*rows.shape[:2], -1).numpy().astype(np.float16)
 
     def prepare(self) -> None:
         if self.index is not None:
