@@ -78,7 +78,7 @@ def test_noise_purposes_keep_their_numbers():
     # every recorded draw was keyed by these values: renumbering would silently change every score
     assert {p.name: p.value for p in Purpose} == {
         "SCORE": 1, "FISHER": 2, "QUERY": 3, "TRAIN": 4, "SAMPLE": 5, "EVAL": 6, "TRAK": 7, "PROJECTION": 8,
-        "ENCODE": 9, "FINETUNE": 10,
+        "ENCODE": 9, "FINETUNE": 10, "FEATURES": 11,
     }  # fmt: skip
     assert key_seed(0, Purpose.SCORE, 5) == key_seed(0, 1, 5) and json.dumps(Purpose.EVAL) == "6"
 
