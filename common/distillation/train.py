@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,14 +185,3 @@ def agreement(net: DistilledNet, teacher: Teacher, query_features: dict[str, tor
         mean, se = mean_se([v[k] for v in per_query.values()])
         summary[str(k)] = {"mean": mean, "se": se, "n": len(per_query)}
     return {"summary": summary, "queries": {q: {str(k): v for k, v in d.items()} for q, d in per_query.items()}}
-
-
-def timed(fn, *args):
-    t0 = time.time()
-    out = fn(*args)
-    return out, time.time() - t0
-
-
-def summary_line(path: Path, summary: dict) -> str:
-    parts = ", ".join(f"mAP@{k} {v['mean']:.3f} ± {v['se']:.3f}" for k, v in summary.items())
-    return f"{path}: {parts}"
