@@ -13,8 +13,9 @@ from common.data import Query
 from common.diffusion.keyed_losses import LossConfig
 from common.errors import AttributionError
 from common.methods.base import run_method
-from common.methods.candidates import CandidatesConfig, build_method, merged_scores, top_candidates
+from common.methods.candidates import CandidatesConfig, build_method, interleaved, merged_scores, top_candidates
 from common.methods.pixel import Pixel, PixelConfig
+from common.methods.text_condition import TextCondition, TextConditionConfig
 from common.methods.unlearning import Unlearning, UnlearningConfig
 from common.unlearning.fisher import FisherConfig
 from common.unlearning.unlearn import UnlearnConfig
@@ -49,6 +50,20 @@ def test_merged_scores_put_the_candidates_first_by_exact_score_then_the_rest_in_
     assert top_candidates(np.array([1.0, 1.0, 1.0]), 2).tolist() == [0, 1]  # ties by index
 
 
+def test_several_cheap_methods_take_turns_by_hand():
+    a = np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.8])  # order 0, 5, 3, 2, 4, 1
+    b = np.array([0.0, 1.0, 0.2, 0.9, 0.8, 0.1])  # order 1, 3, 4, 2, 5, 0
+    # turns: a's 0, b's 1, a's 5, b's 3, (a's 3 placed), b's 4, a's 2, then every image is placed
+    turns = interleaved([a, b])
+    assert np.argsort(-turns, kind="stable").tolist() == [0, 1, 5, 3, 4, 2]
+    assert turns.tolist() == [0.0, -1.0, -5.0, -3.0, -4.0, -2.0]
+    assert top_candidates(turns, 3).tolist() == [0, 1, 5]
+    assert np.argsort(-interleaved([a]), kind="stable").tolist() == np.argsort(-a, kind="stable").tolist()
+    assert np.argsort(-interleaved([b, a]), kind="stable").tolist() == [1, 0, 3, 5, 4, 2]  # b takes the first turn
+    with pytest.raises(AttributionError, match="differing lengths"):
+        interleaved([a, b[:5]])
+
+
 def test_candidate_scores_equal_the_full_pass_at_their_indices(model, data, query, tmp_path):
     full, _ = Unlearning(_config(), model, data, tmp_path / "full").score_flips(query)
     method = _reranked(model, data, 5, tmp_path / "cache")
@@ -64,6 +79,26 @@ def test_candidate_scores_equal_the_full_pass_at_their_indices(model, data, quer
     assert merged.max(1)[rest].max() < merged.max(1)[picked].min()
     assert np.argsort(-merged.max(1)[rest], kind="stable").tolist() == np.argsort(-cheap[rest], kind="stable").tolist()
     assert method.last_deltas is None  # analyses that read every image's rises are not given a part of them
+
+
+def test_candidates_of_two_cheap_methods_hold_the_top_of_each(model, data, query, tmp_path):
+    full, _ = Unlearning(_config(), model, data, tmp_path / "full").score_flips(query)
+    method = Unlearning(_config(CandidatesConfig("pixel+text-condition", 4)), model, data, tmp_path / "cache")
+    pixel, text = Pixel(PixelConfig(), model, data), TextCondition(TextConditionConfig(), model, data)
+    method.use_candidates(pixel, text)
+    merged, stats = method.score_flips(query)
+    cheap = [pixel.score(query)[0], text.score(query)[0]]
+    picked = top_candidates(interleaved(cheap), 4)
+    assert stats["candidates"] == {"method": "pixel+text-condition", "count": 4, "indices": picked.tolist()}
+    for scores in cheap:  # the first two of each cheap ranking
+        assert set(np.argsort(-scores, kind="stable")[:2].tolist()) <= set(picked.tolist())
+    np.testing.assert_array_equal(merged[picked], full[picked])
+    rest = np.setdiff1d(np.arange(len(data)), picked)
+    assert merged.max(1)[rest].max() < merged.max(1)[picked].min()
+    identity = method.identity()["candidates"]
+    assert identity["method"] == "pixel+text-condition" and identity["settings"] == [pixel.identity(), text.identity()]
+    with pytest.raises(AttributionError, match="come from pixel\\+text-condition, not text-condition\\+pixel"):
+        method.use_candidates(text, pixel)
 
 
 def test_every_image_as_a_candidate_reproduces_the_exact_ranking_with_and_without_a_cache(model, data, query, tmp_path):
@@ -96,6 +131,9 @@ def test_bad_candidate_settings_are_refused_before_any_work(model, data, tmp_pat
     for count, message in ((0, "must be positive"), (-1, "must be positive"), (2.5, "whole number")):
         with pytest.raises(AttributionError, match=message):
             CandidatesConfig("pixel", count)
+    for name, message in (("pixel+", "has an empty name"), ("pixel+pixel", "names a method twice")):
+        with pytest.raises(AttributionError, match=message):
+            CandidatesConfig(name, 3)
     method = _reranked(model, data, 13, tmp_path / "cache")
     with pytest.raises(AttributionError, match="13 candidates of 12 training images"):
         method.prepare()

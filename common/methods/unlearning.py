@@ -27,7 +27,7 @@ from common.diffusion.selection import select_parameters
 from common.errors import require
 from common.fingerprints import fingerprint_tensors, settings_digest, weight_set_fingerprint
 from common.methods.base import Method, prepare_method, query_fingerprint
-from common.methods.candidates import CandidatesConfig, merged_scores, top_candidates
+from common.methods.candidates import CandidatesConfig, interleaved, merged_scores, top_candidates
 from common.methods.registry import register
 from common.model import DiffusionModel
 from common.processes import barrier, rank_world
@@ -136,16 +136,19 @@ class Unlearning(Method):
         self.fisher = None  # the curvature (common.unlearning.curvature), once prepared
         self.base: torch.Tensor | None = None
         self.last_deltas: np.ndarray | None = None  # (N,F,T) float32 of the latest query, for analyses
-        self.cheap: Method | None = None  # ranks every image when only candidates are scored (use_candidates)
+        self.cheap: list[Method] = []  # rank every image when only candidates are scored (use_candidates)
 
-    def use_candidates(self, cheap: Method) -> None:
-        """Score only the top ``candidates.count`` images of ``cheap`` (a method on the same model and training set)."""
+    def use_candidates(self, *cheap: Method) -> None:
+        """Score only the top ``candidates.count`` images of the ``cheap`` methods' interleaved rankings (methods on the
+        same model and training set, those ``candidates.method`` names, in its order)."""
         require(self.cfg.candidates.enabled, "candidates.method is not set")
-        require(cheap.name == self.cfg.candidates.method, f"the candidates come from {self.cfg.candidates.method}, "
-                                                          f"not {cheap.name}")  # fmt: skip
-        require(cheap.name != self.name, "the candidate method must be another method than the exact one")
-        require(cheap.data is self.data and cheap.model is self.model, "the candidate method ranks another model")
-        self.cheap = cheap
+        names = "+".join(c.name for c in cheap)
+        require(names == self.cfg.candidates.method, f"the candidates come from {self.cfg.candidates.method}, "
+                                                     f"not {names}")  # fmt: skip
+        for c in cheap:
+            require(c.name != self.name, "the candidate method must be another method than the exact one")
+            require(c.data is self.data and c.model is self.model, "the candidate method ranks another model")
+        self.cheap = list(cheap)
 
     def identity(self) -> dict:
         settings = super().identity()
@@ -155,16 +158,19 @@ class Unlearning(Method):
             settings.pop("fisher")  # SGD needs no Fisher
         if not self.cfg.candidates.enabled:
             settings.pop("candidates")  # every image scored, as runs made before candidates existed
-        elif self.cheap is not None:
-            settings["candidates"]["settings"] = self.cheap.identity()
+        elif len(self.cheap) == 1:  # as runs made before several cheap methods existed
+            settings["candidates"]["settings"] = self.cheap[0].identity()
+        elif self.cheap:
+            settings["candidates"]["settings"] = [c.identity() for c in self.cheap]
         return settings
 
     def prepare(self) -> None:
         if self.cfg.candidates.enabled:
-            require(self.cheap is not None, f"candidates.method {self.cfg.candidates.method}: no such method attached "
+            require(bool(self.cheap), f"candidates.method {self.cfg.candidates.method}: no such method attached "
                                             "(Unlearning.use_candidates)")  # fmt: skip
             self.cfg.candidates.size(len(self.data))  # a bad count is refused before any work
-            prepare_method(self.cheap)
+            for cheap in self.cheap:
+                prepare_method(cheap)
         if self.cfg.unlearn.method == "newton" and self.fisher is None:
             # fitted by every process together, each taking its share of the batches
             kind = self.cfg.unlearn.preconditioner
@@ -262,13 +268,14 @@ class Unlearning(Method):
         return after, folder
 
     def candidates(self, queries: Sequence[Query]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-        """Each query's candidates (ascending training indices, M), the cheap method's scores of every image (N,) and
-        the seconds they took."""
+        """Each query's candidates (ascending training indices, M), the cheap score of every image (N,: one method's,
+        or several methods' rankings interleaved) and the seconds they took."""
         m = self.cfg.candidates.size(len(self.data))
         found = {}
         for query in queries:
             t0 = time.time()
-            cheap = self.cheap.score(query)[0]
+            scores = [c.score(query)[0] for c in self.cheap]
+            cheap = scores[0] if len(scores) == 1 else interleaved(scores)
             found[query.id] = (top_candidates(cheap, m), cheap, time.time() - t0)
         return found
 
@@ -287,7 +294,7 @@ class Unlearning(Method):
         rank, _ = rank_world(self.accelerator)
         for g in range(0, len(queries), size):
             group = queries[g : g + size]
-            picked = self.candidates(group) if self.cheap is not None else {}
+            picked = self.candidates(group) if self.cheap else {}
             union = np.unique(np.concatenate([c for c, _, _ in picked.values()])) if picked else None
             weights = self.unlearned_weights(group)
             sets = {q.id: weights[q.id][0] for q in group}
@@ -338,7 +345,8 @@ class Unlearning(Method):
             "forwards": self.forwards(len(after) if picked is None else len(picked[0])),
         }
         if picked is not None:
-            stats["candidates"] = {"method": self.cheap.name, "count": len(indices), "indices": indices.tolist()}
+            method, count = self.cfg.candidates.method, len(indices)
+            stats["candidates"] = {"method": method, "count": count, "indices": indices.tolist()}
             stats["seconds_candidates"] = round(seconds_cheap, 2)
             stats["seconds_query"] = round(stats["seconds_query"] + seconds_cheap, 2)
         return scores, stats
@@ -353,7 +361,7 @@ class Unlearning(Method):
 
     def score_flips(self, query: Query) -> tuple[np.ndarray, dict]:
         """Per-orientation scores of one query (unlearned and scored as in :meth:`score_many`)."""
-        if self.cheap is not None:
+        if self.cheap:
             _, scores, stats = next(iter(self.score_many([query])))
             return scores, stats
         self.prepare()
