@@ -48,7 +48,7 @@ python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" -
   --config "$CONFIG" --preset "$PRESET" --device "$DEVICE"
 done_stage attribute
 
-stage "the fast path (preset $FAST_PRESET: unlearning re-scores pixel similarity's top 10% at 5 timesteps)"
+stage "the fast path (preset $FAST_PRESET: unlearning re-scores the top 20% of pixel similarity and the text condition)"
 python -m common.driver tiny attribute --model "$OUT/model" --data "$OUT/data" --queries "$OUT/queries" --out "$OUT/attribution" \
   --config "$CONFIG" --preset "$FAST_PRESET" --device "$DEVICE" --tag unlearning-fast
 python -m common.evaluation.fast_paths --exact "$OUT/attribution/unlearning" \

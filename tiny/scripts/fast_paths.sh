@@ -9,22 +9,29 @@
 #
 # Uses OUT's model, data and queries (counterfactual.sh's layout; made the same way when missing). Resumable
 # (finished query folders are reused). Writes OUT/fast_paths/fast_paths.{md,json}, with a row for the distilled method
-# when tiny/scripts/distilled.sh has run. Environment: PRESET
-# (leave_k_out), DEVICE (cpu), CHEAP (cheap methods, default "pixel text-condition d-trak"), COUNTS (candidate
-# counts as fractions of N, default "0.01 0.05 0.1 0.25"), TIMESTEPS (scoring timesteps below the preset's, each
-# dividing the model's 1,000 diffusion steps: default "5 4 2"), COMBOS (METHOD:COUNT:TIMESTEPS, default
-# "pixel:0.1:5 pixel:0.25:5 d-trak:0.1:5 d-trak:0.25:5 pixel:0.25:2"),
-# QUERIES (a queries folder made elsewhere), NUM_QUERIES (8).
+# when tiny/scripts/distilled.sh has run. Environment:
+#   PRESET (leave_k_out), DEVICE (cpu), QUERIES (a queries folder made elsewhere), NUM_QUERIES (8)
+#   CHEAP      cheap methods ("pixel text-condition d-trak pixel+text-condition", the last two taking turns)
+#   COUNTS     candidate counts as fractions of N ("0.01 0.05 0.1 0.25")
+#   TIMESTEPS  scoring timesteps below the preset's, each dividing the model's 1,000 diffusion steps ("5 4 2"; "none")
+#   COMBOS     METHOD:COUNT:TIMESTEPS, TIMESTEPS empty for the preset's ("pixel:0.1:5 pixel:0.25:5 d-trak:0.1:5
+#              d-trak:0.25:5 pixel:0.25:2 pixel+text-condition:0.1:5 pixel+text-condition:0.2:
+#              pixel+text-condition:0.2:5"; the second-last is the tiny `fast` preset's setting)
+#   LEAVE_K_OUT  folders of OUT/fast_paths/ (e.g. "pixel+text-condition-0.2 distilled"): then leave-K-out at K = 20
+#              (LKO_K) of exact beside them (labelled by folder, '+' as '-') in OUT/fast_paths/leave_k_out/table.md;
+#              8 retrainings per ranking, about 100-200 s each here
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-results/counterfactual}
 PRESET=${PRESET:-leave_k_out}
 DEVICE=${DEVICE:-cpu}
 CONFIG=tiny/configs/tiny.yaml
-CHEAP=${CHEAP:-pixel text-condition d-trak}
+CHEAP=${CHEAP:-pixel text-condition d-trak pixel+text-condition}
 COUNTS=${COUNTS:-0.01 0.05 0.1 0.25}
 TIMESTEPS=${TIMESTEPS:-5 4 2}
-COMBOS=${COMBOS:-pixel:0.1:5 pixel:0.25:5 d-trak:0.1:5 d-trak:0.25:5 pixel:0.25:2}
+[ "$TIMESTEPS" = none ] && TIMESTEPS=
+COMBOS=${COMBOS:-pixel:0.1:5 pixel:0.25:5 d-trak:0.1:5 d-trak:0.25:5 pixel:0.25:2 pixel+text-condition:0.1:5
+pixel+text-condition:0.2: pixel+text-condition:0.2:5}
 FP=$OUT/fast_paths
 
 [ -f "$OUT/data/metadata.jsonl" ] || python -m tiny.shapes --out "$OUT/data" --num-images "${NUM_IMAGES:-500}"
@@ -59,9 +66,20 @@ for T in $TIMESTEPS; do
 done
 for COMBO in $COMBOS; do
   IFS=: read -r C M T <<< "$COMBO"
-  run "$C, top $(pct "$M"), $T timesteps" "$C-$M-t$T" --candidates.method "$C" --candidates.count "$M" \
-    --loss.num_timesteps "$T"
+  if [ -z "$T" ]; then  # the preset's timesteps
+    run "$C, top $(pct "$M")" "$C-$M" --candidates.method "$C" --candidates.count "$M"
+  else
+    run "$C, top $(pct "$M"), $T timesteps" "$C-$M-t$T" --candidates.method "$C" --candidates.count "$M" \
+      --loss.num_timesteps "$T"
+  fi
 done
 [ -d "$FP/distilled" ] && ROWS+=("distilled (tiny/scripts/distilled.sh)=$FP/distilled")
 python -m common.evaluation.fast_paths --exact "$FP/exact" --floor "$FP/seed1/exact" "$FP/seed2/exact" \
   --runs "${ROWS[@]}" --out "$FP/fast_paths.md"
+if [ -n "${LEAVE_K_OUT:-}" ]; then
+  RANKINGS=("exact=$FP/exact")
+  for TAG in $LEAVE_K_OUT; do RANKINGS+=("${TAG//+/-}=$FP/$TAG"); done
+  python -m common.driver tiny leave-k-out --model "$OUT/model" --data "$OUT/data" --queries "$QUERIES" \
+    --out "$FP/leave_k_out" --config "$CONFIG" --preset "$PRESET" --device "$DEVICE" --methods \
+    --rankings "${RANKINGS[@]}" --eval.ks "${LKO_K:-20}" --eval.off_target 0
+fi
