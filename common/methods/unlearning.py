@@ -268,14 +268,13 @@ class Unlearning(Method):
         return after, folder
 
     def candidates(self, queries: Sequence[Query]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-        """Each query's candidates (ascending training indices, M), the cheap score of every image (N,: one method's,
-        or several methods' rankings interleaved) and the seconds they took."""
+        """Each query's candidates (ascending training indices, M), every image's place in the cheap order (N,: minus
+        its place in the cheap methods' rankings taken in turns, :func:`interleaved`) and the seconds they took."""
         m = self.cfg.candidates.size(len(self.data))
         found = {}
         for query in queries:
             t0 = time.time()
-            scores = [c.score(query)[0] for c in self.cheap]
-            cheap = scores[0] if len(scores) == 1 else interleaved(scores)
+            cheap = interleaved([c.score(query)[0] for c in self.cheap])  # one method: its own order
             found[query.id] = (top_candidates(cheap, m), cheap, time.time() - t0)
         return found
 
