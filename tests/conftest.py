@@ -25,6 +25,21 @@ def free_port() -> str:
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory) -> Path:
+    """Both worker jobs (``tests/workers.py``) run by 2 gloo processes under one ``torchrun`` start:
+    FOLDER/passes and FOLDER/curvature."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    proc = subprocess.run([*torchrun, "-m", "tests.workers", "all", str(folder), "two"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
 def micro_config() -> TinyModelConfig:
     return TinyModelConfig(resolution=8, channels=(8, 16), heads=1, text_dim=8, text_layers=1, context_length=8)
 

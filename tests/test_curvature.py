@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -26,7 +23,8 @@ from common.unlearning.ekfac import (
 )
 from common.unlearning.fisher import FisherConfig, estimate_fisher, fisher_batch
 from common.unlearning.unlearn import UnlearnConfig
-from tests.conftest import ROOT, free_port, micro_config
+from tests.conftest import micro_config
+from tests.workers import curvature
 
 CFG = FisherConfig(num_samples=24, batch_size=8, seed=3)
 KEY = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -283,22 +281,17 @@ def test_undamped_curvature_refuses_zero_eigenvalues():
         precondition({"lin.weight": torch.ones(2, 2)}, factors, 0.0)
 
 
-def test_two_processes_fit_the_same_factors_as_one(tmp_path):
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    worker = ["-m", "tests.workers", "curvature"]
-    subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "one"], check=True, cwd=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    subprocess.run([*torchrun, *worker, str(tmp_path / "two"), "two"], check=True, cwd=ROOT, capture_output=True)
+def test_two_processes_fit_the_same_factors_as_one(tmp_path, two_processes):
+    curvature(str(tmp_path), "one")  # in this process; the two under torchrun (the fixture)
     for name in ("ekfac.pt", "block.pt"):
-        one, two = torch.load(tmp_path / "one" / name), torch.load(tmp_path / "two" / name)
+        one, two = torch.load(tmp_path / name), torch.load(two_processes / "curvature" / name)
         assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())
         for key in one:  # batches split over the processes, summed across them: the same factors
             if key.startswith("A:"):
                 torch.testing.assert_close(two[key].abs(), one[key].abs(), rtol=0, atol=1e-7)
             else:
                 torch.testing.assert_close(two[key], one[key], rtol=1e-9, atol=0)
-    assert not (tmp_path / "two" / "ekfac" / "partial").exists()
+    assert not (two_processes / "curvature" / "ekfac" / "partial").exists()
 
 
 @pytest.mark.parametrize("kind", ["ekfac", "block"])

@@ -1,10 +1,15 @@
 """The tiny pipeline end to end at micro scale, through its command-line scripts."""
 
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +23,38 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tiny" / "configs" / "tiny.yaml")
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+def run(*args: str, check: bool = True, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m ARGS``: in this process (a new one spends seconds importing torch and diffusers), or in a new one
+    with ``fresh`` or under torchrun."""
+    if fresh or args[0] == "torch.distributed.run":
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    else:
+        proc = in_process(*args)
     if check and proc.returncode:
         raise AssertionError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` run in this process: its output, its exit status, and a traceback on stderr for an
+    uncaught exception, as a new process would give them."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv, code = [module, *args], 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def shared_args(out: Path) -> list[str]:
@@ -83,7 +115,7 @@ def micro_run(tmp_path_factory):
         "--top-k",
         "10",
     )
-    run(*attribute)
+    run(*attribute, fresh=True)  # one run of the command line as users start it
     return out, attribute
 
 

@@ -11,8 +11,8 @@ import torch
 from common.diffusion.keyed_losses import LossConfig, dataset_losses
 from common.diffusion.loss_passes import PassConfig, loss_pass
 from common.errors import AttributionError
-from tests.conftest import ROOT, free_port
-from tests.workers import SUBSET
+from tests.conftest import ROOT
+from tests.workers import SUBSET, passes
 
 CFG = LossConfig(num_timesteps=4, batch_size=24)
 
@@ -70,26 +70,22 @@ def test_pass_refuses_a_folder_made_otherwise_and_keeps_it(model, data, tmp_path
     assert sorted(p.name for p in (tmp_path / "pass" / "chunks").iterdir()) == before
 
 
-def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path):
+def test_a_killed_pass_resumes_and_two_processes_agree_with_one(tmp_path, two_processes):
     py = [sys.executable, "-m", "tests.workers", "passes"]
-    subprocess.run([*py, str(tmp_path / "whole"), "one"], check=True, cwd=ROOT)
+    passes(str(tmp_path / "whole"), "one")  # in this process: the kill and the two processes need their own
     killed = subprocess.run([*py, str(tmp_path / "resumed"), "kill"], cwd=ROOT)
     assert killed.returncode == -9
     assert len(list((tmp_path / "resumed" / "chunks").glob("*.safetensors"))) == 3  # chunks 0-2 of 5, nothing partial
     assert not list((tmp_path / "resumed" / "chunks").glob("*.tmp*"))
-    subprocess.run([*py, str(tmp_path / "resumed"), "one"], check=True, cwd=ROOT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    worker = ["-m", "tests.workers", "passes", str(tmp_path / "two"), "two"]
-    two = subprocess.run([*torchrun, *worker], cwd=ROOT, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
+    passes(str(tmp_path / "resumed"), "one")
     whole = torch.load(tmp_path / "whole" / "result-one.pt")
     assert torch.equal(torch.load(tmp_path / "resumed" / "result-one.pt"), whole)
-    assert torch.equal(torch.load(tmp_path / "two" / "result-two.pt"), whole)
+    assert torch.equal(torch.load(two_processes / "passes" / "result-two.pt"), whole)
     subset = torch.load(tmp_path / "whole" / "subset-one.pt")  # candidates: the whole pass's rows, keyed by index
     torch.testing.assert_close(subset, whole[SUBSET], rtol=1e-6, atol=0)
     assert torch.equal(torch.load(tmp_path / "resumed" / "subset-one.pt"), subset)
-    assert torch.equal(torch.load(tmp_path / "two" / "subset-two.pt"), subset)
-    one, two = (torch.load(tmp_path / d / f"fisher-{m}.pt") for d, m in (("whole", "one"), ("two", "two")))
+    assert torch.equal(torch.load(two_processes / "passes" / "subset-two.pt"), subset)
+    one, two = torch.load(tmp_path / "whole" / "fisher-one.pt"), torch.load(two_processes / "passes" / "fisher-two.pt")
     assert one.keys() == two.keys() and all(v.abs().sum() > 0 for v in one.values())
     for name in one:  # 4 batches split 2 + 2 over the processes, summed across them: the same Fisher
         torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=0)

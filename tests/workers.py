@@ -1,4 +1,4 @@
-"""Worker processes of the kill and multi-process tests: ``python -m tests.workers passes|curvature FOLDER MODE``.
+"""Worker processes of the kill and multi-process tests: ``python -m tests.workers passes|curvature|all FOLDER MODE``.
 
 MODE is ``one`` (a single process), ``kill`` (the pass kills itself midway, passes only) or ``two`` (under
 ``torchrun --nproc_per_node 2 -m tests.workers ...``). Each writes its results under FOLDER for the test to compare.
@@ -73,5 +73,11 @@ def curvature(folder: str, mode: str) -> None:
         torch.save(block.matrices, folder + "/block.pt")
 
 
+JOBS = {"passes": passes, "curvature": curvature}
+
 if __name__ == "__main__":
-    {"passes": passes, "curvature": curvature}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    job, folder, mode = sys.argv[1:]
+    for name in JOBS if job == "all" else [job]:  # all: each job in FOLDER/<job>, one start for both
+        where = f"{folder}/{name}" if job == "all" else folder
+        os.makedirs(where, exist_ok=True)
+        JOBS[name](where, mode)
