@@ -1,8 +1,10 @@
-"""The code's layout: no import cycle between the packages' modules, counting the imports inside functions."""
+"""The code's layout: no import cycle between the packages' modules (counting the imports inside functions), and
+every shell script parses."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
 
 from tests.conftest import ROOT
 
@@ -57,3 +59,12 @@ def test_no_import_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_shell_script_is_valid_bash():
+    listed = subprocess.run(["git", "ls-files", "*.sh"], cwd=ROOT, capture_output=True, text=True, check=True)
+    scripts = listed.stdout.split()
+    assert len(scripts) >= 20 and "tiny/scripts/fast_paths.sh" in scripts and ".ci/run" not in scripts
+    for script in scripts + [".ci/run"]:
+        proc = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, (script, proc.stderr)

@@ -592,11 +592,7 @@ def test_train_script_writes_a_loadable_model_reuses_it_and_refuses_another_reci
                            train.architecture(str(tmp_path / "unet.json")), None)  # fmt: skip
 
 
-def test_row_scripts_are_valid_bash_and_name_every_table_row():
-    scripts = sorted((ROOT / "mscoco" / "scripts").rglob("*.sh"))
-    for script in scripts:
-        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-        assert proc.returncode == 0, (script, proc.stderr)
+def test_row_scripts_name_every_table_row():  # that they parse: tests/test_layout.py
     table1 = {p.stem.replace("_", "-") for p in (ROOT / "mscoco" / "scripts" / "table1").glob("*.sh")}
     from mscoco.paper import paper_results
 
