@@ -499,3 +499,41 @@ def test_a_training_set_the_model_was_not_trained_on_is_refused_unless_asked(mic
     assert line.endswith("was trained on (its model.json records another); pass --other-data to rank it anyway")
     command("tiny", "attribute")([*flags, "--method", "pixel", "--other-data", "--no-plot"])
     assert (tmp_path / "attr" / "pixel" / "q000" / "ranking.json").is_file()
+
+
+@pytest.mark.slow
+def test_fast_path_and_distilled_scripts_run_at_micro_scale_and_resume(tmp_path):
+    """tiny/scripts/fast_paths.sh (its sweep, table and leave-K-out step) and distilled.sh, then the sweep again."""
+    env = dict(os.environ, PRESET="micro", NUM_IMAGES="48", NUM_QUERIES="2", CHEAP="pixel pixel+text-condition",
+               COUNTS="0.25", TIMESTEPS="2", COMBOS="pixel:0.5:2", LEAVE_K_OUT="pixel+text-condition-0.25", LKO_K="4",
+               NUM_TRAIN_QUERIES="10", DISTILL_FLAGS="--distill.epochs 2")  # fmt: skip
+    out, fp = tmp_path / "fp", tmp_path / "fp" / "fast_paths"
+
+    def script(name: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", f"tiny/scripts/{name}", str(out)], cwd=ROOT, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    script("fast_paths.sh")
+    rows = json.loads((fp / "fast_paths.json").read_text())["rows"]
+    assert list(rows) == ["exact", "exact, other seeds 1", "exact, other seeds 2", "pixel, top 25%",
+                          "pixel+text-condition, top 25%", "2 timesteps", "pixel, top 50%, 2 timesteps"]  # fmt: skip
+    exact = rows["exact"]["cost"]["score_forwards"]
+    assert exact == 48 * 2 * 4  # images x flips x the micro preset's 4 timesteps
+    for name, share in (("pixel, top 25%", 0.25), ("2 timesteps", 0.5), ("pixel, top 50%, 2 timesteps", 0.25)):
+        assert rows[name]["cost"]["score_forwards"] == exact * share, name
+    assert rows["exact, other seeds 1"]["kind"] == "floor"
+    assert all(0 <= q["top10"] <= 1 for q in rows["pixel, top 25%"]["queries"].values())
+    table = (fp / "leave_k_out" / "table.md").read_text()
+    assert "| exact |" in table and "| pixel-text-condition-0.25 |" in table
+
+    script("distilled.sh")
+    latency = (out / "distilled" / "latency.md").read_text()
+    assert "| 2,000 | 128 |" in latency and "| 118,287 | 768 |" in latency
+    ranking = read_ranking(fp / "distilled" / "q000" / "ranking.json")
+    assert ranking["method"] == "distilled" and len(ranking["top_k"]) == 48  # every image (top-k 100 > N)
+    again = script("fast_paths.sh")  # every run reused; the distilled method joins the table
+    assert "distilled (tiny/scripts/distilled.sh)" in json.loads((fp / "fast_paths.json").read_text())["rows"]
+    assert "reusing the trained model" in again.stdout and "trained in" not in again.stdout
+    assert "already attributed" in again.stdout and "[1/" not in again.stdout  # no attribution, no retraining
