@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from common.errors import AttributionError
 from common.files import save_tensors, write_json
+from common.progress import progress_bar
 
 # How an identity key is named in the refusal message.
 WHAT = {"model": "model", "data": "training set", "models": "model ensemble"}
@@ -137,7 +137,7 @@ def cached_array(
     else:
         state["rows_done"] = 0
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(dtype), shape=shape)
-    bar = tqdm(total=shape[0], initial=state["rows_done"], desc=what, disable=not progress, leave=False)
+    bar = progress_bar(total=shape[0], initial=state["rows_done"], desc=what, disable=not progress, leave=False)
     for start in range(state["rows_done"], shape[0], chunk_rows):
         stop = min(start + chunk_rows, shape[0])
         rows = np.asarray(compute_rows(start, stop))
@@ -195,7 +195,7 @@ def resumable_sums(
         if diff:
             _refuse(path, what, diff)
         done = int(meta["done"])
-    bar = tqdm(total=len(jobs), initial=done, desc=what, disable=not progress, leave=False)
+    bar = progress_bar(total=len(jobs), initial=done, desc=what, disable=not progress, leave=False)
     for i in range(done, len(jobs)):
         for name, value in contribution(jobs[i]).items():
             value = value.detach().to(torch.float64)

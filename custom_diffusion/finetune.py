@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.config import add_dataclass_arguments, dataclass_from_args, resolve_device
@@ -39,6 +38,7 @@ from common.diffusion.selection import check_selection, select_parameters
 from common.errors import AttributionError, cli, require
 from common.files import write_json
 from common.model import DiffusionModel
+from common.progress import progress_bar
 from custom_diffusion.model import CUSTOM_WEIGHTS, SD_V14, StableDiffusionModel, save_custom
 from custom_diffusion.release import LAION_COUNT, encode, load_laion
 
@@ -193,7 +193,7 @@ def finetune(
     unet.train()
     try:
         with trainable_token(model, row, embedding):
-            for step in tqdm(range(cfg.steps), desc="fine-tune", disable=not progress):
+            for step in progress_bar(range(cfg.steps), desc="fine-tune", disable=not progress):
                 d = _draws(cfg, step, len(exemplars), len(pool) if regular else 1,
                            pretraining.num_captions if regular else 1, model.num_train_timesteps)  # fmt: skip
                 loss = _step_loss(model, denoise, schedule, exemplars, pretraining, pool, ids, d, cfg)

@@ -107,3 +107,30 @@ def test_a_preset_sets_defaults_flags_override_it_and_unknown_settings_are_refus
         parse("--preset", "wrong_stage")
     with pytest.raises(AttributionError, match="no preset 'missing'"):
         parse("--preset", "missing")
+
+
+def test_progress_in_a_log_is_plain_lines_at_an_interval_and_a_bar_on_a_terminal(monkeypatch):
+    import io
+
+    from common.progress import progress_bar
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    log = io.StringIO()  # a file: not a terminal
+    for _ in progress_bar(range(1000), desc="work", file=log, leave=False):
+        pass
+    lines = log.getvalue().splitlines(keepends=True)
+    assert [line.split(" [")[0] for line in lines] == ["work: 0/1000", "work: 1000/1000"]  # the interval is 30 s
+    assert all(line.endswith("]\n") and "\r" not in line for line in lines)  # the final count kept, leave=False or not
+    log = io.StringIO()
+    for _ in progress_bar(range(3), desc="work", file=log, mininterval=0, miniters=1):
+        pass
+    assert [line.split(" [")[0] for line in log.getvalue().splitlines()] == [f"work: {i}/3" for i in range(4)]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    for _ in progress_bar(range(3), desc="work", file=screen, mininterval=0):
+        pass
+    assert screen.getvalue().count("\r") >= 4 and "100%|" in screen.getvalue()  # tqdm's bar, redrawn in place

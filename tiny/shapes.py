@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from common.progress import progress_bar
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {
@@ -172,7 +173,7 @@ def generate(out_dir: str | Path, num_images: int, resolution: int = 16, seed: i
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
-    for i in tqdm(range(num_images), desc="shapes", leave=False):
+    for i in progress_bar(range(num_images), desc="shapes", leave=False):
         spec = sample_spec(rng)
         name = f"images/{i:05d}.png"
         Image.fromarray(render(spec, resolution)).save(out / name)

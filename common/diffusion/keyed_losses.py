@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 from common import keyed_random
 from common.config import no_effect
@@ -20,6 +20,7 @@ from common.data import ArrayTrainingSet
 from common.diffusion.ddpm_loss import per_sample_loss, strided_timesteps, unet_denoiser
 from common.errors import AttributionError, require
 from common.model import DiffusionModel
+from common.progress import progress_bar
 
 
 @dataclass
@@ -193,7 +194,7 @@ def dataset_losses(
         purpose: noise stream (see :mod:`common.keyed_random`).
         flips: score the flipped images too; default ``cfg.flips and model.flips`` (a model trained
             without flips is scored without them).
-        progress: a tqdm label, or None for no bar.
+        progress: a progress bar label, or None for no bar.
         weights: weights (name -> tensor) used in place of the model's (e.g. unlearned ones).
         precision: fp32, or bf16 (autocast).
     Returns:
@@ -204,7 +205,7 @@ def dataset_losses(
         raise AttributionError(f"got {len(ids)} sample ids for {len(data)} samples")
     use_flips = cfg.flips and model.flips if flips is None else flips
     rows = len(data) * (2 if use_flips else 1) * data.num_captions * cfg.num_timesteps
-    with tqdm(total=rows, desc=progress, disable=progress is None, unit="loss", leave=False) as bar:
+    with progress_bar(total=rows, desc=progress, disable=progress is None, unit="loss", leave=False) as bar:
         losses = image_losses(
             model,
             data,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import canonical, differing
@@ -31,6 +30,7 @@ from common.files import save_tensors, write_json
 from common.fingerprints import fingerprint_tensors, weight_set_fingerprint
 from common.model import DiffusionModel
 from common.processes import barrier, rank_world
+from common.progress import progress_bar
 
 
 @dataclass
@@ -166,7 +166,8 @@ def loss_pass(
     chunks = list(range((n + chunk - 1) // chunk))
     todo = [c for c in chunks[rank::world] if not _chunk_ready(_chunk_path(folder, c), list(weight_sets))]
     rows = sum(min(chunk, n - c * chunk) for c in todo) * (2 if flips else 1) * data.num_captions * cfg.num_timesteps
-    with tqdm(total=rows, desc=progress, disable=progress is None or rank != 0, unit="loss", leave=False) as bar:
+    quiet = progress is None or rank != 0
+    with progress_bar(total=rows, desc=progress, disable=quiet, unit="loss", leave=False) as bar:
         for c in todo:
             indices = everything[c * chunk : min(n, (c + 1) * chunk)]
             how = {"precision": pass_cfg.precision, "bar": bar, "compile": pass_cfg.compile}

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import Query
 from common.diffusion.ddpm_loss import Denoiser, unet_denoiser
 from common.errors import require
 from common.model import DiffusionModel
+from common.progress import progress_bar
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -139,7 +139,7 @@ def sample(
         noise = initial.to(text.device, text.dtype)
     scheduler.set_timesteps(num_steps)
     x = noise
-    for t in tqdm(scheduler.timesteps, desc=f"sample {len(x)}", leave=False, disable=not progress):
+    for t in progress_bar(scheduler.timesteps, desc=f"sample {len(x)}", leave=False, disable=not progress):
         tt = t.expand(len(x)).to(x.device)
         if trajectory is not None:
             trajectory.append((int(t), x.detach().clone()))

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from common.distillation.features import FeatureConfig
 from common.distillation.net import DistilledNet, NetConfig
 from common.errors import require
 from common.evaluation.retrieval import average_precision
 from common.evaluation.tables import mean_se
+from common.progress import progress_bar
 
 
 @dataclass
@@ -154,7 +154,7 @@ def train_net(
         bce = torch.nn.BCEWithLogitsLoss()
         losses = []
         net.train()
-        for epoch in tqdm(range(t.epochs), desc="distill", unit="epoch", leave=False):
+        for epoch in progress_bar(range(t.epochs), desc="distill", unit="epoch", leave=False):
             total, count = 0.0, 0
             for q, idx, target in pair_batches(lists, len(train_features), t, epoch):
                 loss = bce(net(query_features[q], train_features[idx]), target)

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from common.cache import cached_array
 from common.data import Query
 from common.errors import AttributionError, first_line, require
 from common.fingerprints import module_fingerprint
 from common.methods.base import Method
+from common.progress import progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -294,7 +294,8 @@ class FeatureMethod(Method):
         what = f"{self.name} features"
         if path is None:
             starts = range(0, shape[0], self.cfg.batch_size)
-            rows = [self.embed_training(s, min(s + self.cfg.batch_size, shape[0])) for s in tqdm(starts, desc=what)]
+            batches = progress_bar(starts, desc=what)
+            rows = [self.embed_training(s, min(s + self.cfg.batch_size, shape[0])) for s in batches]
             self.features = np.concatenate(rows).astype(np.float32)
         else:
             self.features = cached_array(

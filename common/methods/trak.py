@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import cached_array, cached_tensors
@@ -44,6 +43,7 @@ from common.errors import AttributionError, require
 from common.methods.base import Method
 from common.methods.registry import register
 from common.model import DiffusionModel
+from common.progress import progress_bar
 from common.projection import KINDS, RNGS, Projection, check_dim
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
@@ -379,7 +379,8 @@ class Trak(Method):
         t1 = time.time()
         total = np.zeros(len(self.data) * len(self.flip_states()))
         norms = []
-        for member in tqdm(self.members, desc=f"{self.name} {query.id}", leave=False, disable=len(self.members) < 2):
+        members = progress_bar(self.members, desc=f"{self.name} {query.id}", leave=False, disable=len(self.members) < 2)
+        for member in members:
             feats = featurize(member.model, self.names, member.projection, rows, self.cfg)
             norms.append(float(feats.norm(dim=1).mean()))
             # Scores are linear in the query feature: weight the rows of each bin first, score once per bin.

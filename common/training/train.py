@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.config import identity_settings, no_effect
@@ -29,6 +28,7 @@ from common.diffusion.ddpm_loss import per_sample_loss, unet_denoiser
 from common.errors import AttributionError, require
 from common.model import DiffusionModel
 from common.processes import rank_world
+from common.progress import progress_bar
 from common.training.checkpoint import load_training_state, save_training_state
 
 EXCLUSION_MODES = ("remove", "mask", "zero")
@@ -245,7 +245,8 @@ def train(
     wrapped.train()
     t0 = time.time()
     main = accelerator.is_main_process
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not (progress and main), initial=start, total=cfg.steps)
+    bar = progress_bar(range(start, cfg.steps), desc="train", disable=not (progress and main), initial=start,
+                       total=cfg.steps)  # fmt: skip
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.cache import cached_tensors
@@ -24,6 +23,7 @@ from common.errors import AttributionError, require
 from common.files import read_pickle, read_safetensors
 from common.model import DiffusionModel
 from common.processes import rank_world
+from common.progress import progress_bar
 
 
 @dataclass
@@ -104,7 +104,7 @@ def estimate_fisher(
     rank, world = rank_world(accelerator)
     starts = list(range(0, cfg.num_samples, cfg.batch_size))[rank::world]
     mine = sum(min(cfg.batch_size, cfg.num_samples - j0) for j0 in starts)
-    bar = tqdm(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
+    bar = progress_bar(total=mine, desc="fisher", unit="grad", disable=not progress or rank != 0, leave=False)
     for j0 in starts:
         j1 = min(j0 + cfg.batch_size, cfg.num_samples)
         grads = per_sample_gradients(model, names, *fisher_batch(model, data, cfg, j0, j1))

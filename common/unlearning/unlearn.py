@@ -18,7 +18,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from common import keyed_random
 from common.data import Query
@@ -26,6 +25,7 @@ from common.diffusion.gradients import mean_gradient
 from common.diffusion.selection import check_selection, select_parameters
 from common.errors import require
 from common.model import DiffusionModel
+from common.progress import progress_bar
 from common.unlearning.curvature import PRECONDITIONERS, precondition
 
 METHODS = ("newton", "sgd")
@@ -139,7 +139,7 @@ def unlearn(
     unlearned = model.with_unet(unet)
     params = dict(unet.named_parameters())
     start = {k: params[k].detach().clone() for k in names}
-    for step in tqdm(range(cfg.steps), desc="unlearn", disable=not progress or cfg.steps == 1, leave=False):
+    for step in progress_bar(range(cfg.steps), desc="unlearn", disable=not progress or cfg.steps == 1, leave=False):
         grads = query_gradient(unlearned, names, query, cfg, step)
         if cfg.method == "newton":
             direction, scale = precondition(grads, fisher, cfg.damping), cfg.step_size / n
