@@ -1,0 +1,138 @@
+"""The linear datamodeling score (LDS): do a method's scores predict what models trained on random subsets output?
+
+M random subsets S_1..S_M of the training set, each of a fixed fraction, are drawn from a seed and stored. A model
+is trained on each subset (with one or more training seeds), and each query's output is measured on it with fixed
+keyed noise: the query's diffusion loss L_S(q) over every ``stride``-th timestep (as leave-K-out measures it).
+
+The sign convention. A larger attribution score τ_i means image i supports the query: its presence lowers the
+query's loss, so removing it raises the loss (unlearning scores are loss increases). The measured output of a subset
+is therefore the negative loss, f_S(q) = −L_S(q) (averaged over the training seeds), and the predicted output is the
+sum of the scores of the images it holds, g_S(q) = Σ_{i∈S} τ_i. A method's LDS for one query is Spearman's rank
+correlation between g and f over the M subsets; the table reports its mean ± SE over queries and a bootstrap
+interval over subsets (resampling the M subsets with replacement, the mean over queries each time), as D-TRAK does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import AttributionError, require
+from common.evaluation.agreement import spearman
+from common.evaluation.tables import mean_se
+from common.files import write_json
+
+
+def draw_subsets(num_train: int, count: int, fraction: float, seed: int) -> np.ndarray:
+    """``count`` subsets of round(fraction · N) training images each, drawn from ``seed``: a (count, N) boolean mask."""
+    require(0 < fraction < 1, f"the subset fraction must lie in (0, 1), got {fraction}")
+    require(count >= 2, f"LDS needs at least 2 subsets (a rank correlation over them), got {count}")
+    size = round(fraction * num_train)
+    require(0 < size < num_train, f"a fraction {fraction} of {num_train} images is {size} images: no subset to draw")
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, num_train), dtype=bool)
+    for row in masks:
+        row[rng.choice(num_train, size, replace=False)] = True
+    return masks
+
+
+def store_subsets(folder: str | Path, masks: np.ndarray, identity: dict) -> None:
+    """``folder/subsets.npy`` (the masks) and ``folder/subsets.json`` (what drew them)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "subsets.npy", masks)
+    write_json(folder / "subsets.json", identity)
+
+
+def load_subsets(folder: str | Path, identity: dict) -> np.ndarray | None:
+    """The stored masks when ``folder`` holds subsets drawn with ``identity``; None when it holds none; refused when
+    it holds others (another training set, count, fraction or seed)."""
+    folder = Path(folder)
+    if not (folder / "subsets.json").is_file():
+        return None
+    stored = json.loads((folder / "subsets.json").read_text())
+    if stored != identity:
+        differ = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+        raise AttributionError(f"{folder} holds subsets drawn otherwise ({', '.join(differ)} differ); choose another "
+                               "folder")  # fmt: skip
+    try:
+        masks = np.load(folder / "subsets.npy")
+    except (OSError, ValueError, EOFError) as err:
+        raise AttributionError(f"{folder / 'subsets.npy'} is damaged ({err}); delete the folder to draw again") from err
+    shape = (identity["count"], identity["num_train"])
+    require(masks.shape == shape and masks.dtype == bool, f"{folder / 'subsets.npy'} holds {masks.shape} "
+            f"{masks.dtype}, not the {shape} masks of subsets.json")  # fmt: skip
+    return masks
+
+
+def subsets(folder: str | Path, num_train: int, count: int, fraction: float, seed: int, train_fingerprint: str):
+    """The subsets of an LDS run: drawn and stored the first time, read back (and checked) after."""
+    identity = {"num_train": num_train, "count": count, "fraction": fraction, "seed": seed,
+                "train_fingerprint": train_fingerprint}  # fmt: skip
+    masks = load_subsets(folder, identity)
+    if masks is None:
+        masks = draw_subsets(num_train, count, fraction, seed)
+        store_subsets(folder, masks, identity)
+    return masks
+
+
+def predicted_outputs(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """g_S = Σ_{i∈S} τ_i for every subset: (M,)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    require(masks.shape[1] == len(scores), f"scores of {len(scores)} images against subsets of {masks.shape[1]}")
+    return masks.astype(np.float64) @ scores
+
+
+def lds_per_query(
+    scores: Mapping[str, np.ndarray], masks: np.ndarray, losses: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Spearman between g_S(q) and f_S(q) = −L_S(q) over the subsets, per query.
+
+    Args:
+        scores: query id -> the method's scores of the N training images.
+        masks: (M, N) subsets.
+        losses: query id -> the query's measured loss on each subset's model (M,), or (M, seeds), averaged over
+            the seeds.
+    """
+    out = {}
+    for qid, s in scores.items():
+        require(qid in losses, f"no measured losses for query {qid}")
+        loss = np.asarray(losses[qid], dtype=np.float64)
+        loss = loss.mean(axis=1) if loss.ndim == 2 else loss
+        require(loss.shape == (len(masks),), f"query {qid}: {loss.shape[0]} measured outputs for {len(masks)} subsets")
+        out[qid] = spearman(predicted_outputs(s, masks), -loss)
+    return out
+
+
+def bootstrap_interval(
+    scores: Mapping[str, np.ndarray],
+    masks: np.ndarray,
+    losses: Mapping[str, np.ndarray],
+    draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """The ``level`` percentile interval of the mean LDS over queries, the M subsets resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    predicted = {q: predicted_outputs(s, masks) for q, s in scores.items()}
+    outputs = {q: -np.asarray(losses[q], dtype=np.float64).reshape(len(masks), -1).mean(axis=1) for q in scores}
+    means = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(masks), len(masks))
+        values = [spearman(predicted[q][pick], outputs[q][pick]) for q in scores]
+        values = [v for v in values if np.isfinite(v)]
+        if values:
+            means.append(float(np.mean(values)))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def lds_summary(per_query: Mapping[str, float]) -> dict:
+    """Mean ± SE over the queries whose LDS is defined (a constant prediction or output has none)."""
+    values = [v for v in per_query.values() if np.isfinite(v)]
+    require(bool(values), "no query has a defined LDS (every prediction or output is constant)")
+    mean, se = mean_se(values)
+    return {"mean": mean, "se": se, "queries": len(values), "undefined": len(per_query) - len(values)}

@@ -1,0 +1,62 @@
+"""The linear datamodeling score against hand-computed values; its subsets drawn from a seed, stored and checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.errors import AttributionError
+from common.evaluation import lds
+
+MASKS = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=bool)  # 3 subsets of 4 images
+
+
+def test_lds_against_a_hand_computed_example():
+    scores = {"q0": np.array([3.0, 1.0, 0.0, -1.0]), "q1": np.array([0.0, 0.0, 1.0, 2.0]), "q2": np.ones(4)}
+    assert lds.predicted_outputs(scores["q0"], MASKS).tolist() == [4.0, 1.0, 2.0]
+    losses = {
+        "q0": np.array([[0.1, 0.1], [0.4, 0.6], [0.2, 0.4]]),  # 2 training seeds: mean 0.1, 0.5, 0.3
+        "q1": np.array([0.2, 0.4, 0.6]),
+        "q2": np.array([0.3, 0.2, 0.1]),
+    }
+    per_query = lds.lds_per_query(scores, MASKS, losses)
+    # q0: g = 4, 1, 2 and f = -0.1, -0.5, -0.3 share their order; q1: g = 0, 1, 3 against f falling: -1;
+    # q2: g = 2, 2, 3 (ranks 1.5, 1.5, 3) against f = -0.3, -0.2, -0.1: 1.5 / sqrt(1.5 * 2)
+    assert per_query["q0"] == pytest.approx(1.0) and per_query["q1"] == pytest.approx(-1.0)
+    assert per_query["q2"] == pytest.approx(1.5 / np.sqrt(3.0))
+    summary = lds.lds_summary({"q0": per_query["q0"], "q1": per_query["q1"]})
+    assert summary["mean"] == pytest.approx(0.0) and summary["se"] == pytest.approx(1.0)  # sd sqrt(2) over 2
+    assert lds.bootstrap_interval({"q0": scores["q0"]}, MASKS, losses, draws=50) == (1.0, 1.0)
+    low, high = lds.bootstrap_interval(scores, MASKS, losses, draws=200)
+    assert -1.0 <= low <= high <= 1.0
+
+
+def test_subsets_are_drawn_from_their_seed_stored_and_refused_when_drawn_otherwise(tmp_path):
+    first = lds.subsets(tmp_path / "s", 50, 8, 0.5, 3, "train-a")
+    assert first.shape == (8, 50) and (first.sum(axis=1) == 25).all() and len({r.tobytes() for r in first}) == 8
+    assert np.array_equal(lds.draw_subsets(50, 8, 0.5, 3), first)
+    assert not np.array_equal(lds.draw_subsets(50, 8, 0.5, 4), first)
+    (tmp_path / "s" / "subsets.npy").write_bytes(b"")  # read back, not drawn again, when the identity matches
+    with pytest.raises(AttributionError, match="subsets.npy is damaged"):
+        lds.subsets(tmp_path / "s", 50, 8, 0.5, 3, "train-a")
+    lds.store_subsets(tmp_path / "s", first, {"num_train": 50, "count": 8, "fraction": 0.5, "seed": 3,
+                                               "train_fingerprint": "train-a"})  # fmt: skip
+    with pytest.raises(AttributionError, match=r"drawn otherwise \(seed, train_fingerprint differ\)"):
+        lds.subsets(tmp_path / "s", 50, 8, 0.5, 4, "train-b")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((10, 4, 0.0, 0), r"fraction must lie in \(0, 1\)"), ((10, 4, 1.0, 0), r"fraction must lie in \(0, 1\)"),
+     ((10, 1, 0.5, 0), "at least 2 subsets"), ((10, 4, 0.01, 0), "is 0 images")],
+)  # fmt: skip
+def test_bad_subset_settings_are_refused(args, message):
+    with pytest.raises(AttributionError, match=message):
+        lds.draw_subsets(*args)
+
+
+def test_measured_outputs_must_match_the_subsets():
+    with pytest.raises(AttributionError, match="2 measured outputs for 3 subsets"):
+        lds.lds_per_query({"q0": np.zeros(4)}, MASKS, {"q0": np.zeros(2)})
+    with pytest.raises(AttributionError, match="scores of 5 images against subsets of 4"):
+        lds.predicted_outputs(np.zeros(5), MASKS)
