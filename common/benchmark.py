@@ -78,8 +78,9 @@ class Retraining:
         attribution: the ranked model, its training set and the queries (:class:`Attribution`).
         recipe: the identity of the retraining recipe (settings, architecture, training-set fingerprint, noise): its
             digest names the folder of the retrained models, so models of another recipe are never mixed in.
-        retrain: ``(excluded indices, model folder) -> model`` trained from scratch without them with the recipe and
-            its seed, ready for gradients; it reuses a finished model in the folder and resumes an interrupted one.
+        retrain: ``(excluded indices, model folder, seed offset) -> model`` trained from scratch without them with
+            the recipe and its seed plus the offset (0: the recipe's own seed; LDS trains several), ready for
+            gradients; it reuses a finished model in the folder and resumes an interrupted one.
         reference_retrained: θ0 of ΔL and of the regeneration is ``retrain([])`` (the same recipe on every image,
             so only the removal differs), not the ranked model (a released model of another training run).
         identity: what else the metrics depend on (e.g. which model is θ0, the decoder).
@@ -87,7 +88,7 @@ class Retraining:
 
     attribution: Attribution
     recipe: dict
-    retrain: Callable[[list[int], Path], DiffusionModel]
+    retrain: Callable[[list[int], Path, int], DiffusionModel]
     reference_retrained: bool = False
     identity: dict = field(default_factory=dict)
 

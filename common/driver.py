@@ -35,6 +35,12 @@ MSE and CLIP similarity and the off-target control against θ0. Rankings come fr
 stage's output; missing ones are made with the preset's settings). Writes ``OUT/metrics/...``, ``OUT/table.md``,
 ``table.csv``, ``delta_loss.png`` and the random baseline's spread over seeds (``OUT/noise_floor.json``). Under
 ``accelerate launch`` every process joins every retraining and each measures its share.
+
+``lds``: the linear datamodeling score of the same rankings (:mod:`common.evaluation.lds`): ``--lds.count`` random
+subsets of ``--lds.fraction`` of the training set, drawn from ``--lds.subset_seed`` and stored (``OUT/subsets/``); a
+model trained on each with ``--lds.seeds`` training seeds (``OUT/models/...``, resumable); each query's loss measured
+on each (``OUT/outputs/``); per method the Spearman correlation between a subset's summed scores and the query's
+negative loss, per query, its mean ± SE and a bootstrap interval over subsets (``OUT/lds.{md,json}``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from common.evaluation.counterfactual import (
     EvalConfig,
     OffTarget,
     counterfactual_metrics,
+    query_loss,
     reference_image,
 )
 from common.evaluation.leave_k_out import leave_k_out, ranking_sources
@@ -204,7 +211,7 @@ def leave_k_out_stage(benchmark: Benchmark, argv: list[str]) -> None:
     root = Path(args.attribution or out / "attribution")
     context = {"load_model": attribution.load_model, "accelerator": accelerator}
     sources = ranking_sources(args, model, data, queries, root, max(cfg.ks), cfg.random_seeds, **context)
-    retrain = lambda excluded, folder: retraining.retrain(excluded, models / folder.name)
+    retrain = lambda excluded, folder: retraining.retrain(excluded, models / folder.name, 0)  # the recipe's seed
     reference, targets = model, None
     if retraining.reference_retrained:  # our full run: the regenerations are compared with its own
         reference, targets = retrain([], models / "full"), models / "full" / "regenerated"
@@ -277,6 +284,50 @@ def evaluate(benchmark: Benchmark, argv: list[str]) -> None:
     print(benchmark.evaluate(args, resolve_device(args.device), cls, cfg))
 
 
+def lds_stage(benchmark: Benchmark, argv: list[str]) -> None:
+    """The ``lds`` stage (see the module docstring)."""
+    from common.evaluation import lds
+
+    parser = leave_k_out_parser(benchmark)
+    parser.prog, parser.description = f"python -m common.driver {benchmark.name} lds", "LDS: retrain on random subsets."
+    add_dataclass_arguments(parser, lds.LdsConfig, "lds")
+    args = load_preset(parser, argv=argv)
+    cfg, recipe = dataclass_from_args(EvalConfig, args, "eval"), dataclass_from_args(TrainConfig, args, "train")
+    subsets_cfg = dataclass_from_args(lds.LdsConfig, args, "lds")
+    require(bool(args.methods or args.rankings), "nothing to evaluate: give --methods or --rankings")
+    accelerator, device = accelerator_and_device(args.device)
+    retraining = benchmark.retraining(args, device, accelerator, recipe)
+    model, data, queries = (getattr(retraining.attribution, n) for n in ("model", "data", "queries"))
+    check_queries(model, queries)
+    drawn = {"count": subsets_cfg.count, "fraction": subsets_cfg.fraction, "seed": subsets_cfg.subset_seed}
+    identity = {"recipe": retraining.recipe, "loss_stride": cfg.loss_stride, "seed": cfg.seed, "subsets": drawn}
+    identity |= retraining.identity
+    out, main = Path(args.out), is_main(accelerator)
+    if main:  # before rankings, subsets or models are written into it; only another config is wiped
+        prepare_run_dir(out, identity, args.overwrite and not config_matches(out, identity))
+    barrier(accelerator)
+    root = Path(args.attribution or out / "attribution")
+    context = {"load_model": retraining.attribution.load_model, "accelerator": accelerator}
+    sources = ranking_sources(args, model, data, queries, root, 1, cfg.random_seeds, **context)
+    scores = {
+        s.method + (f" (seed {s.seed})" if s.seed is not None else ""): lds.read_scores(
+            s.folder, queries, len(data), data.fingerprint, model.fingerprint()
+        )
+        for s in sources
+    }  # every ranking checked before any retraining
+    masks = lds.subsets(out / "subsets", len(data), subsets_cfg.count, subsets_cfg.fraction, subsets_cfg.subset_seed,
+                        data.fingerprint)  # fmt: skip
+    measure = lambda m, q: query_loss(m, q, cfg.loss_stride, cfg.seed)  # noqa: E731
+    losses = lds.measure_subsets(masks, subsets_cfg.seeds, queries, retraining.retrain, measure, retraining.recipe,
+                                 out, main)  # fmt: skip
+    if main:
+        table = lds.lds_table(scores, masks, losses, subsets_cfg)
+        write_json(out / "lds.json", table)
+        text = lds.markdown(table)
+        (out / "lds.md").write_text(text)
+        print(text)
+
+
 def compare(benchmark: Benchmark, argv: list[str]) -> None:
     """The ``compare`` stage (see the module docstring)."""
     parser = argparse.ArgumentParser(
@@ -330,6 +381,7 @@ STAGES: dict[str, Callable[[Benchmark, list[str]], None]] = {
     "attribute": attribute,
     "evaluate": evaluate,
     "leave-k-out": leave_k_out_stage,
+    "lds": lds_stage,
     "compare": compare,
     "distill": distill_stage,
 }

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from common import keyed_random
@@ -90,8 +90,9 @@ class Mscoco(Benchmark):
         metrics = {"reference": attribution.model.fingerprint() if released else "retrained"}
         metrics["decoder"] = fingerprint_tensors(*attribution.model.vae.state_dict().values())  # MSE, CLIP see pixels
 
-        def retrain(excluded: list[int], folder: Path):
-            model = train_mscoco(args.data, folder, recipe, excluded, unet_config, args.components, accelerator)
+        def retrain(excluded: list[int], folder: Path, seed_offset: int = 0):
+            train = replace(recipe, seed=recipe.seed + seed_offset)
+            model = train_mscoco(args.data, folder, train, excluded, unet_config, args.components, accelerator)
             return model.prepare_for_gradients(accelerator.device)
 
         return Retraining(attribution, identity, retrain, reference_retrained=not released, identity=metrics)

@@ -174,11 +174,11 @@ def test_bad_input_is_one_line(micro_run, flags, message, tmp_path):
     assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1]
 
 
-def counterfactual_error(args, capsys) -> str:
-    """The last line the tiny leave-k-out stage prints when it refuses ``args`` with status 2 (run in process)."""
+def counterfactual_error(args, capsys, stage: str = "leave-k-out") -> str:
+    """The last line a tiny stage (leave-k-out) prints when it refuses ``args`` with status 2 (run in process)."""
     from common.driver import command
 
-    main = command("tiny", "leave-k-out")
+    main = command("tiny", stage)
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -537,3 +537,55 @@ def test_fast_path_and_distilled_scripts_run_at_micro_scale_and_resume(tmp_path)
     assert "distilled (tiny/scripts/distilled.sh)" in json.loads((fp / "fast_paths.json").read_text())["rows"]
     assert "reusing the trained model" in again.stdout and "trained in" not in again.stdout
     assert "already attributed" in again.stdout and "[1/" not in again.stdout  # no attribution, no retraining
+
+
+def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every_ranking(micro_run, tmp_path, capsys):
+    from common.driver import command
+    from common.evaluation import lds
+    from common.evaluation.counterfactual import query_loss
+    from common.fingerprints import settings_digest
+    from common.queries import load_queries
+    from tiny.pipeline import load_model
+
+    out, _ = micro_run
+    flags = [*shared_args(out), "--attribution", str(out / "attr"), "--out", str(tmp_path / "lds"), "--device", "cpu",
+             "--methods", "pixel", "--rankings", f"unl={out / 'attr' / 'unlearning'}", "--lds.count", "3",
+             "--lds.bootstrap", "20"]  # fmt: skip
+    stage = command("tiny", "lds")
+    stage(flags)
+    first = capsys.readouterr().out
+    assert "[1/3] subset 0 seed +0: 24 images" in first and "| unl |" in first
+    masks = np.load(tmp_path / "lds" / "subsets" / "subsets.npy")
+    assert masks.shape == (3, 48) and (masks.sum(axis=1) == 24).all()
+    table = json.loads((tmp_path / "lds" / "lds.json").read_text())
+    assert list(table["rows"]) == ["pixel", "unl"] and table["seeds"] == 1
+    recipe = json.loads((tmp_path / "lds" / "config.json").read_text())["recipe"]
+    queries = load_queries(str(out / "queries"))
+    record = json.loads((tmp_path / "lds" / "outputs" / "s0" / "001.json").read_text())
+    excluded = np.flatnonzero(~masks[1]).tolist()
+    assert record["excluded"] == exclusion_key(excluded)
+    folder = tmp_path / "lds" / "models" / settings_digest({"recipe": recipe, "seed_offset": 0}) / record["excluded"]
+    model = load_model(str(folder), "cpu").prepare_for_gradients()  # the subset's model, measured as stored
+    for query in queries:
+        assert record["losses"][query.id] == pytest.approx(query_loss(model, query, 50, 0), rel=1e-9)
+    losses = {q.id: np.array([[json.loads((tmp_path / "lds" / "outputs" / "s0" / f"{j:03d}.json").read_text())
+                                ["losses"][q.id]] for j in range(3)]) for q in queries}  # fmt: skip
+    scores = {q.id: np.load(out / "attr" / "unlearning" / q.id / "scores.npy") for q in queries}
+    assert table["rows"]["unl"]["queries"] == pytest.approx(lds.lds_per_query(scores, masks, losses), nan_ok=True)
+
+    stage(flags)  # everything reused
+    assert "[1/" not in capsys.readouterr().out
+    stage([*flags, "--lds.seeds", "2"])  # a second training seed: 3 more models, each loss the mean of two
+    second = capsys.readouterr().out
+    assert "[4/6] subset 0 seed +1" in second and "[1/6]" not in second
+    assert json.loads((tmp_path / "lds" / "lds.json").read_text())["seeds"] == 2
+    assert len(list((tmp_path / "lds" / "models").glob("*/*"))) == 6
+
+    before = (tmp_path / "lds" / "lds.json").read_bytes()
+    for extra, line in (
+        (["--lds.fraction", "1.5"], "the subset fraction must lie in (0, 1), got 1.5"),
+        (["--lds.count", "1"], "LDS needs at least 2 subsets (a rank correlation over them), got 1"),
+        (["--lds.subset_seed", "1"], "was made under a different config"),
+    ):
+        assert line in counterfactual_error([*flags, *extra], capsys, "lds")
+    assert (tmp_path / "lds" / "lds.json").read_bytes() == before  # nothing overwritten

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -63,8 +63,9 @@ class Tiny(Benchmark):
         recipe_identity = {"train": asdict(original), "model": asdict(model_cfg), "data": fingerprint}
         recipe_identity["noise"] = keyed_random.NOISE
 
-        def retrain(excluded: list[int], folder: Path):
-            model = train_tiny(args.data, str(folder), model_cfg, original, excluded, str(device))
+        def retrain(excluded: list[int], folder: Path, seed_offset: int = 0):
+            train = replace(original, seed=original.seed + seed_offset)
+            model = train_tiny(args.data, str(folder), model_cfg, train, excluded, str(device))
             return model.prepare_for_gradients()
 
         attribution = Attribution(run.model, run.data, queries, partial(load_model, device=device))

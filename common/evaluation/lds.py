@@ -15,21 +15,47 @@ interval over subsets (resampling the M subsets with replacement, the mean over 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common.data import Query
 from common.errors import AttributionError, require
 from common.evaluation.agreement import spearman
+from common.evaluation.exclusion import exclusion_key, top_k_exclusion
 from common.evaluation.tables import mean_se
 from common.files import write_json
+from common.fingerprints import settings_digest
+from common.model import DiffusionModel
+
+
+@dataclass
+class LdsConfig:
+    """The subsets of an LDS run (stage flags --lds.*); the measured loss's stride and noise are --eval.*'s."""
+
+    count: int = field(default=64, metadata={"help": "random subsets M (D-TRAK: 64)"})
+    fraction: float = field(default=0.5, metadata={"help": "share of the training set in each subset"})
+    seeds: int = field(default=1, metadata={"help": "training seeds per subset, their losses averaged (D-TRAK: 3)"})
+    subset_seed: int = field(default=0, metadata={"help": "seed the subsets are drawn from"})
+    bootstrap: int = field(default=1000, metadata={"help": "resamples of the subsets for the interval"})
+
+    def __post_init__(self) -> None:
+        check_subset_settings(self.count, self.fraction)
+        require(self.seeds >= 1, f"LDS trains at least 1 seed per subset, got {self.seeds}")
+        require(self.bootstrap >= 1, f"the bootstrap needs at least 1 resample, got {self.bootstrap}")
+
+
+def check_subset_settings(count: int, fraction: float) -> None:
+    """A fraction in (0, 1) and at least 2 subsets, or one line saying which is wrong."""
+    require(0 < fraction < 1, f"the subset fraction must lie in (0, 1), got {fraction}")
+    require(count >= 2, f"LDS needs at least 2 subsets (a rank correlation over them), got {count}")
 
 
 def draw_subsets(num_train: int, count: int, fraction: float, seed: int) -> np.ndarray:
     """``count`` subsets of round(fraction · N) training images each, drawn from ``seed``: a (count, N) boolean mask."""
-    require(0 < fraction < 1, f"the subset fraction must lie in (0, 1), got {fraction}")
-    require(count >= 2, f"LDS needs at least 2 subsets (a rank correlation over them), got {count}")
+    check_subset_settings(count, fraction)
     size = round(fraction * num_train)
     require(0 < size < num_train, f"a fraction {fraction} of {num_train} images is {size} images: no subset to draw")
     rng = np.random.default_rng(seed)
@@ -136,3 +162,86 @@ def lds_summary(per_query: Mapping[str, float]) -> dict:
     require(bool(values), "no query has a defined LDS (every prediction or output is constant)")
     mean, se = mean_se(values)
     return {"mean": mean, "se": se, "queries": len(values), "undefined": len(per_query) - len(values)}
+
+
+def measure_subsets(
+    masks: np.ndarray,
+    seeds: int,
+    queries: Sequence[Query],
+    retrain: Callable[[list[int], Path, int], DiffusionModel],
+    measure: Callable[[DiffusionModel, Query], float],
+    recipe: dict,
+    out: str | Path,
+    main: bool = True,
+) -> dict[str, np.ndarray]:
+    """Each query's loss on a model trained on each subset with each seed: query id -> (M, seeds).
+
+    The models lie in ``out/models/<recipe and seed digest>/<excluded set>`` (resumed and reused as leave-K-out's);
+    each (seed, subset)'s losses in ``out/outputs/s<seed>/<subset>.json``, reused when its excluded set is the
+    subset's and it holds every query (a missing query is measured on the cached model).
+    """
+    out = Path(out)
+    losses = {q.id: np.full((len(masks), seeds), np.nan) for q in queries}
+    jobs = [(s, j) for s in range(seeds) for j in range(len(masks))]
+    for i, (s, j) in enumerate(jobs):
+        excluded = np.flatnonzero(~masks[j]).tolist()
+        key = exclusion_key(excluded)
+        path = out / "outputs" / f"s{s}" / f"{j:03d}.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if record.get("excluded") != key:
+            record = {"subset": j, "seed_offset": s, "excluded": key, "losses": {}}
+        missing = [q for q in queries if q.id not in record["losses"]]
+        if missing:
+            if main:
+                print(f"[{i + 1}/{len(jobs)}] subset {j} seed +{s}: {len(masks[j]) - len(excluded)} images")
+            folder = out / "models" / settings_digest({"recipe": recipe, "seed_offset": s}) / key
+            model = retrain(excluded, folder, s)
+            record["losses"] |= {q.id: measure(model, q) for q in missing}
+            if main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(path, record)
+        for q in queries:
+            losses[q.id][j, s] = record["losses"][q.id]
+    return losses
+
+
+def read_scores(folder: Path, queries: Sequence[Query], num_train: int, train_fingerprint: str,
+                model_fingerprint: str) -> dict[str, np.ndarray]:  # fmt: skip
+    """A ranking folder's full scores per query (``<query>/scores.npy``), of this model and training set only."""
+    scores = {}
+    for query in queries:
+        top_k_exclusion(folder / query.id / "ranking.json", 1, num_train, train_fingerprint, model_fingerprint)
+        path = folder / query.id / "scores.npy"
+        require(path.is_file(), f"{folder} has no scores.npy for {query.id} (LDS needs every image's score)")
+        scores[query.id] = np.load(path).astype(np.float64).ravel()
+        require(len(scores[query.id]) == num_train, f"{path} holds {len(scores[query.id])} scores, not {num_train}")
+    return scores
+
+
+def lds_table(sources: Mapping[str, Mapping[str, np.ndarray]], masks: np.ndarray,
+              losses: Mapping[str, np.ndarray], cfg: LdsConfig) -> dict:  # fmt: skip
+    """Per method (row label -> its scores per query): LDS per query, mean ± SE and the bootstrap interval."""
+    rows = {}
+    for label, scores in sources.items():
+        per_query = lds_per_query(scores, masks, losses)
+        low, high = bootstrap_interval(scores, masks, losses, cfg.bootstrap, cfg.subset_seed)
+        rows[label] = {"queries": per_query, "summary": lds_summary(per_query), "interval": [low, high]}
+    return {"subsets": len(masks), "fraction": cfg.fraction, "seeds": cfg.seeds, "rows": rows}
+
+
+def markdown(table: dict) -> str:
+    """The LDS table, then each query's LDS per method."""
+    rows = table["rows"]
+    lines = [f"{table['subsets']} subsets of {table['fraction']:.0%} of the training set, {table['seeds']} training "
+             "seed(s) each; LDS = Spearman between the summed scores of a subset and the query's negative loss "
+             "on its model (mean ± SE over queries; 95% bootstrap interval over subsets)", "",
+             "| method | LDS ↑ | 95% interval | queries |", "|---|---|---|---|"]  # fmt: skip
+    for label, row in rows.items():
+        summary, (low, high) = row["summary"], row["interval"]
+        lines.append(f"| {label} | {summary['mean']:.3f} ± {summary['se']:.3f} | [{low:.3f}, {high:.3f}] | "
+                     f"{summary['queries']} |")  # fmt: skip
+    queries = sorted({q for row in rows.values() for q in row["queries"]})
+    lines += ["", "| method | " + " | ".join(queries) + " |", "|---|" + "---|" * len(queries)]
+    for label, row in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{row['queries'].get(q, float('nan')):.3f}" for q in queries) + " |")
+    return "\n".join(lines) + "\n"
