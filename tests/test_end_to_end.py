@@ -589,3 +589,16 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
     ):
         assert line in counterfactual_error([*flags, *extra], capsys, "lds")
     assert (tmp_path / "lds" / "lds.json").read_bytes() == before  # nothing overwritten
+
+
+@pytest.mark.slow
+def test_lds_script_runs_at_micro_scale_and_resumes(tmp_path):
+    env = dict(os.environ, PRESET="micro", NUM_IMAGES="48", NUM_QUERIES="2", COUNT="3", METHODS="unlearning pixel")
+    cmd = ["bash", "tiny/scripts/lds.sh", str(tmp_path)]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = json.loads((tmp_path / "lds" / "lds.json").read_text())
+    assert list(table["rows"]) == ["unlearning", "pixel"] and table["subsets"] == 3
+    assert all(set(row["queries"]) == {"q000", "q001"} for row in table["rows"].values())
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "[1/" not in again.stdout and "| unlearning |" in again.stdout
