@@ -55,7 +55,12 @@ python -m common.evaluation.fast_paths --exact "$OUT/attribution/unlearning" \
   --runs "fast ($FAST_PRESET)=$OUT/attribution/unlearning-fast" --out "$OUT/attribution/fast_vs_exact.md"
 done_stage fast
 
+stage "the gallery (each query beside both rankings)"
+python -m common.gallery "$OUT/attribution"
+done_stage gallery
+
 echo
 echo "Done. Per query: $OUT/attribution/unlearning/<id>/{ranking.json,scores.npy,config.json,top10.png}"
 echo "The fast path's: $OUT/attribution/unlearning-fast/<id>/..., against exact in $OUT/attribution/fast_vs_exact.md"
+echo "To look at them: open $OUT/attribution/gallery/index.html in a browser"
 ls "$OUT"/attribution/unlearning/*/top10.png
