@@ -18,6 +18,7 @@ on the index page.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import html
 import re
 from collections import defaultdict
@@ -52,8 +53,9 @@ class Gallery:
     missing: list[str] = field(default_factory=list)
 
 
-def find_rankings(out: Path) -> dict[str, dict[str, Path]]:
-    """Method folder (its path under OUT) -> query id -> ranking.json."""
+def find_rankings(out: Path, patterns: list[str] | None = None) -> dict[str, dict[str, Path]]:
+    """Method folder (its path under OUT) -> query id -> ranking.json; with ``patterns``, only the method folders
+    that match one (shell-style, e.g. ``unlearning*``), in their order."""
     found: dict[str, dict[str, Path]] = defaultdict(dict)
     for path in sorted(out.rglob("ranking.json")):
         parts = path.relative_to(out).parts
@@ -61,7 +63,13 @@ def find_rankings(out: Path) -> dict[str, dict[str, Path]]:
             continue
         found["/".join(parts[:-2])][parts[-2]] = path
     require(bool(found), f"{out} holds no rankings (no <method>/<query id>/ranking.json under it)")
-    return dict(found)
+    if not patterns:
+        return dict(found)
+    chosen = {m: found[m] for p in patterns for m in sorted(found) if fnmatch.fnmatchcase(m, p)}
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(m, p) for m in found)]
+    require(not unmatched, f"--methods {' '.join(unmatched)}: no such method folder in {out} (it has "
+            f"{', '.join(sorted(found))})")  # fmt: skip
+    return chosen
 
 
 def resolve(path: str, roots: list[Path]) -> Path | None:
@@ -88,12 +96,13 @@ def thumbnail(source: Path | None, folder: Path) -> str | None:
     return target.name
 
 
-def collect(out: Path, k: int, roots: list[Path]) -> Gallery:
-    """Read every ranking under ``out`` and make the thumbnails of the images its first ``k`` entries name."""
+def collect(out: Path, k: int, roots: list[Path], patterns: list[str] | None = None) -> Gallery:
+    """Read the rankings under ``out`` (those of the method folders ``patterns`` match) and make the thumbnails of
+    the images their first ``k`` entries name."""
     gallery = Gallery(out, k)
     thumbs = out / "gallery" / "thumbs"
-    found = find_rankings(out)
-    gallery.methods = sorted(found)
+    found = find_rankings(out, patterns)
+    gallery.methods = list(found)
     for method, by_query in found.items():
         for qid, path in sorted(by_query.items()):
             try:
@@ -207,11 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=10, help="images shown per method and query (at most)")
     where = "folders to look for images in when the rankings' paths are not found (a moved run's data, queries)"
     parser.add_argument("--roots", nargs="*", default=[], help=where)
+    parser.add_argument("--methods", nargs="*", default=None, help="method folders to show, in this order (shell "
+                        "patterns, e.g. 'unlearning*'; default: every one)")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     require(out.is_dir(), f"{out} is not a folder")
     require(args.k >= 1, f"--k shows at least 1 image, got {args.k}")
-    gallery = collect(out, args.k, [Path(r) for r in args.roots] + [Path.cwd(), out])
+    gallery = collect(out, args.k, [Path(r) for r in args.roots] + [Path.cwd(), out], args.methods)
     index = write_pages(gallery)
     print(f"{len(gallery.queries)} queries, {len(gallery.methods)} methods, {len(gallery.images)} images: {index}")
     if gallery.missing:

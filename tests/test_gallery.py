@@ -72,6 +72,17 @@ def test_pages_show_every_ranking_and_name_what_is_missing(tmp_path, capsys):
     assert thumbs[0].stat().st_mtime_ns == stamp
 
 
+def test_methods_are_chosen_and_ordered_by_pattern(tmp_path, capsys):
+    out = make_output(tmp_path)
+    main([str(out), "--methods", "unl*", "pixel"])
+    page = (out / "gallery" / "queries" / "q000.html").read_text()
+    assert re.findall(r'data-method="(\w+)"', page) == ["unlearning", "pixel"]
+    with pytest.raises(SystemExit):
+        main([str(out), "--methods", "trak"])
+    assert capsys.readouterr().err.strip().endswith("--methods trak: no such method folder in " + str(out) +
+                                                    " (it has pixel, unlearning)")  # fmt: skip
+
+
 def test_a_folder_without_rankings_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path)])
