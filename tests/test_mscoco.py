@@ -657,6 +657,25 @@ def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
     assert proc.returncode == 2 and "made under a different config (reference differ)" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow  # 1 min
+def test_lds_script_retrains_on_subsets_and_correlates_a_ranking(tmp_path):
+    write_release(tmp_path / "data", n=6, text_dtype=np.float32)
+    write_model_files(tmp_path / "data", tmp_path / "sd2")
+    write_generated_queries(tmp_path / "q", tmp_path / "sd2")
+    env = os.environ | {"OMP_NUM_THREADS": "2", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
+    env |= {"QUERIES": str(tmp_path / "q"), "PRESET": "micro", "COMPONENTS": str(tmp_path / "sd2"), "COUNT": "3"}
+    env |= {"LAUNCH": sys.executable}
+    cmd = ["bash", "mscoco/scripts/lds.sh", "pixel"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((tmp_path / "out" / "lds" / "lds.json").read_text())
+    assert list(table["rows"]) == ["pixel"] and table["subsets"] == 3
+    assert set(table["rows"]["pixel"]["queries"]) == {"coco000", "coco001"}
+    assert len(list((tmp_path / "out" / "lds" / "models").glob("*/*/model.json"))) == 3
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert again.returncode == 0 and "trained in" not in again.stdout and "[1/" not in again.stdout
+
+
 @pytest.mark.slow  # 3 min
 def test_counterfactual_on_two_processes_measures_what_one_does(tmp_path):
     write_release(tmp_path / "data", n=6, text_dtype=np.float32)
