@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -616,14 +617,20 @@ def write_generated_queries(root, components, n: int = 2):
         save_query(root, Query(qid, x, text, f"a cat {i}"), noise, None, info)
 
 
-@pytest.mark.slow  # 3 min
-def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
+def script_env(tmp_path: Path, **extra: str) -> dict:
+    """A release-shaped set of 6 images, SD2-shaped model files and 2 generated queries under ``tmp_path``, and the
+    environment that points the MSCOCO scripts at them (micro preset, one process, outputs in tmp_path/out)."""
     write_release(tmp_path / "data", n=6, text_dtype=np.float32)
     write_model_files(tmp_path / "data", tmp_path / "sd2")
     write_generated_queries(tmp_path / "q", tmp_path / "sd2")
     env = os.environ | {"OMP_NUM_THREADS": "2", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
-    env |= {"QUERIES": str(tmp_path / "q"), "KS": "2", "PRESET": "micro", "COMPONENTS": str(tmp_path / "sd2")}
-    env |= {"LAUNCH": sys.executable}
+    env |= {"QUERIES": str(tmp_path / "q"), "PRESET": "micro", "COMPONENTS": str(tmp_path / "sd2")}
+    return env | {"LAUNCH": sys.executable} | extra
+
+
+@pytest.mark.slow  # 3 min
+def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
+    env = script_env(tmp_path, KS="2")
 
     def row(script):
         proc = subprocess.run(["bash", f"mscoco/scripts/{script}"], capture_output=True, text=True, cwd=ROOT, env=env)
@@ -659,12 +666,7 @@ def test_row_scripts_measure_leave_k_out_and_gather_every_row(tmp_path):
 
 @pytest.mark.slow  # 1 min
 def test_lds_script_retrains_on_subsets_and_correlates_a_ranking(tmp_path):
-    write_release(tmp_path / "data", n=6, text_dtype=np.float32)
-    write_model_files(tmp_path / "data", tmp_path / "sd2")
-    write_generated_queries(tmp_path / "q", tmp_path / "sd2")
-    env = os.environ | {"OMP_NUM_THREADS": "2", "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "out")}
-    env |= {"QUERIES": str(tmp_path / "q"), "PRESET": "micro", "COMPONENTS": str(tmp_path / "sd2"), "COUNT": "3"}
-    env |= {"LAUNCH": sys.executable}
+    env = script_env(tmp_path, COUNT="3")
     cmd = ["bash", "mscoco/scripts/lds.sh", "pixel"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
