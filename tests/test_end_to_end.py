@@ -588,6 +588,16 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
         (["--lds.subset_seed", "1"], "was made under a different config"),
     ):
         assert line in counterfactual_error([*flags, *extra], capsys, "lds")
+    other = tmp_path / "other_model"  # rankings of another model: refused before any training
+    shutil.copytree(out / "attr" / "unlearning", other)
+    ranking = json.loads((other / "q000" / "ranking.json").read_text())
+    (other / "q000" / "ranking.json").write_text(json.dumps(ranking | {"model_fingerprint": "0" * 16}))
+    (tmp_path / "empty").mkdir()
+    for rankings, line in ((f"x={other}", "was made on another model"), (f"x={tmp_path / 'empty'}", "has no ranking")):
+        new = [*flags[: flags.index("--rankings")], "--rankings", rankings, "--lds.count", "3", "--out",
+               str(tmp_path / "lds2")]  # fmt: skip
+        assert line in counterfactual_error(new, capsys, "lds")
+    assert not (tmp_path / "lds2" / "models").exists()
     assert (tmp_path / "lds" / "lds.json").read_bytes() == before  # nothing overwritten
 
 
