@@ -68,7 +68,7 @@ def test_the_benchmarks_are_registered():
     "argv, message",
     [
         (["nope", "attribute"], "unknown benchmark 'nope': choose from abc, mscoco, tiny, tiny_abc"),
-        (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, evaluate, leave-k-out, lds, compare"),
+        (["tiny", "nope"], "unknown stage 'nope': choose from generate, attribute, evaluate, leave-k-out, lds"),
         (["mscoco", "evaluate", "--out", "x"], "the mscoco benchmark has no evaluate stage: leave-k-out is its"),
         (["abc", "leave-k-out", "--out", "x"], "the abc benchmark has no leave-k-out stage: its gold standard is"),
         (["abc", "generate", "--help"], "the abc benchmark has no generate stage"),
