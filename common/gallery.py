@@ -202,8 +202,8 @@ def write_pages(gallery: Gallery) -> Path:
         page = TEMPLATES.get_template("image.html").render(key=key, image=image, queries=gallery.queries, **common)
         (root / "images" / f"{key}.html").write_text(page)
     index = TEMPLATES.get_template("index.html").render(
-        out=gallery.out.name, queries=gallery.queries, missing=gallery.missing, evaluations=evaluations(gallery.out),
-        **common,
+        out=gallery.out.as_posix(), queries=gallery.queries, missing=gallery.missing,
+        evaluations=evaluations(gallery.out), **common,
     )  # fmt: skip
     (root / "index.html").write_text(index)
     return root / "index.html"
