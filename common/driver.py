@@ -299,7 +299,7 @@ def lds_stage(benchmark: Benchmark, argv: list[str]) -> None:
     retraining = benchmark.retraining(args, device, accelerator, recipe)
     model, data, queries = (getattr(retraining.attribution, n) for n in ("model", "data", "queries"))
     check_queries(model, queries)
-    drawn = {"count": subsets_cfg.count, "fraction": subsets_cfg.fraction, "seed": subsets_cfg.subset_seed}
+    drawn = {"fraction": subsets_cfg.fraction, "seed": subsets_cfg.subset_seed}  # any count: the first M are kept
     identity = {"recipe": retraining.recipe, "loss_stride": cfg.loss_stride, "seed": cfg.seed, "subsets": drawn}
     identity |= retraining.identity
     out, main = Path(args.out), is_main(accelerator)

@@ -580,6 +580,13 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
     assert "[4/6] subset 0 seed +1" in second and "[1/6]" not in second
     assert json.loads((tmp_path / "lds" / "lds.json").read_text())["seeds"] == 2
     assert len(list((tmp_path / "lds" / "models").glob("*/*"))) == 6
+    stage([*flags, "--lds.count", "4"])  # one more subset: only its model trained, the first 3 kept
+    grown = capsys.readouterr().out
+    assert "[4/4] subset 3 seed +0" in grown and "[1/4]" not in grown
+    stage([*flags, "--lds.count", "2"])  # fewer: the first 2, nothing trained
+    assert "[1/" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "lds" / "lds.json").read_text())["subsets"] == 2
+    assert np.load(tmp_path / "lds" / "subsets" / "subsets.npy").shape == (4, len(masks[0]))
 
     before = (tmp_path / "lds" / "lds.json").read_bytes()
     for extra, line in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,20 @@ def test_subsets_are_drawn_from_their_seed_stored_and_refused_when_drawn_otherwi
                                                "train_fingerprint": "train-a"})  # fmt: skip
     with pytest.raises(AttributionError, match=r"drawn otherwise \(seed, train_fingerprint differ\)"):
         lds.subsets(tmp_path / "s", 50, 8, 0.5, 4, "train-b")
+
+
+def test_a_later_run_may_ask_for_more_subsets_or_fewer_and_keeps_the_first(tmp_path):
+    first = lds.subsets(tmp_path / "s", 50, 3, 0.5, 3, "train-a")
+    more = lds.subsets(tmp_path / "s", 50, 5, 0.5, 3, "train-a")
+    assert more.shape == (5, 50) and np.array_equal(more[:3], first)
+    assert np.load(tmp_path / "s" / "subsets.npy").shape == (5, 50)
+    assert json.loads((tmp_path / "s" / "subsets.json").read_text())["count"] == 5
+    fewer = lds.subsets(tmp_path / "s", 50, 2, 0.5, 3, "train-a")
+    assert np.array_equal(fewer, first[:2]) and np.load(tmp_path / "s" / "subsets.npy").shape == (5, 50)
+    np.save(tmp_path / "s" / "subsets.npy", ~more)  # stored masks that the seed does not draw: refused, kept
+    with pytest.raises(AttributionError, match="does not hold the subsets its seed draws here"):
+        lds.subsets(tmp_path / "s", 50, 8, 0.5, 3, "train-a")
+    assert np.array_equal(np.load(tmp_path / "s" / "subsets.npy"), ~more)
 
 
 @pytest.mark.parametrize(

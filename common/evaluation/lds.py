@@ -35,7 +35,7 @@ from common.model import DiffusionModel
 class LdsConfig:
     """The subsets of an LDS run (stage flags --lds.*); the measured loss's stride and noise are --eval.*'s."""
 
-    count: int = field(default=64, metadata={"help": "random subsets M (D-TRAK: 64)"})
+    count: int = field(default=64, metadata={"help": "random subsets M (D-TRAK: 64; a later run may ask for more)"})
     fraction: float = field(default=0.5, metadata={"help": "share of the training set in each subset"})
     seeds: int = field(default=1, metadata={"help": "training seeds per subset, their losses averaged (D-TRAK: 3)"})
     subset_seed: int = field(default=0, metadata={"help": "seed the subsets are drawn from"})
@@ -74,12 +74,13 @@ def store_subsets(folder: str | Path, masks: np.ndarray, identity: dict) -> None
 
 
 def load_subsets(folder: str | Path, identity: dict) -> np.ndarray | None:
-    """The stored masks when ``folder`` holds subsets drawn with ``identity``; None when it holds none; refused when
-    it holds others (another training set, count, fraction or seed)."""
+    """The stored masks when ``folder`` holds subsets drawn with ``identity`` (of any count); None when it holds none;
+    refused when it holds others (another training set, fraction or seed)."""
     folder = Path(folder)
     if not (folder / "subsets.json").is_file():
         return None
     stored = json.loads((folder / "subsets.json").read_text())
+    stored.pop("count", None)
     if stored != identity:
         differ = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
         raise AttributionError(f"{folder} holds subsets drawn otherwise ({', '.join(differ)} differ); choose another "
@@ -88,20 +89,27 @@ def load_subsets(folder: str | Path, identity: dict) -> np.ndarray | None:
         masks = np.load(folder / "subsets.npy")
     except (OSError, ValueError, EOFError) as err:
         raise AttributionError(f"{folder / 'subsets.npy'} is damaged ({err}); delete the folder to draw again") from err
-    shape = (identity["count"], identity["num_train"])
-    require(masks.shape == shape and masks.dtype == bool, f"{folder / 'subsets.npy'} holds {masks.shape} "
-            f"{masks.dtype}, not the {shape} masks of subsets.json")  # fmt: skip
+    num_train = identity["num_train"]
+    require(masks.ndim == 2 and masks.shape[1] == num_train and masks.dtype == bool,
+            f"{folder / 'subsets.npy'} holds {masks.shape} {masks.dtype}, not masks of {num_train} images")  # fmt: skip
     return masks
 
 
 def subsets(folder: str | Path, num_train: int, count: int, fraction: float, seed: int, train_fingerprint: str):
-    """The subsets of an LDS run: drawn and stored the first time, read back (and checked) after."""
-    identity = {"num_train": num_train, "count": count, "fraction": fraction, "seed": seed,
-                "train_fingerprint": train_fingerprint}  # fmt: skip
-    masks = load_subsets(folder, identity)
-    if masks is None:
-        masks = draw_subsets(num_train, count, fraction, seed)
-        store_subsets(folder, masks, identity)
+    """The first ``count`` subsets of a seed: drawn and stored the first time, read back (and checked) after.
+
+    Subsets are drawn one after another from the seed, so the first M are the same for every count: a later run may
+    ask for more (the stored ones are kept, the new ones drawn and stored) or fewer (the first ``count``).
+    """
+    identity = {"num_train": num_train, "fraction": fraction, "seed": seed, "train_fingerprint": train_fingerprint}
+    stored = load_subsets(folder, identity)
+    if stored is not None and len(stored) >= count:
+        return stored[:count]
+    masks = draw_subsets(num_train, count, fraction, seed)
+    if stored is not None:
+        require(np.array_equal(masks[: len(stored)], stored), f"{Path(folder) / 'subsets.npy'} does not hold the "
+                f"subsets its seed draws here; delete the folder to draw again")  # fmt: skip
+    store_subsets(folder, masks, identity | {"count": count})
     return masks
 
 
