@@ -572,6 +572,8 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
                                 ["losses"][q.id]] for j in range(3)]) for q in queries}  # fmt: skip
     scores = {q.id: np.load(out / "attr" / "unlearning" / q.id / "scores.npy") for q in queries}
     assert table["rows"]["unl"]["queries"] == pytest.approx(lds.lds_per_query(scores, masks, losses), nan_ok=True)
+    centred = lds.lds_per_query(scores, masks, losses, centred=True)
+    assert table["rows"]["unl"]["centred"]["queries"] == pytest.approx(centred, nan_ok=True)
 
     stage(flags)  # everything reused
     assert "[1/" not in capsys.readouterr().out

@@ -33,6 +33,25 @@ def test_lds_against_a_hand_computed_example():
     assert -1.0 <= low <= high <= 1.0
 
 
+def test_centring_removes_what_a_subset_does_to_every_query_alike():
+    shared = np.array([3.0, 1.0, 0.0, -1.0])  # the same scores for both queries (as random's are): g = 4, 1, 2
+    scores = {"q0": shared, "q1": shared}
+    losses = {"q0": np.array([0.1, 0.2, 0.3]), "q1": np.array([0.3, 0.5, 0.4])}
+    # f = -loss; each subset's mean over the two queries is -0.2, -0.35, -0.35: centred, q0 = 0.1, 0.15, 0.05 and q1
+    # its negative, so a score shared by both queries correlates with one as much as against the other
+    assert lds.lds_per_query(scores, MASKS, losses) == pytest.approx({"q0": 0.5, "q1": 1.0})
+    assert lds.lds_per_query(scores, MASKS, losses, centred=True) == pytest.approx({"q0": -0.5, "q1": 0.5})
+    with pytest.raises(AttributionError, match="centring over queries needs at least 2 queries, got 1"):
+        lds.lds_per_query({"q0": shared}, MASKS, {"q0": losses["q0"]}, centred=True)
+    table = lds.lds_table({"shared": scores}, MASKS, losses, lds.LdsConfig(count=3, bootstrap=20))
+    assert table["query_correlation"] == pytest.approx(0.5)  # f: (-0.1, -0.2, -0.3) against (-0.3, -0.5, -0.4)
+    assert table["rows"]["shared"]["summary"]["mean"] == pytest.approx(0.75)
+    assert table["rows"]["shared"]["centred"]["summary"]["mean"] == pytest.approx(0.0)
+    assert "| shared | 0.750 ± 0.250 |" in lds.markdown(table)
+    single = lds.lds_table({"shared": {"q0": shared}}, MASKS, {"q0": losses["q0"]}, lds.LdsConfig(count=3, bootstrap=5))
+    assert "centred" not in single["rows"]["shared"] and "| – | – | 1 |" in lds.markdown(single)
+
+
 def test_subsets_are_drawn_from_their_seed_stored_and_refused_when_drawn_otherwise(tmp_path):
     first = lds.subsets(tmp_path / "s", 50, 8, 0.5, 3, "train-a")
     assert first.shape == (8, 50) and (first.sum(axis=1) == 25).all() and len({r.tobytes() for r in first}) == 8

@@ -10,6 +10,11 @@ is therefore the negative loss, f_S(q) = −L_S(q) (averaged over the training s
 sum of the scores of the images it holds, g_S(q) = Σ_{i∈S} τ_i. A method's LDS for one query is Spearman's rank
 correlation between g and f over the M subsets; the table reports its mean ± SE over queries and a bootstrap
 interval over subsets (resampling the M subsets with replacement, the mean over queries each time), as D-TRAK does.
+
+Every query's output is measured on the same M models, so what a subset does to every query alike (its model's
+overall fit) is shared by all queries: scores that are the same for every query (random ones) can correlate with it by
+chance, and then with every query at once, which the SE over queries does not show (the bootstrap over subsets does).
+The table therefore also reports the LDS with f_S(q) centred: each model's mean over the queries subtracted.
 """
 
 from __future__ import annotations
@@ -120,8 +125,28 @@ def predicted_outputs(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return masks.astype(np.float64) @ scores
 
 
+def measured_outputs(losses: Mapping[str, np.ndarray], num_subsets: int, centred: bool = False) -> dict:
+    """f_S(q) = −L_S(q) per query id: (M,), the training seeds averaged.
+
+    ``centred`` subtracts, for each subset, the mean of f_S over the queries: what a subset does to every query alike
+    (its model's overall fit), which scores that are the same for every query (random ones) can match by chance.
+    """
+    outputs = {}
+    for qid, loss in losses.items():
+        loss = np.asarray(loss, dtype=np.float64)
+        loss = loss.mean(axis=1) if loss.ndim == 2 else loss
+        count = loss.shape[0]
+        require(loss.shape == (num_subsets,), f"query {qid}: {count} measured outputs for {num_subsets} subsets")
+        outputs[qid] = -loss
+    if centred:
+        require(len(outputs) >= 2, f"centring over queries needs at least 2 queries, got {len(outputs)}")
+        common = np.mean(list(outputs.values()), axis=0)
+        outputs = {qid: f - common for qid, f in outputs.items()}
+    return outputs
+
+
 def lds_per_query(
-    scores: Mapping[str, np.ndarray], masks: np.ndarray, losses: Mapping[str, np.ndarray]
+    scores: Mapping[str, np.ndarray], masks: np.ndarray, losses: Mapping[str, np.ndarray], centred: bool = False
 ) -> dict[str, float]:
     """Spearman between g_S(q) and f_S(q) = −L_S(q) over the subsets, per query.
 
@@ -130,15 +155,12 @@ def lds_per_query(
         masks: (M, N) subsets.
         losses: query id -> the query's measured loss on each subset's model (M,), or (M, seeds), averaged over
             the seeds.
+        centred: f_S(q) minus its mean over the queries of ``losses`` (:func:`measured_outputs`).
     """
-    out = {}
-    for qid, s in scores.items():
+    for qid in scores:
         require(qid in losses, f"no measured losses for query {qid}")
-        loss = np.asarray(losses[qid], dtype=np.float64)
-        loss = loss.mean(axis=1) if loss.ndim == 2 else loss
-        require(loss.shape == (len(masks),), f"query {qid}: {loss.shape[0]} measured outputs for {len(masks)} subsets")
-        out[qid] = spearman(predicted_outputs(s, masks), -loss)
-    return out
+    outputs = measured_outputs(losses, len(masks), centred)
+    return {qid: spearman(predicted_outputs(s, masks), outputs[qid]) for qid, s in scores.items()}
 
 
 def bootstrap_interval(
@@ -148,11 +170,12 @@ def bootstrap_interval(
     draws: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    centred: bool = False,
 ) -> tuple[float, float]:
     """The ``level`` percentile interval of the mean LDS over queries, the M subsets resampled with replacement."""
     rng = np.random.default_rng(seed)
     predicted = {q: predicted_outputs(s, masks) for q, s in scores.items()}
-    outputs = {q: -np.asarray(losses[q], dtype=np.float64).reshape(len(masks), -1).mean(axis=1) for q in scores}
+    outputs = measured_outputs(losses, len(masks), centred)
     means = []
     for _ in range(draws):
         pick = rng.integers(0, len(masks), len(masks))
@@ -228,26 +251,46 @@ def read_scores(folder: Path, queries: Sequence[Query], num_train: int, train_fi
 
 def lds_table(sources: Mapping[str, Mapping[str, np.ndarray]], masks: np.ndarray,
               losses: Mapping[str, np.ndarray], cfg: LdsConfig) -> dict:  # fmt: skip
-    """Per method (row label -> its scores per query): LDS per query, mean ± SE and the bootstrap interval."""
+    """Per method (row label -> its scores per query): LDS per query, mean ± SE and the bootstrap interval, plain and
+    centred over the queries (when there are 2 or more); and the mean correlation of the queries' outputs."""
+
+    def row(scores: Mapping[str, np.ndarray], centred: bool) -> dict:
+        per_query = lds_per_query(scores, masks, losses, centred)
+        interval = bootstrap_interval(scores, masks, losses, cfg.bootstrap, cfg.subset_seed, centred=centred)
+        return {"queries": per_query, "summary": lds_summary(per_query), "interval": list(interval)}
+
     rows = {}
     for label, scores in sources.items():
-        per_query = lds_per_query(scores, masks, losses)
-        low, high = bootstrap_interval(scores, masks, losses, cfg.bootstrap, cfg.subset_seed)
-        rows[label] = {"queries": per_query, "summary": lds_summary(per_query), "interval": [low, high]}
-    return {"subsets": len(masks), "fraction": cfg.fraction, "seeds": cfg.seeds, "rows": rows}
+        rows[label] = row(scores, centred=False)
+        if len(losses) >= 2:
+            rows[label]["centred"] = row(scores, centred=True)
+    outputs = np.array(list(measured_outputs(losses, len(masks)).values()))
+    shared = float(np.mean(np.corrcoef(outputs)[np.triu_indices(len(outputs), 1)])) if len(outputs) >= 2 else None
+    return {"subsets": len(masks), "fraction": cfg.fraction, "seeds": cfg.seeds, "query_correlation": shared,
+            "rows": rows}  # fmt: skip
 
 
 def markdown(table: dict) -> str:
-    """The LDS table, then each query's LDS per method."""
+    """The LDS table (plain and centred over queries), then each query's LDS per method."""
     rows = table["rows"]
+    shared = table.get("query_correlation")
     lines = [f"{table['subsets']} subsets of {table['fraction']:.0%} of the training set, {table['seeds']} training "
              "seed(s) each; LDS = Spearman between the summed scores of a subset and the query's negative loss "
-             "on its model (mean ± SE over queries; 95% bootstrap interval over subsets)", "",
-             "| method | LDS ↑ | 95% interval | queries |", "|---|---|---|---|"]  # fmt: skip
-    for label, row in rows.items():
+             "on its model (mean ± SE over queries; 95% bootstrap interval over subsets); centred: each model's "
+             "mean over the queries subtracted from the negative loss first"
+             + ("" if shared is None else f". The queries' outputs correlate by {shared:.2f} on average over the "
+                "subsets (what a subset does to every query alike)"), "",
+             "| method | LDS ↑ | 95% interval | LDS, centred ↑ | 95% interval | queries |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cells(row: dict | None) -> str:
+        if row is None:
+            return "– | –"
         summary, (low, high) = row["summary"], row["interval"]
-        lines.append(f"| {label} | {summary['mean']:.3f} ± {summary['se']:.3f} | [{low:.3f}, {high:.3f}] | "
-                     f"{summary['queries']} |")  # fmt: skip
+        return f"{summary['mean']:.3f} ± {summary['se']:.3f} | [{low:.3f}, {high:.3f}]"
+
+    for label, row in rows.items():
+        lines.append(f"| {label} | {cells(row)} | {cells(row.get('centred'))} | {row['summary']['queries']} |")
     queries = sorted({q for row in rows.values() for q in row["queries"]})
     lines += ["", "| method | " + " | ".join(queries) + " |", "|---|" + "---|" * len(queries)]
     for label, row in rows.items():
