@@ -568,8 +568,13 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
     model = load_model(str(folder), "cpu").prepare_for_gradients()  # the subset's model, measured as stored
     for query in queries:
         assert record["losses"][query.id] == pytest.approx(query_loss(model, query, 50, 0), rel=1e-9)
-    losses = {q.id: np.array([[json.loads((tmp_path / "lds" / "outputs" / "s0" / f"{j:03d}.json").read_text())
-                                ["losses"][q.id]] for j in range(3)]) for q in queries}  # fmt: skip
+
+    def stored(seeds: int) -> dict[str, np.ndarray]:  # each query's stored losses: (3 subsets, seeds)
+        records = [[json.loads((tmp_path / "lds" / "outputs" / f"s{s}" / f"{j:03d}.json").read_text())["losses"]
+                    for s in range(seeds)] for j in range(3)]  # fmt: skip
+        return {q.id: np.array([[r[q.id] for r in row] for row in records]) for q in queries}
+
+    losses = stored(1)
     scores = {q.id: np.load(out / "attr" / "unlearning" / q.id / "scores.npy") for q in queries}
     assert table["rows"]["unl"]["queries"] == pytest.approx(lds.lds_per_query(scores, masks, losses), nan_ok=True)
     centred = lds.lds_per_query(scores, masks, losses, centred=True)
@@ -580,7 +585,9 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
     stage([*flags, "--lds.seeds", "2"])  # a second training seed: 3 more models, each loss the mean of two
     second = capsys.readouterr().out
     assert "[4/6] subset 0 seed +1" in second and "[1/6]" not in second
-    assert json.loads((tmp_path / "lds" / "lds.json").read_text())["seeds"] == 2
+    two = json.loads((tmp_path / "lds" / "lds.json").read_text())
+    assert two["seeds"] == 2 and table["seed_agreement"] is None
+    assert two["seed_agreement"]["queries"] == pytest.approx(lds.seed_agreement(stored(2)), nan_ok=True)
     assert len(list((tmp_path / "lds" / "models").glob("*/*"))) == 6
     stage([*flags, "--lds.count", "4"])  # one more subset: only its model trained, the first 3 kept
     grown = capsys.readouterr().out

@@ -29,6 +29,9 @@ def test_lds_against_a_hand_computed_example():
     summary = lds.lds_summary({"q0": per_query["q0"], "q1": per_query["q1"]})
     assert summary["mean"] == pytest.approx(0.0) and summary["se"] == pytest.approx(1.0)  # sd sqrt(2) over 2
     assert lds.bootstrap_interval({"q0": scores["q0"]}, MASKS, losses, draws=50) == (1.0, 1.0)
+    assert lds.seed_agreement({"q0": losses["q0"]}) == {"q0": pytest.approx(1.0)}  # seeds 0.1, 0.4, 0.2 | .1, .6, .4
+    assert lds.seed_agreement({"q0": np.array([[0.1, 0.3], [0.2, 0.2], [0.3, 0.1]])}) == {"q0": pytest.approx(-1.0)}
+    assert lds.seed_agreement(losses) is None  # q1 and q2 were measured with one seed
     low, high = lds.bootstrap_interval(scores, MASKS, losses, draws=200)
     assert -1.0 <= low <= high <= 1.0
 

@@ -249,10 +249,21 @@ def read_scores(folder: Path, queries: Sequence[Query], num_train: int, train_fi
     return scores
 
 
+def seed_agreement(losses: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+    """Per query, Spearman between two training seeds' losses over the subsets (the mean over seed pairs): how much
+    of the measured output the subset decides rather than training noise. None with one seed."""
+    arrays = {q: np.asarray(loss, dtype=np.float64) for q, loss in losses.items()}
+    if not arrays or any(a.ndim != 2 or a.shape[1] < 2 for a in arrays.values()):
+        return None
+    pairs = [(a, b) for a in range(next(iter(arrays.values())).shape[1]) for b in range(a)]
+    return {q: float(np.mean([spearman(a[:, i], a[:, j]) for i, j in pairs])) for q, a in arrays.items()}
+
+
 def lds_table(sources: Mapping[str, Mapping[str, np.ndarray]], masks: np.ndarray,
               losses: Mapping[str, np.ndarray], cfg: LdsConfig) -> dict:  # fmt: skip
     """Per method (row label -> its scores per query): LDS per query, mean ± SE and the bootstrap interval, plain and
-    centred over the queries (when there are 2 or more); and the mean correlation of the queries' outputs."""
+    centred over the queries (when there are 2 or more); the mean correlation of the queries' outputs; and how well
+    the training seeds agree (with 2 or more)."""
 
     def row(scores: Mapping[str, np.ndarray], centred: bool) -> dict:
         per_query = lds_per_query(scores, masks, losses, centred)
@@ -266,20 +277,26 @@ def lds_table(sources: Mapping[str, Mapping[str, np.ndarray]], masks: np.ndarray
             rows[label]["centred"] = row(scores, centred=True)
     outputs = np.array(list(measured_outputs(losses, len(masks)).values()))
     shared = float(np.mean(np.corrcoef(outputs)[np.triu_indices(len(outputs), 1)])) if len(outputs) >= 2 else None
+    agreement = seed_agreement(losses)
+    agreement = None if agreement is None else {"queries": agreement, "summary": lds_summary(agreement)}
     return {"subsets": len(masks), "fraction": cfg.fraction, "seeds": cfg.seeds, "query_correlation": shared,
-            "rows": rows}  # fmt: skip
+            "seed_agreement": agreement, "rows": rows}  # fmt: skip
 
 
 def markdown(table: dict) -> str:
     """The LDS table (plain and centred over queries), then each query's LDS per method."""
     rows = table["rows"]
     shared = table.get("query_correlation")
+    agreement = (table.get("seed_agreement") or {}).get("summary")
     lines = [f"{table['subsets']} subsets of {table['fraction']:.0%} of the training set, {table['seeds']} training "
              "seed(s) each; LDS = Spearman between the summed scores of a subset and the query's negative loss "
              "on its model (mean ± SE over queries; 95% bootstrap interval over subsets); centred: each model's "
              "mean over the queries subtracted from the negative loss first"
              + ("" if shared is None else f". The queries' outputs correlate by {shared:.2f} on average over the "
-                "subsets (what a subset does to every query alike)"), "",
+                "subsets (what a subset does to every query alike)")
+             + ("" if agreement is None else f". Two training seeds' losses agree by Spearman {agreement['mean']:.3f} "
+                f"± {agreement['se']:.3f} over the subsets (mean ± SE over queries): the part of the output the "
+                "subset decides"), "",
              "| method | LDS ↑ | 95% interval | LDS, centred ↑ | 95% interval | queries |",
              "|---|---|---|---|---|---|"]  # fmt: skip
 
