@@ -4,12 +4,14 @@
 # SEEDS training seeds (the recipe's seed, +1, ...), each query's loss on each model, and per method the Spearman
 # correlation between a subset's summed scores and the query's negative loss (mean ± SE over queries, bootstrap
 # interval over subsets). Resumable: every model, measured loss and ranking is kept; rerun after an interruption.
+# COUNT may be raised in a later run (the first subsets of a seed are the same for every COUNT; their models are
+# reused) or lowered (the table of the first COUNT). Measured: docs/results/tiny_lds.md.
 #
 #   bash tiny/scripts/lds.sh [OUT_DIR]      (default: results/counterfactual)
 #
 # Uses OUT's model, data, queries and attribution/ (counterfactual.sh's layout; made the same way when missing), so
 # the queries and rankings are the leave-K-out table's. Writes OUT/lds/{lds.md, lds.json, subsets/, outputs/, models/}.
-# A model of the 500-image recipe takes about 100-220 s on a 2-core CPU: 64 subsets x 1 seed is 2-4 hours.
+# A model of the 500-image recipe takes about 150-200 s on a 2-core CPU: 64 subsets x 1 seed is about 3.5 hours.
 # Environment: COUNT (64), FRACTION (0.5), SEEDS (1; D-TRAK used 3), METHODS (registered methods, default
 # "unlearning pixel random text-condition d-trak"), RANKINGS (LABEL=FOLDER rankings made elsewhere), PRESET
 # (leave_k_out), DEVICE (cpu), QUERIES (a queries folder made elsewhere), NUM_QUERIES (8), NUM_IMAGES (500).
