@@ -609,7 +609,14 @@ def test_lds_retrains_on_stored_subsets_measures_each_query_and_correlates_every
     ranking = json.loads((other / "q000" / "ranking.json").read_text())
     (other / "q000" / "ranking.json").write_text(json.dumps(ranking | {"model_fingerprint": "0" * 16}))
     (tmp_path / "empty").mkdir()
-    for rankings, line in ((f"x={other}", "was made on another model"), (f"x={tmp_path / 'empty'}", "has no ranking")):
+    candidates = tmp_path / "candidates"  # a candidate re-ranking: placeholders below the candidates, not scores
+    shutil.copytree(out / "attr" / "unlearning", candidates)
+    ranking = json.loads((candidates / "q000" / "ranking.json").read_text())
+    ranking["stats"]["candidates"] = {"method": "pixel", "count": 5, "indices": [0, 1, 2, 3, 4]}
+    (candidates / "q000" / "ranking.json").write_text(json.dumps(ranking))
+    refusals = ((f"x={other}", "was made on another model"), (f"x={tmp_path / 'empty'}", "has no ranking"),
+                (f"x={candidates}", "re-scored only 5 candidates for q000: its other scores are"))  # fmt: skip
+    for rankings, line in refusals:
         new = [*flags[: flags.index("--rankings")], "--rankings", rankings, "--lds.count", "3", "--out",
                str(tmp_path / "lds2")]  # fmt: skip
         assert line in counterfactual_error(new, capsys, "lds")

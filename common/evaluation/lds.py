@@ -34,6 +34,7 @@ from common.evaluation.tables import mean_se
 from common.files import write_json
 from common.fingerprints import settings_digest
 from common.model import DiffusionModel
+from common.outputs import read_ranking
 
 
 @dataclass
@@ -238,10 +239,15 @@ def measure_subsets(
 
 def read_scores(folder: Path, queries: Sequence[Query], num_train: int, train_fingerprint: str,
                 model_fingerprint: str) -> dict[str, np.ndarray]:  # fmt: skip
-    """A ranking folder's full scores per query (``<query>/scores.npy``), of this model and training set only."""
+    """A ranking folder's full scores per query (``<query>/scores.npy``), of this model and training set only; refused
+    for a candidate re-ranking, whose images outside the candidates hold placeholders, not scores."""
     scores = {}
     for query in queries:
         top_k_exclusion(folder / query.id / "ranking.json", 1, num_train, train_fingerprint, model_fingerprint)
+        candidates = read_ranking(folder / query.id / "ranking.json").get("stats", {}).get("candidates")
+        require(not candidates, f"{folder} re-scored only {(candidates or {}).get('count')} candidates for "
+                f"{query.id}: its other scores are placeholders that keep an order, and LDS sums scores; use the exact "
+                "run's rankings")  # fmt: skip
         path = folder / query.id / "scores.npy"
         require(path.is_file(), f"{folder} has no scores.npy for {query.id} (LDS needs every image's score)")
         scores[query.id] = np.load(path).astype(np.float64).ravel()
