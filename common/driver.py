@@ -40,8 +40,9 @@ stage's output; missing ones are made with the preset's settings). Writes ``OUT/
 subsets of ``--lds.fraction`` of the training set, drawn from ``--lds.subset_seed`` and stored (``OUT/subsets/``); a
 model trained on each with ``--lds.seeds`` training seeds (``OUT/models/...``, resumable); each query's loss measured
 on each (``OUT/outputs/``); per method the Spearman correlation between a subset's summed scores and the query's
-negative loss, per query, its mean ± SE and a bootstrap interval over subsets, plain and with each model's mean over
-the queries subtracted (``OUT/lds.{md,json}``). A later run may ask for more subsets (or fewer): the first are kept.
+negative loss, per query, its mean ± SE, a bootstrap interval over subsets and a p-value against relabelled images
+(``--lds.permutations``), plain and with each model's mean over the queries subtracted (``OUT/lds.{md,json}``). A
+later run may ask for more subsets (or fewer): the first are kept.
 """
 
 from __future__ import annotations

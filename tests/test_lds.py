@@ -50,9 +50,24 @@ def test_centring_removes_what_a_subset_does_to_every_query_alike():
     assert table["query_correlation"] == pytest.approx(0.5)  # f: (-0.1, -0.2, -0.3) against (-0.3, -0.5, -0.4)
     assert table["rows"]["shared"]["summary"]["mean"] == pytest.approx(0.75)
     assert table["rows"]["shared"]["centred"]["summary"]["mean"] == pytest.approx(0.0)
-    assert "| shared | 0.750 ± 0.250 |" in lds.markdown(table)
+    assert "| shared | 0.750 ± 0.250 |" in lds.markdown(table) and 0 < table["rows"]["shared"]["p"] <= 1
     single = lds.lds_table({"shared": {"q0": shared}}, MASKS, {"q0": losses["q0"]}, lds.LdsConfig(count=3, bootstrap=5))
-    assert "centred" not in single["rows"]["shared"] and "| – | – | 1 |" in lds.markdown(single)
+    assert "centred" not in single["rows"]["shared"] and "| – | – | – | 1 |" in lds.markdown(single)
+
+
+def test_the_p_value_relabels_the_images_once_for_every_query():
+    masks = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=bool)  # 4 subsets, each holding one of 2 images
+    scores = np.array([1.0, 0.0])  # g = 1, 0, 1, 0: the identity gives LDS 1 on q0, the swap -1, each half the time
+    losses = {"q0": np.array([0.1, 0.3, 0.1, 0.3]), "q1": np.array([0.3, 0.1, 0.3, 0.1])}
+    p = lds.permutation_p({"q0": scores}, masks, losses, draws=2000, chunk=7)
+    assert 0.45 < p < 0.55
+    # q1's output is q0's reversed: the mean over both is 0 under either relabelling when one permutation serves both
+    # queries (p = 1); relabelling each query on its own would reach it only 3 times in 4
+    assert lds.permutation_p({"q0": scores, "q1": scores}, masks, losses, draws=500) == 1.0
+    perfect = lds.permutation_p({"q0": np.arange(8.0)}, np.eye(8, dtype=bool), {"q0": -np.arange(8.0)}, draws=300)
+    assert perfect == pytest.approx(1 / 301)  # one subset per image: only the identity (1 in 8!) reaches LDS 1
+    with pytest.raises(AttributionError, match="at least 1 relabelling, got 0"):
+        lds.LdsConfig(permutations=0)
 
 
 def test_subsets_are_drawn_from_their_seed_stored_and_refused_when_drawn_otherwise(tmp_path):

@@ -15,6 +15,11 @@ Every query's output is measured on the same M models, so what a subset does to 
 overall fit) is shared by all queries: scores that are the same for every query (random ones) can correlate with it by
 chance, and then with every query at once, which the SE over queries does not show (the bootstrap over subsets does).
 The table therefore also reports the LDS with f_S(q) centred: each model's mean over the queries subtracted.
+
+Is a method's LDS more than chance? Its p-value against relabelled images: the share of random permutations of the
+training images (one permutation for every query, so what the scores share between queries stays shared) under which
+the same scores reach the method's mean LDS. It asks whether the scores point at the right images, with the noise of
+the measured outputs and of the shared part both in the null, which a random ranking's row shows only once.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ class LdsConfig:
     seeds: int = field(default=1, metadata={"help": "training seeds per subset, their losses averaged (D-TRAK: 3)"})
     subset_seed: int = field(default=0, metadata={"help": "seed the subsets are drawn from"})
     bootstrap: int = field(default=1000, metadata={"help": "resamples of the subsets for the interval"})
+    permutations: int = field(default=1000, metadata={"help": "relabellings of the images for the p-value"})
 
     def __post_init__(self) -> None:
         check_subset_settings(self.count, self.fraction)
         require(self.seeds >= 1, f"LDS trains at least 1 seed per subset, got {self.seeds}")
         require(self.bootstrap >= 1, f"the bootstrap needs at least 1 resample, got {self.bootstrap}")
+        require(self.permutations >= 1, f"the p-value needs at least 1 relabelling, got {self.permutations}")
 
 
 def check_subset_settings(count: int, fraction: float) -> None:
@@ -188,6 +195,35 @@ def bootstrap_interval(
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+def permutation_p(
+    scores: Mapping[str, np.ndarray],
+    masks: np.ndarray,
+    losses: Mapping[str, np.ndarray],
+    draws: int = 1000,
+    seed: int = 0,
+    centred: bool = False,
+    chunk: int = 100,
+) -> float:
+    """One-sided p-value of the mean LDS over queries against relabelled images: (1 + the relabellings whose mean
+    reaches it) / (1 + draws). Each relabelling permutes the training images once for every query."""
+    outputs = measured_outputs(losses, len(masks), centred)
+    vectors = {q: np.asarray(s, dtype=np.float64).ravel() for q, s in scores.items()}
+
+    def mean_lds(predicted: Mapping[str, np.ndarray]) -> float:
+        values = [spearman(predicted[q], outputs[q]) for q in vectors]
+        values = [v for v in values if np.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    observed = mean_lds({q: predicted_outputs(s, masks) for q, s in vectors.items()})
+    require(np.isfinite(observed), "no query has a defined LDS (every prediction or output is constant)")
+    rng, weights, hits = np.random.default_rng(seed), masks.astype(np.float64), 0
+    for start in range(0, draws, chunk):  # (M, chunk) predictions per query at a time: bounded memory at any N
+        perms = np.stack([rng.permutation(masks.shape[1]) for _ in range(min(chunk, draws - start))])
+        predicted = {q: weights @ s[perms].T for q, s in vectors.items()}
+        hits += sum(mean_lds({q: p[:, b] for q, p in predicted.items()}) >= observed for b in range(len(perms)))
+    return (1 + int(hits)) / (1 + draws)
+
+
 def lds_summary(per_query: Mapping[str, float]) -> dict:
     """Mean ± SE over the queries whose LDS is defined (a constant prediction or output has none)."""
     values = [v for v in per_query.values() if np.isfinite(v)]
@@ -274,7 +310,8 @@ def lds_table(sources: Mapping[str, Mapping[str, np.ndarray]], masks: np.ndarray
     def row(scores: Mapping[str, np.ndarray], centred: bool) -> dict:
         per_query = lds_per_query(scores, masks, losses, centred)
         interval = bootstrap_interval(scores, masks, losses, cfg.bootstrap, cfg.subset_seed, centred=centred)
-        return {"queries": per_query, "summary": lds_summary(per_query), "interval": list(interval)}
+        p = permutation_p(scores, masks, losses, cfg.permutations, cfg.subset_seed, centred=centred)
+        return {"queries": per_query, "summary": lds_summary(per_query), "interval": list(interval), "p": p}
 
     rows = {}
     for label, scores in sources.items():
@@ -297,20 +334,21 @@ def markdown(table: dict) -> str:
     lines = [f"{table['subsets']} subsets of {table['fraction']:.0%} of the training set, {table['seeds']} training "
              "seed(s) each; LDS = Spearman between the summed scores of a subset and the query's negative loss "
              "on its model (mean ± SE over queries; 95% bootstrap interval over subsets); centred: each model's "
-             "mean over the queries subtracted from the negative loss first"
+             "mean over the queries subtracted from the negative loss first; p: the share of relabellings of the "
+             "training images (one for all queries) whose LDS reaches the method's"
              + ("" if shared is None else f". The queries' outputs correlate by {shared:.2f} on average over the "
                 "subsets (what a subset does to every query alike)")
              + ("" if agreement is None else f". Two training seeds' losses agree by Spearman {agreement['mean']:.3f} "
                 f"± {agreement['se']:.3f} over the subsets (mean ± SE over queries): the part of the output the "
                 "subset decides"), "",
-             "| method | LDS ↑ | 95% interval | LDS, centred ↑ | 95% interval | queries |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | LDS ↑ | 95% interval | p | LDS, centred ↑ | 95% interval | p | queries |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def cells(row: dict | None) -> str:
         if row is None:
-            return "– | –"
+            return "– | – | –"
         summary, (low, high) = row["summary"], row["interval"]
-        return f"{summary['mean']:.3f} ± {summary['se']:.3f} | [{low:.3f}, {high:.3f}]"
+        return f"{summary['mean']:.3f} ± {summary['se']:.3f} | [{low:.3f}, {high:.3f}] | {row['p']:.3f}"
 
     for label, row in rows.items():
         lines.append(f"| {label} | {cells(row)} | {cells(row.get('centred'))} | {row['summary']['queries']} |")
