@@ -171,6 +171,13 @@ def lds_per_query(
     return {qid: spearman(predicted_outputs(s, masks), outputs[qid]) for qid, s in scores.items()}
 
 
+def mean_lds(predicted: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], pick=slice(None)) -> float:
+    """The mean over queries of Spearman(g, f[pick]), over the queries where it is defined; NaN where none is."""
+    values = [spearman(g, outputs[q][pick]) for q, g in predicted.items()]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def bootstrap_interval(
     scores: Mapping[str, np.ndarray],
     masks: np.ndarray,
@@ -187,10 +194,9 @@ def bootstrap_interval(
     means = []
     for _ in range(draws):
         pick = rng.integers(0, len(masks), len(masks))
-        values = [spearman(predicted[q][pick], outputs[q][pick]) for q in scores]
-        values = [v for v in values if np.isfinite(v)]
-        if values:
-            means.append(float(np.mean(values)))
+        mean = mean_lds({q: g[pick] for q, g in predicted.items()}, outputs, pick)
+        if np.isfinite(mean):
+            means.append(mean)
     tail = (1 - level) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
@@ -208,19 +214,14 @@ def permutation_p(
     reaches it) / (1 + draws). Each relabelling permutes the training images once for every query."""
     outputs = measured_outputs(losses, len(masks), centred)
     vectors = {q: np.asarray(s, dtype=np.float64).ravel() for q, s in scores.items()}
-
-    def mean_lds(predicted: Mapping[str, np.ndarray]) -> float:
-        values = [spearman(predicted[q], outputs[q]) for q in vectors]
-        values = [v for v in values if np.isfinite(v)]
-        return float(np.mean(values)) if values else float("nan")
-
-    observed = mean_lds({q: predicted_outputs(s, masks) for q, s in vectors.items()})
+    observed = mean_lds({q: predicted_outputs(s, masks) for q, s in vectors.items()}, outputs)
     require(np.isfinite(observed), "no query has a defined LDS (every prediction or output is constant)")
     rng, weights, hits = np.random.default_rng(seed), masks.astype(np.float64), 0
     for start in range(0, draws, chunk):  # (M, chunk) predictions per query at a time: bounded memory at any N
         perms = np.stack([rng.permutation(masks.shape[1]) for _ in range(min(chunk, draws - start))])
         predicted = {q: weights @ s[perms].T for q, s in vectors.items()}
-        hits += sum(mean_lds({q: p[:, b] for q, p in predicted.items()}) >= observed for b in range(len(perms)))
+        means = [mean_lds({q: p[:, b] for q, p in predicted.items()}, outputs) for b in range(len(perms))]
+        hits += sum(mean >= observed for mean in means)
     return (1 + int(hits)) / (1 + draws)
 
 
